@@ -1,0 +1,106 @@
+"""The common shape of a service process on the local bus.
+
+A service answers ``ping``, ``status`` and ``stop`` plus its own request types, and publishes a
+``state`` event whenever its state changes, so the gateway can derive the node state from what the
+services report instead of keeping a copy of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+from bus.local import LocalBus
+from bus.rpc import Caller, Handler
+from node.config import Settings
+from node.identity import NodeKeys
+from node.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Service:
+    """Base class: subclasses set ``name``/``mode`` and implement :meth:`status` and :meth:`stop`."""
+
+    name: str = ""
+    #: The node state this service stands for while active ("POW", "INFERENCE", "TRAIN").
+    mode: str = ""
+
+    def __init__(self, settings: Settings, keys: NodeKeys) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.started_at = time.time()
+        self.bus = LocalBus(settings, keys, role=self.name)
+        self.server = self.bus.server()
+        self.events = self.bus.publisher()
+        self.route("ping", self._ping)
+        self.route("status", self._status)
+        self.route("stop", self._stop)
+        self._shutdown = asyncio.Event()
+
+    def route(self, kind: str, handler: Handler) -> None:
+        self.server.route(kind, handler)
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def is_active(self) -> bool:
+        """True while this service holds the node (its job is loading, running or serving)."""
+        return False
+
+    async def status(self) -> dict[str, Any]:
+        """Service-specific status fields, merged into the common ``status`` reply."""
+        return {}
+
+    async def stop(self) -> dict[str, Any]:
+        """Stop whatever job runs; idempotent."""
+        return {}
+
+    async def startup(self) -> None:
+        """Runs once after the sockets are bound (resume persisted work here)."""
+
+    async def shutdown(self) -> None:
+        """Runs on SIGTERM/SIGINT before the process exits; default: stop the job."""
+        await self.stop()
+
+    # -- common handlers ----------------------------------------------------------------------
+    async def _ping(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        return {"service": self.name, "uptime_s": round(time.time() - self.started_at, 3)}
+
+    async def _status(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        detail = await self.status()
+        return {"service": self.name, "mode": self.mode, "active": self.is_active(), **detail}
+
+    async def _stop(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        result = await self.stop()
+        self.publish_state()
+        return {"service": self.name, "active": self.is_active(), **result}
+
+    def publish_state(self, **extra: Any) -> None:
+        self.events.publish("state", {"service": self.name, "active": self.is_active(), **extra})
+
+    # -- process lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._shutdown.set)
+        serving = loop.create_task(self.server.serve())
+        log.info("service_started", endpoint=self.server.endpoint)
+        try:
+            await self.startup()
+            self.publish_state()
+            await self._shutdown.wait()
+            log.info("service_stopping")
+            try:
+                await asyncio.wait_for(self.shutdown(), 30)
+            except TimeoutError:
+                log.error("service_shutdown_timeout")
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            self.server.close()
+            self.events.close()
+            self.bus.close()
+            log.info("service_stopped")

@@ -1,0 +1,99 @@
+"""The one exception tree of MLNode.
+
+Every failure a caller can act on is an :class:`MLNodeError`. Each subclass carries a ``kind``: a
+transport-neutral category that travels over the bus unchanged and that the gateway (the only part
+that knows HTTP) maps to a status code. Code below the gateway raises these and never picks a status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MLNodeError(Exception):
+    """Base of every error MLNode raises on purpose."""
+
+    kind: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack/JSON-safe description, rebuilt on the other side by :func:`from_wire`."""
+        return {"kind": self.kind, "message": self.message, "details": self.details}
+
+
+class InvalidRequest(MLNodeError):
+    """The caller sent something we cannot act on (bad body, wrong type, wrong phase)."""
+
+    kind = "invalid"
+
+
+class NotFound(MLNodeError):
+    """The thing asked for does not exist."""
+
+    kind = "not_found"
+
+
+class Conflict(MLNodeError):
+    """Another job holds the node, or the request races a change already under way."""
+
+    kind = "conflict"
+
+
+class Unavailable(MLNodeError):
+    """A dependency (a service, an engine, the disk) cannot serve right now; retrying may help."""
+
+    kind = "unavailable"
+
+
+class DeadlineExceeded(Unavailable):
+    """A bus request got no answer before its deadline."""
+
+    kind = "timeout"
+
+
+class ConfigError(MLNodeError):
+    """A setting is missing or malformed; the process cannot start."""
+
+    kind = "config"
+
+
+class KeyFileError(ConfigError):
+    """A key file is missing, unreadable, corrupt or too open."""
+
+    kind = "key_file"
+
+
+class ProtocolError(MLNodeError):
+    """A peer sent a frame that does not follow the bus protocol."""
+
+    kind = "protocol"
+
+
+_BY_KIND: dict[str, type[MLNodeError]] = {
+    cls.kind: cls
+    for cls in (
+        MLNodeError,
+        InvalidRequest,
+        NotFound,
+        Conflict,
+        Unavailable,
+        DeadlineExceeded,
+        ConfigError,
+        KeyFileError,
+        ProtocolError,
+    )
+}
+
+
+def from_wire(data: Any) -> MLNodeError:
+    """Rebuild an error sent by :meth:`MLNodeError.to_wire`; anything malformed becomes a base error."""
+    if not isinstance(data, dict):
+        return MLNodeError(f"malformed error: {data!r}"[:200])
+    cls = _BY_KIND.get(str(data.get("kind")), MLNodeError)
+    details = data.get("details")
+    err = cls(str(data.get("message", "")), **(details if isinstance(details, dict) else {}))
+    return err

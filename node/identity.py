@@ -1,0 +1,161 @@
+"""CURVE identities: the node's long-term keypair and the node-local keys of its processes.
+
+Keys are Curve25519 keypairs (the curve CurveZMQ uses), stored as small JSON files with mode 0600 in a
+0700 directory. A key is created once, under an exclusive lock so that racing processes agree, and is
+never silently replaced: a file that exists but cannot be read, is corrupt, or is readable by others
+stops the process with a :class:`~node.errors.KeyFileError` that says what to do.
+
+Layout under ``MLNODE_STATE_DIR/keys``:
+
+- ``node.key`` — the long-term identity, published by ``GET /api/v1/identity``, used on peer links.
+- ``local/<role>.key`` — one per local process role (gateway, pow, inference, train, cli); the local
+  bus admits exactly these public keys.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.public import PrivateKey
+
+from node import z85
+from node.errors import KeyFileError
+
+LOCAL_ROLES = ("gateway", "pow", "inference", "train", "cli")
+_FORMAT = "mlnode-curve-key/1"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE keypair; ``public``/``secret`` are the 40-character Z85 texts ZeroMQ expects."""
+
+    public: str
+    secret: str
+
+    @property
+    def public_hex(self) -> str:
+        return z85.decode(self.public).hex()
+
+    def __repr__(self) -> str:  # never print the secret half
+        return f"KeyPair(public={self.public!r})"
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        sk = PrivateKey.generate()
+        return cls(public=z85.encode(bytes(sk.public_key)), secret=z85.encode(bytes(sk)))
+
+
+def public_from_text(text: str) -> str:
+    """Normalise a public key given as Z85 (40 chars) or hex (64 chars) to Z85; ValueError if neither."""
+    text = text.strip()
+    if len(text) == 64:
+        raw = bytes.fromhex(text)
+    elif len(text) == 40:
+        raw = z85.decode(text)
+    else:
+        raise ValueError("a CURVE public key is 40 Z85 characters or 64 hex characters")
+    if len(raw) != 32:
+        raise ValueError("a CURVE public key is 32 bytes")
+    return z85.encode(raw)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read(path: Path) -> KeyPair:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise KeyFileError(
+            f"key file {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+        if doc.get("format") != _FORMAT:
+            raise ValueError("unknown format")
+        public, secret = str(doc["public"]), str(doc["secret"])
+        derived = z85.encode(bytes(PrivateKey(z85.decode(secret)).public_key))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise KeyFileError(
+            f"key file {path} is corrupt ({type(exc).__name__}); restore it from backup or move it away "
+            "to create a new identity"
+        ) from None
+    if derived != public:
+        raise KeyFileError(f"key file {path} is corrupt: its public key does not match its secret key")
+    return KeyPair(public=public, secret=secret)
+
+
+def _write_new(path: Path, pair: KeyPair) -> None:
+    doc = {"format": _FORMAT, "public": pair.public, "secret": pair.secret, "created": time.time()}
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(doc).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.link(tmp, path)  # fails if someone else created it meanwhile: never replace a key
+    os.unlink(tmp)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_or_create(path: Path) -> KeyPair:
+    """Return the keypair stored at ``path``, creating it (0600) only when no file exists."""
+    with _locked(path.parent):
+        if path.exists() or path.is_symlink():
+            return _read(path)
+        pair = KeyPair.generate()
+        _write_new(path, pair)
+        return pair
+
+
+def load(path: Path) -> KeyPair:
+    """Read an existing keypair; a missing file is an error (nothing is created)."""
+    return _read(path)
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """Every key a process of this node needs: the identity and all local roles' keypairs."""
+
+    identity: KeyPair
+    local: dict[str, KeyPair]
+
+    def local_publics(self) -> set[str]:
+        return {pair.public for pair in self.local.values()}
+
+
+def ensure_node_keys(keys_dir: Path) -> NodeKeys:
+    """Create (first start) or load the node identity and the local role keys."""
+    os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    identity = load_or_create(keys_dir / "node.key")
+    local_dir = keys_dir / "local"
+    os.makedirs(local_dir, mode=0o700, exist_ok=True)
+    os.chmod(local_dir, 0o700)
+    local = {role: load_or_create(local_dir / f"{role}.key") for role in LOCAL_ROLES}
+    return NodeKeys(identity=identity, local=local)

@@ -1,0 +1,65 @@
+"""The node's mode claim: which service last took the node, shared by every gateway worker.
+
+The node state the client sees is derived from what the services report. This file only arbitrates:
+a gateway worker that wants to start a service takes an exclusive ``flock``, asks the services whether
+another one is active, records its claim here and sends the start — so two racing requests in two
+workers can never both start a service. A service that restarts after a crash resumes persisted work
+only if the claim still names it, and ``stop`` resets the claim to STOPPED.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STOPPED = "STOPPED"
+MODES = ("POW", "INFERENCE", "TRAIN")
+
+
+class ModeStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "mode.json"
+        self.lock_path = state_dir / "run" / "mode.lock"
+
+    def acquire(self) -> int:
+        """Block until this process holds the node-wide mode lock; returns the handle to release."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fd = self.acquire()
+        try:
+            yield
+        finally:
+            self.release(fd)
+
+    def read(self) -> str:
+        try:
+            mode = json.loads(self.path.read_text("utf-8")).get("mode", STOPPED)
+        except (OSError, ValueError, AttributeError):
+            return STOPPED
+        return mode if mode in MODES else STOPPED
+
+    def write(self, mode: str) -> None:
+        if mode != STOPPED and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        tmp = self.path.with_name(f".mode.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"mode": mode, "since": time.time()}), "utf-8")
+        os.replace(tmp, self.path)

@@ -1,0 +1,81 @@
+"""The gateway's ASGI application: management API on one port, inference proxy on the other.
+
+gunicorn binds both ports in the same workers; the ASGI scope says which port a connection came in
+on, and :class:`PortRouter` sends it to the management app or to the inference proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from node.config import Settings
+from node.errors import MLNodeError
+from services.gateway import errors
+from services.gateway.proxy import InferenceProxy
+from services.gateway.resources import gpu, health, node, service_routes
+from services.gateway.services import Services
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def management_app(services: Services, proxy: InferenceProxy) -> falcon.asgi.App:
+    app = falcon.asgi.App(media_type=falcon.MEDIA_JSON)
+    app.req_options.default_media_type = falcon.MEDIA_JSON  # a missing Content-Type means JSON
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_error_handler(Exception, errors.handle_unexpected)
+    app.add_error_handler(MLNodeError, errors.handle_mlnode_error)
+    app.set_error_serializer(errors.serialize_http_error)
+    app.add_route("/api/v1/state", node.State(services))
+    app.add_route("/api/v1/stop", node.Stop(services))
+    app.add_route("/api/v1/identity", node.Identity(services))
+    for path in ("/health", "/livez"):
+        app.add_route(path, health.Health(services))
+    app.add_route("/readyz", health.Ready(services))
+    app.add_route("/api/v1/gpu/devices", gpu.Devices())
+    app.add_route("/api/v1/gpu/driver", gpu.Driver())
+    service_routes.add_routes(app, services)
+    return app
+
+
+class PortRouter:
+    """ASGI entry: routes by the local port of the connection; owns the per-worker resources."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services = Services(settings)
+        self.proxy = InferenceProxy(settings, self.services)
+        self.api = management_app(self.services, self.proxy)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        server = scope.get("server") or ("", 0)
+        if server[1] == self.settings.inference_port:
+            await self.proxy(scope, receive, send)
+        elif scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            await self.proxy(scope, receive, send)  # 8080 also proxies the OpenAI routes
+        else:
+            await self.api(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.proxy.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.proxy.close()
+                self.services.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings) -> PortRouter:
+    return PortRouter(settings)

@@ -1,0 +1,34 @@
+"""Reading the client's bodies: a missing Content-Type means JSON, an empty body means none."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon.asgi
+
+from node.errors import InvalidRequest
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"request body contains {name}, which is not a JSON number")
+
+
+async def json_body(req: falcon.asgi.Request, *, required: bool) -> Any:
+    """The decoded JSON body; ``None`` when there is none and none is required."""
+    if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    raw = await req.stream.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        if required:
+            raise InvalidRequest("request body is required (JSON)")
+        return None
+    # Whatever the Content-Type says (the client sends none), the API speaks only JSON.
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None

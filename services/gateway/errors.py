@@ -1,0 +1,61 @@
+"""Where MLNode's exception tree meets HTTP: one table from error kind to status code.
+
+Answers use the client's error shape, ``{"detail": "<reason>"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from node.errors import MLNodeError
+from node.logging import get_logger
+
+log = get_logger(__name__)
+
+STATUS_BY_KIND: dict[str, int] = {
+    "invalid": 400,
+    "protocol": 400,
+    "not_found": 404,
+    "conflict": 409,
+    "unavailable": 503,
+    "timeout": 504,
+    "config": 500,
+    "key_file": 500,
+    "internal": 500,
+}
+
+
+def status_for(error: MLNodeError) -> int:
+    return STATUS_BY_KIND.get(error.kind, 500)
+
+
+async def handle_mlnode_error(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: MLNodeError, _params: dict[str, Any]
+) -> None:
+    status = status_for(error)
+    if status >= 500:
+        log.warning("request_failed", path=req.path, kind=error.kind, reason=error.message)
+    resp.status = status
+    resp.media = {"detail": error.message}
+
+
+async def handle_unexpected(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, _params: dict[str, Any]
+) -> None:
+    if isinstance(error, falcon.HTTPError):
+        raise error
+    log.exception("request_crashed", path=req.path)
+    resp.status = 500
+    resp.media = {"detail": f"internal error: {type(error).__name__}"}
+
+
+def serialize_http_error(
+    _req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError
+) -> None:
+    """Falcon's own errors (404, 405, 413, bad JSON) in the same ``{"detail"}`` shape."""
+    resp.content_type = falcon.MEDIA_JSON
+    detail = exc.description or exc.title or "error"
+    resp.media = {"detail": detail}

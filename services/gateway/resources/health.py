@@ -1,0 +1,64 @@
+"""Health for operators and orchestrators: ``/health``, ``/livez``, ``/readyz``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon.asgi
+
+from node import gpu
+from services.gateway.services import MODE_OF, Services
+
+
+class Health:
+    """Healthy when every process answers; names the ones that do not."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        reports = await self.services.reports(timeout=2.0)
+        managers: dict[str, Any] = {"gateway": {"running": True}}
+        down = []
+        for service, report in reports.items():
+            entry: dict[str, Any] = {"running": report.reachable}
+            if report.reachable:
+                entry["active"] = report.active
+                entry["state"] = report.status.get("state") or report.status.get("status")
+                if "healthy" in report.status:
+                    entry["healthy"] = report.status["healthy"]
+            else:
+                entry["error"] = report.error
+                down.append(service)
+            managers[service] = entry
+        healthy = not down
+        body = {
+            "status": "healthy" if healthy else "unhealthy",
+            "service_state": self.services.node_state(reports),
+            "gpu": gpu.summary(),
+            "managers": managers,
+        }
+        if down:
+            body["down"] = down
+        resp.status = 200 if healthy else 503
+        resp.media = body
+
+
+class Ready:
+    """Ready when the active service can do its job (or, when stopped, when every service answers)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        reports = await self.services.reports(timeout=2.0)
+        active = [s for s, r in reports.items() if r.active]
+        if active:
+            status = reports[active[0]].status
+            ready = bool(status.get("ready", status.get("healthy", True)))
+            body: dict[str, Any] = {"ready": ready, "service_state": MODE_OF[active[0]]}
+        else:
+            ready = all(r.reachable for r in reports.values())
+            body = {"ready": ready, "service_state": self.services.node_state(reports)}
+        resp.status = 200 if ready else 503
+        resp.media = body

@@ -1,0 +1,90 @@
+"""Routes that belong to one service (``/api/v1/{pow,inference,train}/…``) and the 409 rule.
+
+Each route is a row of :data:`ROUTES`: which service answers it, the bus request it becomes, and
+whether it *claims* the node (starts a job). Claims run under the node-wide mode lock: check that no
+other service is active, record the claim, send the start — so racing requests in different workers
+cannot leave two services running. Every other service route only checks the 409 rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import falcon.asgi
+
+from services.gateway.body import json_body
+from services.gateway.services import MODE_OF, Services
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    service: str
+    kind: str
+    claims: bool = False
+    body: bool = False
+    #: A follow-up request sent after the claim is released, for starts that block until ready.
+    wait_kind: str | None = None
+    wait_timeout_s: float | None = None
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/api/v1/pow/init", "pow", "init", claims=True, body=True),
+    Route("POST", "/api/v1/pow/init/generate", "pow", "init_generate", claims=True, body=True),
+    Route("POST", "/api/v1/pow/init/validate", "pow", "init_validate", claims=True, body=True),
+    Route("POST", "/api/v1/pow/phase/generate", "pow", "phase_generate"),
+    Route("POST", "/api/v1/pow/phase/validate", "pow", "phase_validate"),
+    Route("POST", "/api/v1/pow/validate", "pow", "validate", body=True),
+    Route("GET", "/api/v1/pow/status", "pow", "pow_status"),
+    Route("POST", "/api/v1/pow/stop", "pow", "pow_stop"),
+    # The blocking start answers before the client's 15-minute timeout, success or not.
+    Route("POST", "/api/v1/inference/up", "inference", "up_start", claims=True, body=True,
+          wait_kind="up_wait", wait_timeout_s=14 * 60),
+    Route("POST", "/api/v1/inference/up/async", "inference", "up_start", claims=True, body=True),
+    Route("GET", "/api/v1/inference/up/status", "inference", "up_status"),
+    Route("POST", "/api/v1/inference/down", "inference", "down"),
+    Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=True),
+    Route("POST", "/api/v1/train/stop", "train", "train_stop"),
+    Route("GET", "/api/v1/train/status", "train", "train_status"),
+)
+
+
+class ServiceRoute:
+    """One Falcon resource per path; its methods come from the rows of :data:`ROUTES`."""
+
+    def __init__(self, services: Services, rows: list[Route]) -> None:
+        self.services = services
+        self.rows = {row.method: row for row in rows}
+        for method in self.rows:
+            setattr(self, f"on_{method.lower()}", self._respond)
+
+    async def _respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        row = self.rows[req.method]
+        payload = await json_body(req, required=False) if row.body else None
+        if row.body and payload is None:
+            payload = {}
+        if row.claims:
+            # Shielded: once the claim is under way a hang-up must not leave it half done.
+            result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))
+        else:
+            await self.services.guard(row.service)
+            result = await self.services.call(row.service, row.kind, payload)
+        if row.wait_kind is not None:
+            result = await self.services.call(row.service, row.wait_kind, payload, timeout=row.wait_timeout_s)
+        resp.media = result
+
+    async def _claim(self, row: Route, payload: Any) -> Any:
+        await self.services.guard(row.service)
+        self.services.modes.write(MODE_OF[row.service])
+        return await self.services.call(row.service, row.kind, payload)
+
+
+def add_routes(app: falcon.asgi.App, services: Services) -> None:
+    by_path: dict[str, list[Route]] = {}
+    for row in ROUTES:
+        by_path.setdefault(row.path, []).append(row)
+    for path, rows in by_path.items():
+        app.add_route(path, ServiceRoute(services, rows))

@@ -1,0 +1,154 @@
+"""The gateway's view of the services: bus clients, node-state derivation and the mode arbiter.
+
+The gateway keeps no service state. Each worker process asks the services over the bus; the only
+shared thing is the mode claim (``node.mode``), taken under a file lock so that requests racing in
+different gunicorn workers cannot start two services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from bus.local import SERVICES, LocalBus
+from bus.rpc import RpcClient
+from node.config import Settings
+from node.errors import Conflict, MLNodeError
+from node.identity import NodeKeys, ensure_node_keys
+from node.logging import get_logger
+from node.mode import MODES, STOPPED, ModeStore
+
+log = get_logger(__name__)
+MODE_OF = {"pow": "POW", "inference": "INFERENCE", "train": "TRAIN"}
+SERVICE_OF = {mode: service for service, mode in MODE_OF.items()}
+STATUS_TIMEOUT_S = 3.0
+T = TypeVar("T")
+
+
+@dataclass
+class Report:
+    """One service's answer to ``status`` — or why there was none."""
+
+    service: str
+    reachable: bool
+    status: dict[str, Any]
+    error: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.reachable and bool(self.status.get("active"))
+
+
+def conflict_message(wanted: str, current: str) -> str:
+    return (
+        f"Cannot run {wanted} because MLNode is currently in {current} mode. "
+        f"Please stop {current} first."
+    )
+
+
+class Services:
+    """Per-worker access to the services (create inside the worker's event loop)."""
+
+    def __init__(self, settings: Settings, keys: NodeKeys | None = None) -> None:
+        self.settings = settings
+        self.keys = keys or ensure_node_keys(settings.keys_dir)
+        self.modes = ModeStore(settings.state_dir)
+        self._bus: LocalBus | None = None
+        self._clients: dict[str, RpcClient] = {}
+
+    def client(self, service: str) -> RpcClient:
+        if self._bus is None:
+            self._bus = LocalBus(self.settings, self.keys, role="gateway")
+        if service not in self._clients:
+            self._clients[service] = self._bus.client(service)
+        return self._clients[service]
+
+    async def call(self, service: str, kind: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+        return await self.client(service).request(
+            kind, payload, timeout=timeout if timeout is not None else self.settings.bus_timeout_s
+        )
+
+    async def report(self, service: str, timeout: float = STATUS_TIMEOUT_S) -> Report:
+        try:
+            status = await self.call(service, "status", timeout=timeout)
+        except MLNodeError as exc:
+            return Report(service, False, {}, exc.message)
+        return Report(service, True, status if isinstance(status, dict) else {})
+
+    async def reports(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Report]:
+        results = await asyncio.gather(*(self.report(s, timeout) for s in SERVICES))
+        return {r.service: r for r in results}
+
+    def node_state(self, reports: dict[str, Report], claim: str | None = None) -> str:
+        """The one state the client sees: the active service, else the claim of an unreachable one."""
+        active = [MODE_OF[s] for s, r in reports.items() if r.active]
+        if len(active) > 1:
+            log.error("several_services_active", services=active)
+        if active:
+            return active[0]
+        claim = self.modes.read() if claim is None else claim
+        if claim in MODES and not reports[SERVICE_OF[claim]].reachable:
+            return claim  # it is restarting and will resume its persisted job
+        return STOPPED
+
+    async def current_mode(self, exclude: str | None = None) -> str:
+        reports = await self.reports()
+        if exclude is not None:
+            reports = {s: r for s, r in reports.items() if s != exclude}
+            claim = self.modes.read()
+            if claim == MODE_OF[exclude]:
+                claim = STOPPED
+            return self._other_state(reports, claim)
+        return self.node_state(reports)
+
+    def _other_state(self, reports: dict[str, Report], claim: str) -> str:
+        for service, report in reports.items():
+            if report.active:
+                return MODE_OF[service]
+        if claim in MODES and SERVICE_OF[claim] in reports and not reports[SERVICE_OF[claim]].reachable:
+            return claim
+        return STOPPED
+
+    async def exclusive(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``fn`` holding the node-wide mode lock (a file lock shared by all workers)."""
+        pending = asyncio.get_running_loop().run_in_executor(None, self.modes.acquire)
+        try:
+            fd = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The caller went away while we waited: release the lock as soon as it is ours.
+            pending.add_done_callback(lambda f: f.exception() or self.modes.release(f.result()))
+            raise
+        try:
+            return await fn()
+        finally:
+            self.modes.release(fd)
+
+    async def guard(self, service: str) -> None:
+        """Raise the contract's 409 when a service other than ``service`` holds the node."""
+        other = await self.current_mode(exclude=service)
+        if other != STOPPED:
+            raise Conflict(conflict_message(MODE_OF[service], other))
+
+    async def stop_all(self) -> dict[str, Any]:
+        async def stop_everything() -> dict[str, Any]:
+            results = await asyncio.gather(
+                *(self.call(s, "stop", timeout=max(60.0, self.settings.bus_timeout_s)) for s in SERVICES),
+                return_exceptions=True,
+            )
+            self.modes.write(STOPPED)
+            errors = {s: str(r) for s, r in zip(SERVICES, results, strict=True) if isinstance(r, BaseException)}
+            if errors:
+                log.warning("stop_incomplete", errors=errors)
+            return errors
+
+        return await self.exclusive(stop_everything)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
