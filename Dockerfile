@@ -1,0 +1,27 @@
+# MLNode on a GPU host: vLLM's CUDA image (Python, torch, vLLM) plus this project, under supervisord.
+# Build: make build-release (or docker build -t mlnode .). Run with --gpus all and a volume for state:
+#   docker run --gpus all -p 8080:8080 -p 5000:5000 -v mlnode-state:/var/lib/mlnode mlnode
+ARG BASE_IMAGE=vllm/vllm-openai:v0.11.0
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    MLNODE_STATE_DIR=/var/lib/mlnode \
+    MLNODE_SUPERVISOR_CONF=/opt/mlnode/supervisord.conf \
+    MLNODE_PYTHON=python3 \
+    MLNODE_ENGINE=auto
+
+WORKDIR /opt/mlnode
+COPY pyproject.toml README.md supervisord.conf ./
+COPY node ./node
+COPY bus ./bus
+COPY services ./services
+# torch and vLLM already come with the base image and satisfy the bounds: pip adds only our deps.
+RUN python3 -m pip install ".[vllm]" && python3 -c "import node, bus, services.gateway.app"
+
+EXPOSE 8080 5000
+VOLUME ["/var/lib/mlnode"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/livez', timeout=4)" || exit 1
+ENTRYPOINT ["mlnode"]
+CMD ["up", "--foreground"]

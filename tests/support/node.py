@@ -1,0 +1,188 @@
+"""Start the real node (supervisord + four programs) in a temp state dir on free ports.
+
+Requests go through :mod:`http.client` so the bytes are exactly what we say: no Content-Type header
+unless a test adds one — like the Network Node, which never sends it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+MLNODE = [sys.executable, "-m", "node.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(n: int, *, spacing: int = 1) -> list[int]:
+    """``n`` free ports, each with ``spacing - 1`` free ports after it (engines use INFERENCE_PORT+1…)."""
+    found: list[int] = []
+    while len(found) < n:
+        base = free_port()
+        try:
+            socks = []
+            for offset in range(spacing):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + offset))
+                socks.append(s)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        found.append(base)
+    return found
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, body: bytes | str | dict[str, Any] | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 60.0) -> Response:
+    """One HTTP request; dict bodies are JSON-encoded but sent WITHOUT a Content-Type header."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return Response(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+class Node:
+    """A node under test. ``start()`` runs `mlnode up`; ``stop()`` runs `mlnode down`."""
+
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        api, inference = free_ports(2, spacing=4)
+        self.api_port, self.inference_port = api, inference
+        self.env = dict(os.environ)
+        self.env.update(
+            MLNODE_STATE_DIR=str(self.state_dir),
+            MLNODE_API_HOST="127.0.0.1",
+            MLNODE_API_PORT=str(api),
+            INFERENCE_PORT=str(inference),
+            MLNODE_PEER_HOST="127.0.0.1",
+            MLNODE_LOG_LEVEL="info",
+            MLNODE_POW_DEVICE="cpu",
+            MLNODE_ENGINE="cpu",
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+        )
+        self.env.pop("MLNODE_INFERENCE_AUTOSTART", None)
+        self.env.update(env)
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MLNODE, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def start(self) -> Node:
+        proc = self.cli("up", "--wait", "90", check=False)
+        if proc.returncode != 0:
+            raise AssertionError(f"mlnode up failed:\n{proc.stdout}\n{proc.stderr}\n{self.logs()}")
+        self.wait_services()
+        self.wait_running()
+        return self
+
+    def wait_running(self, timeout: float = 30) -> None:
+        """Until supervisord reports every program RUNNING (past startsecs)."""
+        def all_running() -> bool:
+            lines = [ln for ln in self.ctl("status").splitlines() if ln.strip()]
+            return len(lines) == 4 and all(" RUNNING " in f"{ln} " for ln in lines)
+
+        wait_until(all_running, timeout, 0.3, message=f"programs not RUNNING: {self.ctl('status')}")
+
+    def stop(self) -> None:
+        self.cli("down", check=False)
+
+    def ctl(self, *args: str) -> str:
+        return self.cli("ctl", *args, check=False).stdout
+
+    def pid(self, program: str) -> int:
+        out = self.ctl("pid", program).strip()
+        return int(out) if out.isdigit() else 0
+
+    def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        return request(self.api_port, method, path, body, **kw)
+
+    def inference(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        return request(self.inference_port, method, path, body, **kw)
+
+    def wait_services(self, timeout: float = 60) -> dict[str, Any]:
+        """Until /health says every process answers; returns the last /health body."""
+        deadline = time.monotonic() + timeout
+        body: Any = None
+        while time.monotonic() < deadline:
+            try:
+                resp = self.api("GET", "/health", timeout=5)
+                body = resp.json()
+                if resp.status == 200:
+                    return dict(body)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"node not healthy within {timeout} s: {body}\n{self.logs()}")
+
+    def logs(self, program: str | None = None, lines: int = 40) -> str:
+        names = [program] if program else ["gateway", "pow", "inference", "train", "supervisord"]
+        out = []
+        for name in names:
+            path = self.state_dir / "logs" / f"{name}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {name}.log ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def log_lines(self, program: str) -> list[dict[str, Any]]:
+        path = self.state_dir / "logs" / f"{program}.log"
+        entries = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                entries.append({"unparsed": line})
+        return entries
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.2, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(interval)
+    raise AssertionError(message or f"condition not met within {timeout} s (last: {last!r})")
