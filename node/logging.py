@@ -33,8 +33,14 @@ def configure(process: str, level: str = "info", *, stream: Any = None) -> None:
     if not isinstance(numeric, int):
         numeric = logging.INFO
     out = stream if stream is not None else sys.stderr
+
+    def add_process(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault("process", process)  # also on lines from threads without our context
+        return event
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_process,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
@@ -50,7 +56,6 @@ def configure(process: str, level: str = "info", *, stream: Any = None) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(process=process)
     # Libraries (gunicorn, uvicorn, httpx) log through stdlib: render them the same way.
     handler = logging.StreamHandler(out)
     handler.setFormatter(

@@ -56,8 +56,12 @@ class Gateway(BaseApplication):  # type: ignore[misc]
             "backlog": 2048,
             "accesslog": None,
         }
+        # gunicorn >= 25.1 opens a control socket, by default in $HOME: keep it in this node's run dir
+        # so that two nodes on one machine never share it.
+        options["control_socket"] = str(s.run_dir / "gunicorn.ctl")
         for key, value in options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
 
     def load(self) -> Any:
         return create_app(self.settings)

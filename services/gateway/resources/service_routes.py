@@ -78,8 +78,13 @@ class ServiceRoute:
 
     async def _claim(self, row: Route, payload: Any) -> Any:
         await self.services.guard(row.service)
+        previous = self.services.modes.read()
         self.services.modes.write(MODE_OF[row.service])
-        return await self.services.call(row.service, row.kind, payload)
+        try:
+            return await self.services.call(row.service, row.kind, payload)
+        except Exception:
+            self.services.modes.write(previous)  # the start was refused: the claim was never real
+            raise
 
 
 def add_routes(app: falcon.asgi.App, services: Services) -> None:
