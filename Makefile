@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
+# Settings come from the environment, then from .env (see `make setup-envs`), then the defaults below.
 -include .env
 export
 
@@ -13,15 +14,38 @@ TORCH_VERSION ?= 2.13.0
 MLNODE_STATE_DIR ?= $(CURDIR)/.state
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-dev-env run stop status logs test unit-tests-local integration-tests-local \
-        bench lint typecheck clean
+# Release: image coordinates and version (X.Y.Z, optionally -alphaN / -betaN / -rcN).
+REGISTRY ?= ghcr.io
+IMAGE_ORG ?= mlnode
+IMAGE_NAME ?= mlnode
+IMAGE ?= $(REGISTRY)/$(IMAGE_ORG)/$(IMAGE_NAME)
+VERSION ?=
+TAG := $(or $(VERSION),$(shell git describe --always --dirty 2>/dev/null || echo dev))
+VERSION_RE := ^[0-9]+\.[0-9]+\.[0-9]+(-(alpha|beta|rc)[0-9]+)?$$
+# DRY_RUN=1 prints every command of the release and container targets instead of running it.
+RUN := $(if $(filter 1 true yes,$(DRY_RUN)),@echo '+',)
+DOCKER ?= docker
+
+TIER_unit := tests/unit
+TIER_unit_gpu := tests/unit-gpu
+TIER_integration := tests/integration
+
+.PHONY: help setup setup-dev-env setup-envs run stop status test tests tests-local \
+        unit-tests unit-tests-local unit-tests-gpu unit-tests-gpu-local \
+        integration-tests integration-tests-local bench lint typecheck clean \
+        check-version build-release push-release push-latest release release-latest
 
 help:
-	@echo "make run     set up .venv and start the node under supervisord"
-	@echo "make stop    stop the node;  make status  show its programs"
-	@echo "make test    set up .venv and run every test tier this machine can run"
-	@echo "make bench   run the benchmarks"
+	@echo "make run                start the node (sets up .venv first);  make stop / make status"
+	@echo "make test               every test tier this machine can run (the CI entry)"
+	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | tests-local"
+	@echo "make unit-tests | unit-tests-gpu | integration-tests | tests   (inside the image; needs Docker)"
+	@echo "make setup-envs         write a commented .env template (never overwrites .env)"
+	@echo "make setup-dev-env      build .venv; then: source .venv/bin/activate"
+	@echo "make bench              benchmarks (bus, PoC, proxy, training), ratios measured in one run"
+	@echo "make build-release | push-release | push-latest | release | release-latest  [VERSION=X.Y.Z] [DRY_RUN=1]"
 
+# --- environments -----------------------------------------------------------------------------
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -33,8 +57,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup setup-dev-env: $(STAMP)
 
+setup-envs: $(STAMP)
+	@if [ -e .env ]; then echo ".env exists; left unchanged (delete it to regenerate)"; \
+	else $(BIN)/mlnode env-template > .env && echo "wrote .env (every setting, commented, with its default)"; fi
+
+# --- the node ---------------------------------------------------------------------------------
 run: $(STAMP)
-	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" $(BIN)/mlnode up
+	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" MLNODE_INFERENCE_AUTOSTART="$${MLNODE_INFERENCE_AUTOSTART-$(MLNODE_STATE_DIR)/models/tiny}" \
+		$(BIN)/mlnode up --tiny-model-if-missing
 
 stop: $(STAMP)
 	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" $(BIN)/mlnode down
@@ -42,14 +72,40 @@ stop: $(STAMP)
 status: $(STAMP)
 	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" $(BIN)/mlnode ctl status || true
 
+# --- tests: -local runs in .venv; the plain variant runs inside the image ------------------------
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(PYTEST_ARGS)
+
+tests-local: test
 
 unit-tests-local: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(TIER_unit) $(PYTEST_ARGS)
+
+unit-tests-gpu-local: $(STAMP)
+	$(BIN)/python -m pytest -q -rs $(TIER_unit_gpu) $(PYTEST_ARGS)
 
 integration-tests-local: $(STAMP)
-	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(TIER_integration) $(PYTEST_ARGS)
+
+define in_container
+	@if [ -z "$(filter 1 true yes,$(DRY_RUN))" ] && ! $(DOCKER) info >/dev/null 2>&1; then \
+		echo "No Docker engine is available here: '$@' runs the tests inside the image."; \
+		echo "Run 'make $@-local' to run them in .venv instead."; exit 2; fi
+	$(RUN) $(DOCKER) run --rm $(if $(2),--gpus all,) -v "$(CURDIR)":/src -w /src $(IMAGE):$(TAG) \
+		bash -c "python3 -m pip install -q -e '.[dev]' && python3 -m pytest -q $(1)"
+endef
+
+unit-tests:
+	$(call in_container,$(TIER_unit))
+
+unit-tests-gpu:
+	$(call in_container,$(TIER_unit_gpu),gpu)
+
+integration-tests:
+	$(call in_container,$(TIER_integration))
+
+tests:
+	$(call in_container,$(TIER_unit) $(TIER_unit_gpu) $(TIER_integration),gpu)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
@@ -59,6 +115,31 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# --- release ----------------------------------------------------------------------------------
+check-version:
+	@if [ -n "$(VERSION)" ] && ! [[ "$(VERSION)" =~ $(VERSION_RE) ]]; then \
+		echo "VERSION '$(VERSION)' is not X.Y.Z with an optional -alphaN, -betaN or -rcN suffix" >&2; exit 2; fi
+	@echo "version: $(TAG)  image: $(IMAGE):$(TAG)"
+
+build-release: check-version
+	$(RUN) $(DOCKER) build -t $(IMAGE):$(TAG) .
+
+push-release: check-version
+	$(RUN) $(DOCKER) push $(IMAGE):$(TAG)
+
+push-latest: check-version
+	$(RUN) $(DOCKER) tag $(IMAGE):$(TAG) $(IMAGE):latest
+	$(RUN) $(DOCKER) push $(IMAGE):latest
+
+release: check-version
+	$(RUN) $(MAKE) --no-print-directory test
+	$(RUN) $(DOCKER) build -t $(IMAGE):$(TAG) .
+	$(RUN) $(DOCKER) push $(IMAGE):$(TAG)
+	$(RUN) git tag release/v$(TAG)
+	$(RUN) git push origin release/v$(TAG)
+
+release-latest: release push-latest
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache

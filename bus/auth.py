@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 import zmq
 
@@ -26,10 +27,10 @@ log = get_logger(__name__)
 class Authenticator:
     """A ZAP handler thread with a per-domain allowlist of Z85 public keys."""
 
-    def __init__(self, context: zmq.Context) -> None:  # type: ignore[type-arg]
+    def __init__(self, context: zmq.Context[Any]) -> None:
         # A synchronous view of the same C context: the ZAP endpoint is inproc, so it must be shared,
         # and the handler thread needs blocking sockets even when the process uses zmq.asyncio.
-        self._context = zmq.Context.shadow(context.underlying)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(context.underlying)
         self._allowed: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 
 from bus.auth import Authenticator
@@ -9,7 +11,7 @@ from node.identity import KeyPair
 
 
 def make_server(
-    sock: zmq.Socket,  # type: ignore[type-arg]
+    sock: zmq.Socket[Any],
     auth: Authenticator,
     keypair: KeyPair,
     domain: str,
@@ -27,7 +29,7 @@ def make_server(
 
 
 def make_client(
-    sock: zmq.Socket,  # type: ignore[type-arg]
+    sock: zmq.Socket[Any],
     keypair: KeyPair,
     server_public: str,
     max_bytes: int,

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from node import __version__, config
+from node import __version__, config, envfile
 from node.config import Settings
 from node.errors import ConfigError, MLNodeError
 from node.identity import ensure_node_keys
@@ -85,6 +85,12 @@ def _local_url(settings: Settings, port: int) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     ensure_node_keys(settings.keys_dir)
+    model = settings.inference_autostart
+    if args.tiny_model_if_missing and model is not None and not (model / "config.json").exists():
+        from services.inference.cpu_engine.checkpoint import create_tiny
+
+        create_tiny(model, seed=0)
+        print(f"mlnode: created a tiny CPU model at {model} for the inference engine")
     if _supervisord_running(settings):
         print(f"mlnode: already running (state dir {settings.state_dir}); `mlnode ctl status` shows it")
         return 0
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start supervisord with the four programs")
     up.add_argument("--foreground", action="store_true", help="run supervisord in the foreground (Docker)")
     up.add_argument("--wait", type=float, default=90.0, help="seconds to wait for the API")
+    up.add_argument("--tiny-model-if-missing", action="store_true",
+                    help="create a tiny CPU model at MLNODE_INFERENCE_AUTOSTART when none is there")
     up.set_defaults(fn=cmd_up)
     down = sub.add_parser("down", help="stop every program and supervisord")
     down.add_argument("--wait", type=float, default=60.0)
@@ -230,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    env_file = Path(os.environ.get("MLNODE_ENV_FILE", Path.cwd() / ".env"))
+    try:
+        envfile.apply(env_file)
+    except ConfigError as exc:
+        raise SystemExit(f"mlnode: {exc.message}") from None
     return int(args.fn(args))
 
 

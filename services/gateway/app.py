@@ -62,7 +62,7 @@ class PortRouter:
         elif scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
             await self.proxy(scope, receive, send)  # 8080 also proxies the OpenAI routes
         else:
-            await self.api(scope, receive, send)
+            await self.api(scope, receive, send)  # type: ignore[arg-type]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

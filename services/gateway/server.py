@@ -36,7 +36,7 @@ class JsonLogger(Logger):
             log.propagate = False
 
 
-class Gateway(BaseApplication):  # type: ignore[misc]
+class Gateway(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         super().__init__()

@@ -65,7 +65,9 @@ class Services:
             self._clients[service] = self._bus.client(service)
         return self._clients[service]
 
-    async def call(self, service: str, kind: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+    async def call(
+        self, service: str, kind: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
         return await self.client(service).request(
             kind, payload, timeout=timeout if timeout is not None else self.settings.bus_timeout_s
         )
@@ -138,7 +140,8 @@ class Services:
                 return_exceptions=True,
             )
             self.modes.write(STOPPED)
-            errors = {s: str(r) for s, r in zip(SERVICES, results, strict=True) if isinstance(r, BaseException)}
+            pairs = zip(SERVICES, results, strict=True)
+            errors = {s: str(r) for s, r in pairs if isinstance(r, BaseException)}
             if errors:
                 log.warning("stop_incomplete", errors=errors)
             return errors

@@ -32,7 +32,7 @@ class Health:
                 down.append(service)
             managers[service] = entry
         healthy = not down
-        body = {
+        body: dict[str, Any] = {
             "status": "healthy" if healthy else "unhealthy",
             "service_state": self.services.node_state(reports),
             "gpu": gpu.summary(),

@@ -165,15 +165,18 @@ def test_queued_batches_arrive_merged_and_in_order(receiver: Receiver, outbox: O
 @pytest.mark.timeout(30)
 def test_batches_accumulate_over_the_send_period(receiver: Receiver, outbox: Outbox) -> None:
     sender = Delivery(outbox, period_s=60.0, backoff_base_s=0.01, backoff_cap_s=0.05)
+    other = receiver.base.replace("/v1/", "/v2/")
+    outbox.put("validated", other, validated([99]))
     sender.start()
     try:
-        time.sleep(0.1)  # the first cycle runs at once and finds nothing
+        assert sender.flush(10)  # the first cycle has run: the next one is a minute away
+        time.sleep(0.2)
         for n in range(5):
             outbox.put("generated", receiver.base, gen([n]))
         time.sleep(0.3)
-        assert receiver.raw() == []  # held back until the next period (or a flush)
+        assert [path for path, _ in receiver.raw()] == ["/v2/poc-batches/validated"]  # the rest waits
         assert sender.flush(10)
-        assert [b["nonces"] for b in receiver.bodies()] == [[0, 1, 2, 3, 4]]
+        assert [b["nonces"] for b in receiver.bodies("/generated")] == [[0, 1, 2, 3, 4]]
     finally:
         sender.stop(10)
 

@@ -76,8 +76,15 @@ def test_contract_example_maps_every_field(tmp_path: Path) -> None:
     assert plan.ckpt.interval == 1000 and plan.ckpt.topk == 6
     assert Path(plan.ckpt.path) == tmp_path.resolve() / "outputs" / "1B_4x1-lr"
     e = plan.env
-    assert (e.rank, e.world_size, e.global_addr, e.global_port, e.base_port) == (1, 3, "10.0.0.5", 5565, 10001)
+    assert (e.rank, e.world_size, e.global_addr, e.global_port, e.base_port) == (
+        1,
+        3,
+        "10.0.0.5",
+        5565,
+        10001,
+    )
     assert (e.task_id, e.node_id, e.unique_id) == ("7", "gonka1abc…/node-1", "1")
+    assert e.rendezvous == ("10.0.0.5", 5565)
     assert plan.outer_rounds == 120
     assert sorted(notes) == sorted(
         [
@@ -86,14 +93,16 @@ def test_contract_example_maps_every_field(tmp_path: Path) -> None:
             "ignored: train_config.description (run metadata; no experiment tracker here)",
             "ignored: train_config.group (run metadata; no experiment tracker here)",
             "ignored: train_config.tags (run metadata; no experiment tracker here)",
-            "ignored: train_config.train.eval_interval (no evaluation loop; the training loss is reported instead)",
+            "ignored: train_config.train.eval_interval (no evaluation loop; training loss is reported)",
             "ignored: train_env.STORE_API_URL (checkpoints stay on this node)",
         ]
     )
 
 
 def test_plan_round_trips_through_json_and_msgpack(tmp_path: Path) -> None:
-    plan, _ = TrainPlan.from_request(_with("train_config.data.path", ["corpus", "more/a.txt"]), state_dir=tmp_path)
+    plan, _ = TrainPlan.from_request(
+        _with("train_config.data.path", ["corpus", "more/a.txt"]), state_dir=tmp_path
+    )
     assert plan.data.paths == (str(tmp_path.resolve() / "corpus"), str(tmp_path.resolve() / "more" / "a.txt"))
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert TrainPlan.from_dict(msgpack.unpackb(msgpack.packb(plan.to_dict()))) == plan
@@ -111,7 +120,7 @@ def test_unknown_keys_are_notes_not_errors(tmp_path: Path) -> None:
 def test_empty_body_gives_a_runnable_single_node_plan(tmp_path: Path) -> None:
     plan, notes = TrainPlan.from_request({}, state_dir=tmp_path)
     assert notes == []
-    assert (plan.env.rank, plan.env.world_size) == (0, 1)
+    assert (plan.env.rank, plan.env.world_size, plan.env.rendezvous) == (0, 1, None)
     assert Path(plan.ckpt.path) == tmp_path.resolve() / "checkpoints" / "task-local"
 
 

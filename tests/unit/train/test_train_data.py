@@ -92,7 +92,11 @@ def test_local_files_sorted_hidden_skipped(tmp_path: Path) -> None:
     (tmp_path / "b" / ".git" / "x").write_bytes(b"git")
     extra = tmp_path / "extra.md"
     extra.write_bytes(b"three")
-    assert read_documents([str(tmp_path / "a.txt"), str(tmp_path / "b"), str(extra)]) == [b"one", b"two", b"three"]
+    assert read_documents([str(tmp_path / "a.txt"), str(tmp_path / "b"), str(extra)]) == [
+        b"one",
+        b"two",
+        b"three",
+    ]
     assert read_documents([str(tmp_path)]) == [b"one", b"two", b"three"]
     tokens = load_tokens(DataConfig(paths=(str(tmp_path / "a.txt"),)))
     assert tokens.tolist() == [BOS, *b"one", EOS]

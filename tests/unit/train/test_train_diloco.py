@@ -45,13 +45,14 @@ def _worker(plan: TrainPlan = PLAN) -> DiLoCoWorker:
 
 
 def test_mean_sums_in_rank_order_whatever_the_arrival_order() -> None:
-    # Values chosen so that float32 addition order matters: (big + 1) - big != (big - big) + 1.
+    # float32 addition is order-sensitive here: (big - big) + 1 == 1 but (1 - big) + big == 0.
     big = torch.tensor([1e8], dtype=torch.float32)
     one = torch.tensor([1.0], dtype=torch.float32)
-    by_rank = {0: [big], 1: [one], 2: [-big]}
-    assert ((big + one) + -big).item() != ((big + -big) + one).item()
-    expected = ((torch.zeros(1) + big + one) + -big) / 3
-    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+    by_rank = {0: [big], 1: [-big], 2: [one]}
+    expected = ((torch.zeros(1) + big) + -big + one) / 3
+    assert expected.item() == pytest.approx(1 / 3)
+    assert ((one + -big) + big).item() == 0.0
+    for order in ([0, 1, 2], [2, 1, 0], [2, 0, 1], [1, 2, 0]):
         result = fixed_order_mean({r: by_rank[r] for r in order})
         assert torch.equal(result[0], expected)
 
@@ -132,7 +133,9 @@ def test_the_last_round_may_be_short() -> None:
 def test_run_inner_stops_when_asked_and_reports_progress() -> None:
     worker = _worker()
     reports: list[int] = []
-    done = worker.run_inner(should_stop=lambda: len(reports) == 2, on_step=lambda p: reports.append(p.inner_step))
+    done = worker.run_inner(
+        should_stop=lambda: len(reports) == 2, on_step=lambda p: reports.append(p.inner_step)
+    )
     assert done == 2 and reports == [1, 2]
     progress = worker.progress().to_dict()
     assert progress["inner_step"] == 2 and progress["tokens_seen"] == 2 * 8 * 32
@@ -158,7 +161,9 @@ def test_rejoin_state_carries_weights_momentum_and_step() -> None:
 
     newcomer = _worker()
     newcomer.load_sync_state(header, tensors)
-    assert all(torch.equal(a, b) for a, b in zip(newcomer.global_weights(), veteran.global_weights(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(newcomer.global_weights(), veteran.global_weights(), strict=True)
+    )
     assert all(torch.equal(p, o) for p, o in zip(newcomer.params, newcomer.outer_params, strict=True))
     assert (newcomer.outer_steps_done, newcomer.inner_steps_done) == (2, 8)
     assert newcomer.samples.position == 8 * 8
@@ -169,7 +174,9 @@ def test_rejoin_state_carries_weights_momentum_and_step() -> None:
     newcomer.run_inner()
     veteran.apply_outer(grads, [0])
     newcomer.apply_outer(grads, [0])
-    assert all(torch.equal(a, b) for a, b in zip(newcomer.global_weights(), veteran.global_weights(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(newcomer.global_weights(), veteran.global_weights(), strict=True)
+    )
 
 
 def test_rejoin_state_before_any_outer_step_has_no_momentum() -> None:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from services.train.config import ModelConfig
 from services.train.model import (
+    Block,
+    TinyLlama,
     apply_rotary,
     build_model,
     count_parameters,
@@ -17,6 +19,13 @@ from services.train.model import (
     rotary_tables,
 )
 from services.train.vocab import VOCAB_SIZE
+
+
+def _block(model: TinyLlama) -> Block:
+    block = model.blocks[0]
+    assert isinstance(block, Block)
+    return block
+
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, seed=3)
 
@@ -43,7 +52,7 @@ def test_init_scales() -> None:
     model = build_model(ModelConfig(dim=64, n_layers=8, n_heads=4, n_kv_heads=4, ffn_hidden=128))
     assert torch.equal(model.norm.weight, torch.ones(64))
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert model.blocks[0].attn.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert _block(model).attn.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
 
 
 def test_logits_shape_and_initial_loss_near_uniform() -> None:
@@ -66,7 +75,7 @@ def test_future_tokens_do_not_change_earlier_logits() -> None:
 
 def test_attention_matches_a_written_out_gqa_reference() -> None:
     model = build_model(CFG)
-    attn = model.blocks[0].attn
+    attn = _block(model).attn
     x = torch.randn(2, 9, CFG.dim, generator=torch.Generator().manual_seed(2))
     cos, sin = rotary_tables(9, CFG.head_dim, CFG.rope_theta, x.device)
     with torch.no_grad():
