@@ -1,20 +1,217 @@
-"""The `pow` process: Proof of Compute, served on the local bus."""
+"""The ``pow`` process: Proof of Compute rounds on the local bus, results through a durable outbox.
+
+Bus requests (the gateway maps the contract's routes onto them): ``init``, ``init_generate``,
+``init_validate``, ``phase_generate``, ``phase_validate``, ``validate``, ``pow_status``, ``pow_stop``,
+plus the common ``status`` and ``stop``. Model building runs in a thread (status ``LOADING``); an
+identical InitDto reuses the loaded model and only flips the phase, any difference reloads. Delivery of
+results keeps running whatever the round does, so a stop never strands a result.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+from bus.rpc import Caller
 from bus.service import Service
+from node.errors import InvalidRequest
+from node.logging import get_logger
+from node.mode import ModeStore
 from node.process import bootstrap
+from services.pow.delivery import Delivery
+from services.pow.journal import Journal
+from services.pow.outbox import Outbox
+from services.pow.round import ProofBatch, RoundSpec
+from services.pow.runner import GENERATING, IDLE, VALIDATING, Runner
+
+log = get_logger(__name__)
+NOT_RUNNING = "PoW is not running"
+FLUSH_BEFORE_FLIP_S = 10.0
 
 
 class PowService(Service):
     name = "pow"
     mode = "POW"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        directory = self.settings.service_dir("pow")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(directory)
+        self.outbox = Outbox(directory / "outbox.db")
+        self.delivery = Delivery(self.outbox)
+        self.runner: Runner | None = None
+        self._lock = asyncio.Lock()
+        handlers = {
+            "init": self._init_idle,
+            "init_generate": self._init_generate,
+            "init_validate": self._init_validate,
+            "phase_generate": self._phase_generate,
+            "phase_validate": self._phase_validate,
+            "validate": self._validate,
+            "pow_status": self._pow_status,
+            "pow_stop": self._pow_stop,
+        }
+        for kind, handler in handlers.items():
+            self.route(kind, handler)
+
+    # -- Service hooks ------------------------------------------------------------------------
+    def is_active(self) -> bool:
+        return self.runner is not None
+
     async def status(self) -> dict[str, Any]:
-        return {"state": "STOPPED"}
+        return {**self.pow_status(), "state": self.pow_status()["status"],
+                "ready": self.runner is not None and self.runner.loaded and not self.runner.error}
+
+    async def stop(self) -> dict[str, Any]:
+        async with self._lock:
+            await self._drop_runner()
+        return {"status": "OK"}
+
+    async def startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.delivery.start()
+        doc = self.journal.load_round()
+        if doc is None:
+            return
+        if ModeStore(self.settings.state_dir).read() != self.mode:
+            log.info("pow_round_discarded", reason="the node is no longer in POW mode")
+            self.journal.clear_round()
+            return
+        try:
+            spec = RoundSpec.from_body(doc.get("init"))
+        except InvalidRequest as exc:
+            log.error("pow_round_unrecoverable", reason=exc.message)
+            self.journal.clear_round()
+            return
+        progress = doc.get("progress") if isinstance(doc.get("progress"), dict) else {}
+        phase = doc.get("phase") if doc.get("phase") in (IDLE, GENERATING, VALIDATING) else IDLE
+        log.info("pow_round_resumed", phase=phase, progress=progress, block_height=spec.block_height)
+        self._start_runner(spec, str(phase), progress)
+
+    async def shutdown(self) -> None:
+        # Keep the journal: a supervisor restart resumes the round. Deliver what we can first.
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
+        await asyncio.to_thread(self.delivery.stop, 10.0)
+        self.outbox.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def pow_status(self) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            return {"status": "NOT_LOADED", "is_model_initialized": False, "outbox": self._outbox_stats()}
+        c = runner.counters
+        body: dict[str, Any] = {
+            "status": runner.status(),
+            "is_model_initialized": runner.loaded,
+            "phase": runner.phase,
+            "block_height": runner.spec.block_height,
+            "node_id": runner.spec.node_id,
+            "node_count": runner.spec.node_count,
+            "compute_groups": len(runner.groups),
+            "nonces_computed": c.nonces_computed,
+            "valid_found": c.valid_found,
+            "nonces_per_second": round(c.rate(), 3),
+            "seconds_since_start": round(time.time() - c.started_at, 1),
+            "batches_validated": c.batches_validated,
+            "nonces_validated": c.nonces_validated,
+            "fraud_detected": c.fraud_detected,
+            "validation_queue": runner.queued(),
+            "outbox": self._outbox_stats(),
+        }
+        if runner.error:
+            body["error"] = runner.error
+        if runner.storage_error:
+            body["storage_error"] = runner.storage_error
+        return body
+
+    def _outbox_stats(self) -> dict[str, Any]:
+        try:
+            return self.delivery.stats()
+        except Exception as exc:  # a broken disk must not break status
+            return {"error": str(exc)}
+
+    def _start_runner(self, spec: RoundSpec, phase: str, progress: dict[str, int] | None = None) -> None:
+        self.runner = Runner(spec, phase, self.outbox, self.journal, self.settings.pow_device,
+                             progress=progress, on_change=self._changed)
+        self.runner.start()
+        self.publish_state()
+
+    def _changed(self) -> None:
+        """Called from compute threads: publish on the loop's thread (sockets are not thread-safe)."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.publish_state)
+
+    async def _drop_runner(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await asyncio.to_thread(runner.stop)
+        self.journal.clear_round()
+
+    def _answer(self) -> dict[str, Any]:
+        return {"status": "OK", "pow_status": self.pow_status()}
+
+    async def _init(self, body: Any, phase: str) -> dict[str, Any]:
+        spec = RoundSpec.from_body(body)
+        async with self._lock:
+            if self.runner is not None and self.runner.spec.raw == spec.raw and not self.runner.error:
+                await self._flip(phase)  # identical InitDto: keep the model, flip the phase
+                return self._answer()
+            await self._drop_runner()
+            self._start_runner(spec, phase)
+        log.info("pow_round_started", phase=phase, block_height=spec.block_height, node_id=spec.node_id,
+                 node_count=spec.node_count)
+        return self._answer()
+
+    async def _flip(self, phase: str) -> None:
+        runner = self.runner
+        if runner is None:
+            raise InvalidRequest(NOT_RUNNING)
+        if phase != runner.phase and self.delivery.running:
+            # Results of the phase that ends reach the receiver before the next phase starts.
+            await asyncio.to_thread(self.delivery.flush, FLUSH_BEFORE_FLIP_S)
+        runner.set_phase(phase)
+        self.publish_state()
+
+    # -- handlers -----------------------------------------------------------------------------
+    async def _init_idle(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        return await self._init(body, IDLE)
+
+    async def _init_generate(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        return await self._init(body, GENERATING)
+
+    async def _init_validate(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        return await self._init(body, VALIDATING)
+
+    async def _phase_generate(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        async with self._lock:
+            await self._flip(GENERATING)
+        return self._answer()
+
+    async def _phase_validate(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        async with self._lock:
+            await self._flip(VALIDATING)
+        return self._answer()
+
+    async def _validate(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            raise InvalidRequest(NOT_RUNNING)
+        batch = ProofBatch.from_body(body, runner.spec)
+        await asyncio.to_thread(runner.submit, batch)
+        return {"status": "OK", "queued": runner.queued(), "nonces": len(batch.nonces)}
+
+    async def _pow_status(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        return self.pow_status()
+
+    async def _pow_stop(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        await self.stop()
+        return self._answer()
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
 
 def main() -> None:

@@ -57,10 +57,10 @@ class Response:
         return json.loads(self.body)
 
 
-def request(port: int, method: str, path: str, body: bytes | str | dict[str, Any] | None = None,
+def request(port: int, method: str, path: str, body: Any = None,
             headers: dict[str, str] | None = None, timeout: float = 60.0) -> Response:
-    """One HTTP request; dict bodies are JSON-encoded but sent WITHOUT a Content-Type header."""
-    if isinstance(body, dict):
+    """One HTTP request; dict/list bodies are JSON-encoded but sent WITHOUT a Content-Type header."""
+    if isinstance(body, dict | list):
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()

@@ -1,0 +1,277 @@
+"""A loaded PoC round: the compute groups, their generate loops and the validation queue.
+
+One worker thread per compute group (a GPU, a block of GPUs, or the CPU). A worker validates queued
+batches first (validators wait on them), otherwise generates while the phase is GENERATING. Each
+generated batch's valid nonces go to the outbox *before* the group's progress is journaled, so a crash
+can only repeat work (the receiver sees the same nonce with the same distance), never skip it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from node.errors import Unavailable
+from node.logging import get_logger
+from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
+from services.pow.journal import Journal
+from services.pow.outbox import Outbox
+from services.pow.round import ProofBatch, RoundSpec
+from services.pow.validation import validated_batch
+
+log = get_logger(__name__)
+
+IDLE, GENERATING, VALIDATING = "IDLE", "GENERATING", "VALIDATING"
+PHASES = (IDLE, GENERATING, VALIDATING)
+
+
+@dataclass
+class Counters:
+    started_at: float = field(default_factory=time.time)
+    nonces_computed: int = 0
+    valid_found: int = 0
+    batches_validated: int = 0
+    nonces_validated: int = 0
+    fraud_detected: int = 0
+    window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def add(self, computed: int, valid: int) -> None:
+        self.nonces_computed += computed
+        self.valid_found += valid
+        self.window.append((time.monotonic(), self.nonces_computed))
+
+    def rate(self) -> float:
+        if len(self.window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Runner:
+    """Everything one round needs; :meth:`stop` leaves nothing running."""
+
+    def __init__(
+        self,
+        spec: RoundSpec,
+        phase: str,
+        outbox: Outbox,
+        journal: Journal,
+        device: str,
+        *,
+        progress: dict[str, int] | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.spec = spec
+        self.outbox = outbox
+        self.journal = journal
+        self.device = device
+        self.on_change = on_change
+        self.counters = Counters()
+        self.groups: list[ComputeGroup] = []
+        self.error = ""  # fatal: the round cannot go on
+        self.storage_error = ""  # transient: results are held until the disk accepts them
+        self._phase = phase
+        self._progress: dict[str, int] = dict(progress or {})
+        self._stop = threading.Event()
+        self._interrupt = threading.Event()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, ProofBatch]] = deque()
+        self._loaded = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loader = threading.Thread(target=self._load, name="pow-loader", daemon=True)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        for name, doc in self.journal.pending():
+            try:
+                self._queue.append((name, ProofBatch.from_body(doc, self.spec)))
+            except Exception:
+                log.error("journal_batch_unusable", name=name)
+                self.journal.done(name)
+        self._save()
+        self._loader.start()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            groups = discover_groups(self.spec.block_hash, self.spec.params, self.device)
+        except Exception as exc:
+            self.error = f"model build failed: {type(exc).__name__}: {exc}"[:500]
+            log.exception("pow_model_build_failed")
+            self.on_change()
+            return
+        if self._stop.is_set():
+            return
+        self.groups = groups
+        log.info("pow_model_built", seconds=round(time.perf_counter() - t0, 2), groups=len(groups),
+                 block_height=self.spec.block_height)
+        self._loaded.set()
+        for gid, group in enumerate(groups):
+            thread = threading.Thread(target=self._work, args=(gid, group), name=f"pow-group-{gid}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self.on_change()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._interrupt.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in [self._loader, *self._threads]:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.groups = []
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def status(self) -> str:
+        if self.error:
+            return "STOPPED"
+        if not self.loaded:
+            return "LOADING"
+        with self._cond:
+            busy_validating = bool(self._queue)
+        if self._phase == GENERATING and busy_validating:
+            return "MIXED"
+        return self._phase
+
+    def set_phase(self, phase: str) -> None:
+        with self._cond:
+            self._phase = phase
+            self._interrupt.set()
+            self._cond.notify_all()
+        self._save()
+
+    def submit(self, batch: ProofBatch) -> None:
+        name = self.journal.enqueue(batch.to_dict())  # durable before the client hears 200
+        with self._cond:
+            self._queue.append((name, batch))
+            self._interrupt.set()
+            self._cond.notify_all()
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _save(self) -> None:
+        self.journal.save_round({"init": self.spec.raw, "phase": self._phase, "progress": self._progress,
+                                 "n_groups": len(self.groups) or None})
+
+    # -- the worker ---------------------------------------------------------------------------
+    def _work(self, gid: int, group: ComputeGroup) -> None:
+        try:
+            while not self._stop.is_set():
+                job = self._next_job()
+                if job is not None:
+                    self._validate(group, *job)
+                elif self._phase == GENERATING:
+                    self._generate(gid, group)
+                else:
+                    with self._cond:
+                        if not self._queue and self._phase != GENERATING and not self._stop.is_set():
+                            self._cond.wait(1.0)
+        except Exception as exc:
+            self.error = f"compute group {gid} failed: {type(exc).__name__}: {exc}"[:500]
+            log.exception("pow_group_failed", group=gid)
+            self.on_change()
+
+    def _next_job(self) -> tuple[str, ProofBatch] | None:
+        with self._cond:
+            job = self._queue.popleft() if self._queue else None
+            if not self._queue:
+                self._interrupt.clear()
+            return job
+
+    def _validate(self, group: ComputeGroup, name: str, batch: ProofBatch) -> None:
+        recomputed = group.distances(batch.public_key, batch.nonces) if batch.nonces else np.zeros(0)
+        result = validated_batch(
+            public_key=batch.public_key, block_hash=batch.block_hash, block_height=batch.block_height,
+            nonces=batch.nonces, received_dist=batch.dist, recomputed_dist=[float(d) for d in recomputed],
+            node_id=batch.node_id, r_target=self.spec.r_target, fraud_threshold=self.spec.fraud_threshold,
+        )
+        self._store("validated", result)
+        self.journal.done(name)
+        self.counters.batches_validated += 1
+        self.counters.nonces_validated += len(batch.nonces)
+        if result["fraud_detected"]:
+            self.counters.fraud_detected += 1
+        log.info("pow_batch_validated", nonces=len(batch.nonces), n_invalid=result["n_invalid"],
+                 fraud_detected=result["fraud_detected"], block_height=self.spec.block_height)
+
+    def _generate(self, gid: int, group: ComputeGroup) -> None:
+        n_groups = len(self.groups)
+        spec = self.spec
+        stride = n_groups * spec.node_count
+        base = spec.node_id + gid * spec.node_count
+        start_k = self._progress.get(str(gid), 0)
+        nonces = nonce_sequence(spec.node_id, spec.node_count, gid, n_groups, start_k)
+        stop = _Either(self._stop, self._interrupt)
+        for batch_nonces, dists in group.generate(spec.public_key, _until(nonces, stop), stop):
+            if not batch_nonces:
+                continue
+            mask = dists < spec.r_target  # NaN compares False: never valid
+            valid = [int(n) for n, ok in zip(batch_nonces, mask, strict=True) if ok]
+            if valid:
+                self._store("generated", {
+                    "public_key": spec.public_key, "block_hash": spec.block_hash,
+                    "block_height": spec.block_height, "nonces": valid,
+                    "dist": [float(d) for d, ok in zip(dists, mask, strict=True) if ok],
+                    "node_id": spec.node_id,
+                })
+            self._progress[str(gid)] = (max(batch_nonces) - base) // stride + 1
+            self._save()
+            self.counters.add(len(batch_nonces), len(valid))
+            if stop.is_set():
+                break
+
+
+    def _store(self, kind: str, batch: dict[str, Any]) -> None:
+        """Put a result in the outbox; when the disk refuses (full, read-only), hold it and retry.
+
+        The results are worth money: holding the compute thread until the disk accepts them is better
+        than dropping them, and the status shows why the round stalls.
+        """
+        delay = 0.5
+        while True:
+            try:
+                self.outbox.put(kind, self.spec.url, batch)  # type: ignore[arg-type]
+                self.storage_error = ""
+                return
+            except Unavailable as exc:
+                self.storage_error = exc.message[:500]
+                log.error("pow_outbox_refused", kind=kind, reason=exc.message, retry_in_s=delay)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 10.0)
+
+
+class _Either:
+    """Looks like a threading.Event that is set when either of two events is."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
+def _until(nonces: Iterator[int], stop: Any) -> Iterator[int]:
+    for nonce in nonces:
+        if stop.is_set():
+            return
+        yield nonce
