@@ -63,6 +63,13 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
+def at_least_one_second(name: str, raw: str) -> float:
+    value = _positive_float(name, raw)
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1 second, got {raw!r}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -122,6 +129,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MLNODE_INFERENCE_AUTOSTART", "",
              "Model directory to serve at start (make run sets a tiny CPU model); empty: none.",
              _optional_path, "inference_autostart"),
+    Variable("MLNODE_ENGINE_HANG_SECONDS", "60",
+             "Seconds without observed engine progress before an engine is declared hung and restarted.",
+             at_least_one_second, "engine_hang_s"),
     Variable("MLNODE_VERSION_TAG", "", "Version reported by /api/v1/state; empty: the package version.",
              _text, "version_tag"),
 )
@@ -143,6 +153,7 @@ class Settings:
     pow_device: str
     engine: str
     inference_autostart: Path | None
+    engine_hang_s: float
     version_tag: str
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 

@@ -1,22 +1,144 @@
-"""The `inference` process: inference engines, served on the local bus."""
+"""The `inference` process: launches and supervises the OpenAI-compatible engines, on the local bus.
+
+Bus requests (the gateway maps the HTTP routes onto them):
+
+* ``up_start`` {model, dtype, additional_args} -> {"status": "starting", ...} at once; Conflict while a
+  start or an engine is live; InvalidRequest for a bad body.
+* ``up_wait`` -> {"status": "OK"} once serving; Unavailable with the engine's last log lines when the
+  start failed; InvalidRequest when nothing is starting or running.
+* ``up_status`` -> {"status": not_started|in_progress|completed|failed|cancelled, "is_starting",
+  "is_running", "elapsed_seconds", "error"}.
+* ``down`` -> {"status": "OK"} (idempotent); ``backends`` -> the healthy instances' base URLs.
+* ``status`` / ``stop``: the common ones (status adds state, healthy, ready, model, instances).
+
+Engines: vLLM on GPU hosts, else the CPU engine (``MLNODE_ENGINE``); see :mod:`.engine_plan`. On a CPU
+host a model *name* that is not a local directory is served by a tiny deterministic stand-in under that
+name (see :mod:`.tiny_models`). Health is judged by observed progress (:mod:`.liveness`, hang window
+``MLNODE_ENGINE_HANG_SECONDS``, default 60 s). No engine outlives this process (:mod:`.process_group`).
+
+At start, engines a previous incarnation left behind are killed; then, if the node's mode claim still
+names INFERENCE and a request was being served, it is served again (a crash of this process costs a
+reload, not the node's state); else ``MLNODE_INFERENCE_AUTOSTART`` (a model directory) is served when the
+node is STOPPED, claiming INFERENCE under the node's mode lock.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+from bus.rpc import Caller
 from bus.service import Service
-from node.process import bootstrap
+from node.config import Settings
+from node.errors import ConfigError, MLNodeError
+from node.identity import NodeKeys
+from node.logging import get_logger
+from node.mode import STOPPED, ModeStore
+from node.process import bootstrap, fail
+from services.inference.manager import EngineManager
+from services.inference.up_request import parse_up_request
+
+log = get_logger(__name__)
 
 
 class InferenceService(Service):
     name = "inference"
     mode = "INFERENCE"
 
+    def __init__(self, settings: Settings, keys: NodeKeys, manager: EngineManager | None = None) -> None:
+        super().__init__(settings, keys)
+        self.manager = manager or EngineManager(settings, self._publish_backends)
+        self.modes = ModeStore(settings.state_dir)
+        self.route("up_start", self._up_start)
+        self.route("up_wait", self._up_wait)
+        self.route("up_status", self._up_status)
+        self.route("down", self._down)
+        self.route("backends", self._backends)
+
+    # -- Service ---------------------------------------------------------------------------------------
+    def is_active(self) -> bool:
+        return self.manager.is_active()
+
     async def status(self) -> dict[str, Any]:
-        return {"state": "STOPPED"}
+        return self.manager.status()
+
+    async def stop(self) -> dict[str, Any]:
+        return await self.manager.down()
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.manager.pidfile.sweep)
+        await self._resume_or_autostart()
+
+    async def shutdown(self) -> None:
+        await self.manager.close()
+
+    # -- bus handlers ----------------------------------------------------------------------------------
+    async def _up_start(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+        result = self.manager.begin(parse_up_request(payload))
+        self.publish_state()
+        return result
+
+    async def _up_wait(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        try:
+            return await self.manager.wait_up()
+        finally:
+            self.publish_state()
+
+    async def _up_status(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        return self.manager.up_status()
+
+    async def _down(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        result = await self.manager.down()
+        self.publish_state()
+        return result
+
+    async def _backends(self, _payload: Any, _caller: Caller) -> list[str]:
+        return self.manager.backends()
+
+    def _publish_backends(self, urls: list[str]) -> None:
+        self.events.publish("backends", urls)
+
+    # -- start-up ------------------------------------------------------------------------------------
+    async def _resume_or_autostart(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(None, self.modes.acquire)
+        try:
+            if self.manager.is_active():
+                return  # an up arrived while we were starting: it wins
+            claim = self.modes.read()
+            remembered = self.manager.remembered()
+            if claim == self.mode and remembered is not None:
+                self._serve(remembered, "resume")
+                return
+            self.manager.forget_request()  # the node moved on while we were down
+            autostart = self.settings.inference_autostart
+            if autostart is not None and claim == STOPPED:
+                self.modes.write(self.mode)
+                if not self._serve({"model": str(autostart), "dtype": "auto", "additional_args": []},
+                                   "autostart"):
+                    self.modes.write(STOPPED)
+        finally:
+            self.modes.release(fd)
+
+    def _serve(self, body: dict[str, Any], why: str) -> bool:
+        try:
+            self.manager.begin(parse_up_request(body))
+        except MLNodeError as exc:
+            log.error("inference_not_started", why=why, error=exc.message)
+            return False
+        log.info("inference_started_at_boot", why=why, model=body.get("model"))
+        return True
 
 
 def main() -> None:
     settings, keys = bootstrap("inference")
-    asyncio.run(InferenceService(settings, keys).run())
+
+    async def run() -> None:
+        try:
+            service = InferenceService(settings, keys)
+        except ConfigError as exc:
+            fail("inference", exc.message)
+        await service.run()
+
+    asyncio.run(run())

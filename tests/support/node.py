@@ -163,6 +163,28 @@ class Node:
                 out.append(f"--- {name}.log ---\n" + "\n".join(tail))
         return "\n".join(out)
 
+    def service_status(self, service: str) -> dict[str, Any]:
+        """A service's own ``status`` reply over the bus (through ``mlnode status --json``)."""
+        out = self.cli("status", "--json", check=False).stdout
+        return dict(json.loads(out)["services"][service])
+
+    def engine_pids(self) -> list[int]:
+        """Live (non-zombie) processes carrying this node's engine marker, wherever they came from."""
+        marker = f"MLNODE_ENGINE_OF={(self.state_dir / 'inference').resolve()}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_bytes()
+                if stat[stat.rfind(b")") + 2 :].split()[0] == b"Z":
+                    continue
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return found
+
     def log_lines(self, program: str) -> list[dict[str, Any]]:
         path = self.state_dir / "logs" / f"{program}.log"
         entries = []

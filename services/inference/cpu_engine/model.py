@@ -1,0 +1,173 @@
+"""A Llama decoder (HF ``LlamaForCausalLM`` semantics) that runs one sequence at a time on CPU.
+
+Why one sequence at a time: a batched matmul picks different kernels for different batch sizes, so a
+sequence's logits would depend (in the last bits) on what else is in the batch, and seeded sampling or
+a validator's logprob replay would stop being reproducible. Per-sequence forwards with a KV cache whose
+layout depends only on the sequence's own length give bit-identical logits for the same tokens, whatever
+runs beside them. The projections are fused (q|k|v, gate|up) to keep the per-token op count small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from node.errors import ConfigError
+
+from .config import ModelConfig
+
+_CACHE_CHUNK = 64
+
+
+class KVCache:
+    """Keys and values of one sequence, grown in fixed chunks so the layout is a function of length."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.layers = layers
+        self.shape = (kv_heads, 0, head_dim)
+        self.dtype = dtype
+        self.length = 0
+        self.keys: list[torch.Tensor] = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
+        self.values: list[torch.Tensor] = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def reserve(self, extra: int) -> None:
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        cap = -(-need // _CACHE_CHUNK) * _CACHE_CHUNK
+        kv_heads, _, head_dim = self.shape
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = torch.zeros((kv_heads, cap, head_dim), dtype=self.dtype)
+                new[:, : self.length] = old[:, : self.length]
+                store[i] = new
+
+
+class _Layer:
+    def __init__(self, w: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> None:
+        def get(name: str) -> torch.Tensor:
+            return w[f"{prefix}.{name}"].to(dtype).contiguous()
+
+        self.ln_in = get("input_layernorm.weight")
+        self.ln_post = get("post_attention_layernorm.weight")
+        self.qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"]).contiguous()
+        self.o = get("self_attn.o_proj.weight")
+        self.gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).contiguous()
+        self.down = get("mlp.down_proj.weight")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name of a Llama checkpoint with its shape."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update(
+            {
+                f"{p}.self_attn.q_proj.weight": (q, h),
+                f"{p}.self_attn.k_proj.weight": (kv, h),
+                f"{p}.self_attn.v_proj.weight": (kv, h),
+                f"{p}.self_attn.o_proj.weight": (h, q),
+                f"{p}.mlp.gate_proj.weight": (inter, h),
+                f"{p}.mlp.up_proj.weight": (inter, h),
+                f"{p}.mlp.down_proj.weight": (h, inter),
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.post_attention_layernorm.weight": (h,),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+class LlamaModel:
+    """Inference-only Llama: ``forward(new_tokens, cache)`` -> float32 logits of the last position."""
+
+    def __init__(
+        self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, max_len: int
+    ) -> None:
+        for name, shape in expected_shapes(cfg).items():
+            if name not in weights:
+                raise ConfigError(f"model weights: missing tensor {name}")
+            if tuple(weights[name].shape) != shape:
+                raise ConfigError(
+                    f"model weights: {name} has shape {tuple(weights[name].shape)}, want {shape}"
+                )
+        self.cfg = cfg
+        self.dtype = dtype
+        self.max_len = max_len
+        self.embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
+        head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+        self.lm_head = head.to(dtype).contiguous()
+        self.norm = weights["model.norm.weight"].to(dtype).contiguous()
+        self.layers = [_Layer(weights, f"model.layers.{i}", dtype) for i in range(cfg.num_hidden_layers)]
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.group = self.n_q // self.n_kv
+        self.hd = cfg.head_dim
+        self.scale = self.hd**-0.5
+        # Rotary tables in the HF "rotate half" layout; sin carries the sign of the rotated half so the
+        # rotation is x * cos + swap_halves(x) * sin.
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+        self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers), self.n_kv, self.hd, self.dtype)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return weight * xf.to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
+        n = len(tokens)
+        start = cache.length
+        if n == 0 or start + n > self.max_len:
+            raise ValueError(f"cannot run {n} tokens at position {start} (max_len {self.max_len})")
+        cache.reserve(n)
+        end = start + n
+        half = self.hd // 2
+        cos = self.cos[start:end].unsqueeze(1)
+        sin = self.sin[start:end].unsqueeze(1)
+        qk_width = (self.n_q + self.n_kv) * self.hd
+        mask = None
+        if n > 1:
+            query_pos = torch.arange(start, end).unsqueeze(1)
+            key_pos = torch.arange(end).unsqueeze(0)
+            mask = torch.zeros((n, end), dtype=torch.float32).masked_fill_(key_pos > query_pos, float("-inf"))
+        x = self.embed[torch.tensor(tokens, dtype=torch.long)]
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln_in)
+            qkv = F.linear(h, layer.qkv)
+            qk = qkv[:, :qk_width].reshape(n, self.n_q + self.n_kv, self.hd)
+            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + swapped * sin
+            v = qkv[:, qk_width:].reshape(n, self.n_kv, self.hd)
+            keys, values = cache.keys[li], cache.values[li]
+            keys[:, start:end] = qk[:, self.n_q :].transpose(0, 1)
+            values[:, start:end] = v.transpose(0, 1)
+            q = qk[:, : self.n_q].reshape(n, self.n_kv, self.group, self.hd).permute(1, 2, 0, 3)
+            scores = torch.matmul(q, keys[:, :end].unsqueeze(1).transpose(-1, -2)).float() * self.scale
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            att = torch.matmul(probs, values[:, :end].unsqueeze(1))
+            att = att.permute(2, 0, 1, 3).reshape(n, self.n_q * self.hd)
+            x = x + F.linear(att, layer.o)
+            h = self._rms(x, layer.ln_post)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        cache.length = end
+        last = self._rms(x[-1:], self.norm)
+        return F.linear(last, self.lm_head)[0].float()

@@ -1,0 +1,102 @@
+"""Which engine serves, and how many instances of it on which GPUs and ports.
+
+``MLNODE_ENGINE=auto`` picks vLLM when NVML sees GPUs and ``vllm`` is importable, else the CPU engine.
+vLLM runs one instance per block of ``tp*pp`` GPUs (the i-th block of the GPUs this node was given,
+respecting ``CUDA_VISIBLE_DEVICES``) on port ``INFERENCE_PORT+1+i``; the CPU engine runs one instance
+on ``INFERENCE_PORT+1``. Both come out as the same :class:`InstancePlan`, which the launcher runs
+without caring which engine it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node import gpu
+from node.errors import ConfigError
+from services.inference import vllm_cmd
+from services.inference.up_request import UpRequest
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    name: str
+    #: Seconds between launching instance i and i+1 (model loads compete for disk and host memory).
+    stagger_s: float
+    #: How long a launch may take to answer ``/health`` 200 (big vLLM models load for tens of minutes).
+    start_timeout_s: float
+    #: SIGTERM -> SIGKILL grace on stop.
+    stop_grace_s: float
+
+
+VLLM = EngineKind("vllm", stagger_s=10.0, start_timeout_s=90 * 60.0, stop_grace_s=20.0)
+CPU = EngineKind("cpu", stagger_s=0.0, start_timeout_s=300.0, stop_grace_s=8.0)
+KINDS = {k.name: k for k in (VLLM, CPU)}
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    index: int
+    port: int
+    gpus: tuple[str, ...]
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(hash=False, compare=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_engine(setting: str, gpu_count: int | None = None, has_vllm: bool | None = None) -> EngineKind:
+    """The engine for ``MLNODE_ENGINE`` (auto/vllm/cpu); auto probes NVML and the vllm package."""
+    if setting in KINDS:
+        return KINDS[setting]
+    if setting != "auto":
+        raise ConfigError(f"MLNODE_ENGINE must be auto, vllm or cpu; got {setting!r}")
+    count = len(gpu.devices()) if gpu_count is None else gpu_count
+    available = vllm_importable() if has_vllm is None else has_vllm
+    return VLLM if count > 0 and available else CPU
+
+
+def _port(inference_port: int, index: int) -> int:
+    port = inference_port + 1 + index
+    if port > 65535:
+        raise ConfigError(f"INFERENCE_PORT {inference_port} leaves no port for engine instance {index}")
+    return port
+
+
+def plan_vllm(req: UpRequest, inference_port: int, environ: Mapping[str, str],
+              detected_gpus: int) -> list[InstancePlan]:
+    """One vLLM instance per GPU block (InvalidRequest for bad parallel sizes in additional_args)."""
+    tp, pp = vllm_cmd.parse_parallelism(list(req.additional_args))
+    blocks = vllm_cmd.plan_instances(vllm_cmd.visible_gpus(environ, detected_gpus), tp, pp)
+    plans = []
+    for i, block in enumerate(blocks):
+        port = _port(inference_port, i)
+        argv = vllm_cmd.vllm_command(req.model, req.dtype, list(req.additional_args), port)
+        env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(block)}
+        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), env))
+    return plans
+
+
+def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
+             environ: Mapping[str, str]) -> list[InstancePlan]:
+    """One CPU engine instance; ``model_dir`` is the stand-in for a model name (None: a directory)."""
+    args = list(req.additional_args)
+    model = req.model
+    if model_dir is not None:
+        model = str(model_dir)
+        names_given = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in args)
+        if not names_given:
+            args += ["--served-model-name", req.model]
+    port = _port(inference_port, 0)
+    argv = vllm_cmd.cpu_engine_command(model, req.dtype, args, port)
+    # Keep the CPU engine off any GPU this host might have (MLNODE_ENGINE=cpu on a GPU box).
+    env = {**environ, "CUDA_VISIBLE_DEVICES": ""}
+    return [InstancePlan(0, port, (), tuple(argv), env)]

@@ -1,0 +1,92 @@
+"""create_tiny writes a deterministic HF Llama directory that load() (and vLLM) can read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from node.errors import ConfigError
+from services.inference.cpu_engine.chat_template import CHAT_TEMPLATE, render_chat
+from services.inference.cpu_engine.checkpoint import TINY_FILES, create_tiny, load, load_or_synthesize
+
+# sha256 of model.safetensors for seed 0: pins "same seed -> same bytes" across machines and versions.
+SEED0_WEIGHTS_SHA256 = "1a061fbb3639d9523d61dcace64e0952c2e4589bf77c83677059e28b9801ef9a"
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+def test_same_seed_same_bytes_and_exact_file_set(tmp_path: Path) -> None:
+    create_tiny(tmp_path / "a", seed=0)
+    create_tiny(tmp_path / "b", seed=0)
+    create_tiny(tmp_path / "c", seed=1)
+    a, b, c = (_digest(tmp_path / n) for n in "abc")
+    assert set(a) == TINY_FILES
+    assert a == b
+    assert a["model.safetensors"] == SEED0_WEIGHTS_SHA256
+    assert c["model.safetensors"] != a["model.safetensors"]
+    assert c["config.json"] == a["config.json"]
+
+
+def test_layout_is_hugging_face_llama(tmp_path: Path) -> None:
+    create_tiny(tmp_path, seed=3, hidden=32, layers=3, heads=4, kv_heads=1, intermediate=48)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["model_type"] == "llama"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (32, 3, 1)
+    assert config["tie_word_embeddings"] is False
+    assert (
+        config["vocab_size"] == 272 and config["bos_token_id"] == 256 and config["eos_token_id"] == [257, 258]
+    )
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert tuple(f.get_slice("model.layers.2.self_attn.k_proj.weight").get_shape()) == (8, 32)
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(3):
+        p = f"model.layers.{i}"
+        expected |= {f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"}
+        expected |= {f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+        expected |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
+    assert names == expected
+    tok_doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert tok_doc["model"]["type"] == "BPE" and tok_doc["model"]["merges"] == []
+    assert len(tok_doc["model"]["vocab"]) == 256
+    assert tok_doc["pre_tokenizer"]["type"] == "ByteLevel" and tok_doc["decoder"]["type"] == "ByteLevel"
+    tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == CHAT_TEMPLATE
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [257, 258]
+
+
+def test_chat_template_matches_its_jinja_form() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo 🙂"}]
+    rendered = jinja2.Template(CHAT_TEMPLATE).render(
+        messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=True
+    )
+    assert rendered == render_chat(messages)
+
+
+def test_load_checks_the_directory(tmp_path: Path) -> None:
+    create_tiny(tmp_path, seed=0)
+    loaded = load(tmp_path, "auto", max_model_len=256)
+    assert loaded.max_model_len == 256
+    assert loaded.tokenizer.vocab_size == 272
+    with pytest.raises(ConfigError, match="max-model-len"):
+        load(tmp_path, "auto", max_model_len=4096)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"missing tensor model\.layers\.2"):
+        load(tmp_path)
+
+
+def test_a_hub_name_gets_a_seeded_stand_in() -> None:
+    loaded = load_or_synthesize("Qwen/Qwen2.5-7B-Instruct", "auto", 4096, seed=0)
+    assert loaded.max_model_len == 4096
+    assert loaded.config.hidden_size == 64

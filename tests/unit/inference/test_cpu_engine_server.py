@@ -1,0 +1,374 @@
+"""The CPU engine as a real subprocess on a free port, exercised over HTTP like the launcher and proxy do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.inference.cpu_engine.checkpoint import create_tiny
+
+ROOT = Path(__file__).resolve().parents[3]
+MAX_LEN = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Engine:
+    def __init__(self, model: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "services.inference.cpu_engine", "--model", str(model)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny", *extra]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+
+    def wait_healthy(self, timeout: float = 60.0) -> float:
+        began = time.monotonic()
+        while time.monotonic() - began < timeout:
+            if self.proc.poll() is not None:
+                pytest.fail(f"engine exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return time.monotonic() - began
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        pytest.fail("engine did not become healthy")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    create_tiny(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    log = tmp_path_factory.mktemp("logs") / "engine.log"
+    eng = Engine(
+        model_dir, log, "--max-num-seqs", "16", "--quantization", "fp8", "-tp", "4", "--enforce-eager"
+    )
+    eng.wait_healthy()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture
+def client(engine: Engine) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=engine.url, timeout=30.0) as c:
+        yield c
+
+
+def _metrics(client: httpx.Client) -> dict[str, float]:
+    """Metric name -> value, summed over label sets."""
+    out: dict[str, float] = {}
+    for line in client.get("/metrics").text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)\{[^}]*\} (\S+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def _sse(lines: Iterator[str]) -> list[Any]:
+    events: list[Any] = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi 👋"}]
+
+
+@pytest.mark.timeout(60)
+def test_health_models_and_ignored_flags(engine: Engine, client: httpx.Client) -> None:
+    assert client.get("/health").status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["owned_by"] == "mlnode"
+    assert models["data"][0]["max_model_len"] == MAX_LEN
+    assert "ignored_engine_args" in engine.log.read_text()
+    assert client.get("/nope").status_code == 404
+    assert client.get("/v1/completions").status_code == 405
+
+
+@pytest.mark.timeout(60)
+def test_completion_greedy_is_repeatable(client: httpx.Client) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "foo": [1]}
+    first = client.post("/v1/completions", json=body).json()
+    second = client.post("/v1/completions", json=body).json()
+    assert first["object"] == "text_completion" and first["id"].startswith("cmpl-")
+    assert isinstance(first["created"], int) and first["model"] == "tiny"
+    choice = first["choices"][0]
+    assert choice["text"] == second["choices"][0]["text"]
+    assert choice["finish_reason"] in {"stop", "length"}
+    usage = first["usage"]
+    assert usage["prompt_tokens"] == 1 + len(b"Once upon a time")
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] == len(choice["text"].encode())
+
+
+@pytest.mark.timeout(60)
+def test_streaming_chat_matches_the_whole_response(client: httpx.Client) -> None:
+    body = {"messages": CHAT, "max_tokens": 20, "seed": 42, "temperature": 0.8}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream_body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content) >= 3
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finals] == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.timeout(60)
+def test_chat_enforced_str_replays_the_logprobs(client: httpx.Client) -> None:
+    body = {"messages": CHAT, "max_tokens": 32, "seed": 7, "logprobs": True, "top_logprobs": 3}
+    original = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    text = original["message"]["content"]
+    content = original["logprobs"]["content"]
+    assert len(content) == len(text.encode()) > 0
+    assert all(len(e["top_logprobs"]) == 3 for e in content)
+    assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
+    replay_body = {**body, "seed": 999, "temperature": 0.3, "enforced_str": text}
+    replay = client.post("/v1/chat/completions", json=replay_body).json()["choices"][0]
+    assert replay["message"]["content"] == text
+    replayed = replay["logprobs"]["content"]
+    assert [e["token"] for e in replayed] == [e["token"] for e in content]
+    for got, want in zip(replayed, content, strict=True):
+        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
+        for g, w in zip(got["top_logprobs"], want["top_logprobs"], strict=True):
+            assert g["token"] == w["token"] and g["logprob"] == pytest.approx(w["logprob"], abs=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_completion_logprobs_and_enforced_tokens(client: httpx.Client) -> None:
+    body = {"prompt": "abc", "max_tokens": 10, "seed": 3, "logprobs": 2}
+    original = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = original["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert all(x <= 0 for x in lp["token_logprobs"])
+    ids = client.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    forced = client.post("/tokenize", json={"prompt": original["text"], "add_special_tokens": False}).json()
+    replay = client.post("/v1/completions", json={**body, "enforced_tokens": forced["tokens"]}).json()
+    assert replay["choices"][0]["text"] == original["text"]
+    assert replay["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    by_ids = client.post("/v1/completions", json={**body, "prompt": ids}).json()
+    assert by_ids["choices"][0]["text"] == original["text"]
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_counts(client: httpx.Client) -> None:
+    plain = client.post("/tokenize", json={"model": "tiny", "prompt": "héllo"}).json()
+    assert plain["count"] == 1 + len("héllo".encode()) and plain["max_model_len"] == MAX_LEN
+    chat = client.post("/tokenize", json={"model": "tiny", "messages": CHAT}).json()
+    usage = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1}).json()["usage"]
+    assert chat["count"] == usage["prompt_tokens"]
+
+
+@pytest.mark.timeout(60)
+def test_metrics_counters_move(client: httpx.Client) -> None:
+    before = _metrics(client)
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:generation_tokens_total",
+        "vllm:prompt_tokens_total",
+        "vllm:request_success_total",
+        "mlnode_engine_iterations_total",
+    ):
+        assert name in before
+    client.post("/v1/completions", json={"prompt": "count me", "max_tokens": 5, "enforced_str": "12345"})
+    after = _metrics(client)
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 5
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == 1 + len("count me")
+    assert after["vllm:request_success_total"] - before["vllm:request_success_total"] == 1
+    assert after["mlnode_engine_iterations_total"] - before["mlnode_engine_iterations_total"] >= 5
+
+
+BAD_BODIES: list[tuple[str, Any]] = [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", b"[1, 2]"),
+    ("/v1/completions", {"prompt": 5}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN}),
+    ("/v1/completions", {"prompt": "x" * MAX_LEN}),
+    ("/v1/completions", {"prompt": "x", "n": 2}),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}),
+    ("/v1/completions", {"prompt": "x", "seed": "x"}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": [100000]}),
+    ("/v1/completions", {"prompt": "x", "enforced_str": 5}),
+    ("/v1/completions", {"prompt": "x", "enforced_str": "y" * MAX_LEN}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}),
+    ("/tokenize", {"prompt": []}),
+    ("/tokenize", "just a string"),
+]
+
+
+@pytest.mark.timeout(60)
+def test_bad_bodies_are_400_never_500(client: httpx.Client) -> None:
+    for path, body in BAD_BODIES:
+        if isinstance(body, bytes):
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post(path, json=body)
+        assert r.status_code == 400, (path, body, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], (path, body)
+    assert client.get("/health").status_code == 200
+
+
+async def _raw_request(port: int, method: str, path: str, body: Any = None) -> bytes:
+    """One HTTP/1.1 exchange on its own connection (a lean client, so 500 of them stay cheap)."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n"
+    writer.write(f"{head}Content-Type: application/json\r\n\r\n".encode() + payload)
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+@pytest.mark.timeout(60)
+def test_500_concurrent_streams(engine: Engine, client: httpx.Client) -> None:
+    """More streams than batch slots (16): the rest queue, and every stream still completes."""
+    n = 500
+    waiting_seen: list[float] = []
+
+    async def one(i: int) -> bytes:
+        body = {"messages": [{"role": "user", "content": f"n{i}"}], "max_tokens": 8, "stream": True}
+        return await _raw_request(engine.port, "POST", "/v1/chat/completions", body)
+
+    async def watch(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            text = (await _raw_request(engine.port, "GET", "/metrics")).decode()
+            found = re.findall(r"^vllm:num_requests_waiting\{.*\} (\S+)$", text, re.M)
+            waiting_seen.extend(float(v) for v in found)
+            await asyncio.sleep(0.01)
+
+    async def main() -> list[bytes]:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+        stop.set()
+        await watcher
+        return results
+
+    before = _metrics(client)["vllm:request_success_total"]
+    results = asyncio.run(main())
+    assert len(results) == n
+    for raw in results:
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+        assert raw.count(b"data: ") >= 3 and b"data: [DONE]\n\n" in raw
+    assert _metrics(client)["vllm:request_success_total"] - before == n
+    assert max(waiting_seen) > 0
+
+
+def _open_stream(port: int, body: dict[str, Any]) -> socket.socket:
+    """A raw streaming request, read until its first SSE event arrives."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    seen = b""
+    while b"data: " not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed before the first event"
+        seen += chunk
+    return sock
+
+
+@pytest.mark.timeout(60)
+def test_disconnecting_client_frees_its_slot(engine: Engine, client: httpx.Client) -> None:
+    forced = [ord("z")] * (MAX_LEN - 100)
+    before = _metrics(client)["vllm:generation_tokens_total"]
+    socks = [
+        _open_stream(engine.port, {"prompt": "x", "stream": True, "enforced_tokens": forced}) for _ in "ab"
+    ]
+    for sock in socks:
+        sock.close()
+    deadline = time.monotonic() + 20
+    while _metrics(client)["vllm:num_requests_running"] > 0:
+        assert time.monotonic() < deadline, "cancelled streams still running"
+        time.sleep(0.02)
+    generated = _metrics(client)["vllm:generation_tokens_total"] - before
+    assert generated < len(forced)  # both would have produced 2 * len(forced) had they run to the end
+    ok = client.post("/v1/completions", json={"prompt": "after", "max_tokens": 3})
+    assert ok.status_code == 200
+
+
+@pytest.mark.timeout(60)
+def test_fault_switch_hangs_everything(model_dir: Path, tmp_path: Path) -> None:
+    eng = Engine(model_dir, tmp_path / "hang.log", env={"MLNODE_ENGINE_FAULT": "hang_after:1"})
+    try:
+        eng.wait_healthy()
+        with httpx.Client(base_url=eng.url, timeout=2.0) as c:
+            assert c.get("/health").status_code == 200  # probes do not count as requests
+            assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+            for path in ("/health", "/metrics"):
+                with pytest.raises(httpx.ReadTimeout):
+                    c.get(path, timeout=1.0)
+    finally:
+        eng.stop(kill=True)
+
+
+@pytest.mark.timeout(60)
+def test_load_failure_exits_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    eng = Engine(tmp_path, tmp_path / "fail.log")
+    try:
+        assert eng.proc.wait(30) == 1
+    finally:
+        eng.stop(kill=True)
+    log = eng.log.read_text()
+    assert "model_load_failed" in log and "model_type must be 'llama'" in log
