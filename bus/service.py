@@ -39,6 +39,7 @@ class Service:
         self.route("ping", self._ping)
         self.route("status", self._status)
         self.route("stop", self._stop)
+        self.route("metrics", self._metrics)
         self._shutdown = asyncio.Event()
 
     def route(self, kind: str, handler: Handler) -> None:
@@ -57,6 +58,10 @@ class Service:
         """Stop whatever job runs; idempotent."""
         return {}
 
+    async def metrics(self) -> dict[str, Any]:
+        """Service-specific counters and gauges for ``/metrics`` (numbers only; default: none)."""
+        return {}
+
     async def startup(self) -> None:
         """Runs once after the sockets are bound (resume persisted work here)."""
 
@@ -71,6 +76,20 @@ class Service:
     async def _status(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
         detail = await self.status()
         return {"service": self.name, "mode": self.mode, "active": self.is_active(), **detail}
+
+    async def _metrics(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        return {
+            "service": self.name,
+            "time": time.time(),
+            "started_at": self.started_at,
+            "active": self.is_active(),
+            "bus": {
+                "auth_failures": dict(self.bus.auth.failures),
+                "auth_successes": dict(self.bus.auth.successes),
+                "dropped_frames": self.server.dropped,
+            },
+            "values": await self.metrics(),
+        }
 
     async def _stop(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
         result = await self.stop()
