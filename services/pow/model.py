@@ -1,8 +1,10 @@
 """The PoC v1 transformer (spec section 3), written for throughput rather than as an ``nn.Module``.
 
 Numerically it is the reference Llama block; structurally it differs where the result cannot change:
-q/k/v and w1/w3 are fused into single matrix products, ``tok_embeddings`` is never materialised, and
-the last layer runs its query, FFN and head on the last position only (the only logits anyone reads).
+q/k/v and w1/w3 are fused into single matrix products, ``tok_embeddings`` is never materialised, the
+last layer runs its query, FFN and head on the last position only (the only logits anyone reads), and
+heads may be zero-padded to a wider stride (GPU attention kernels want head_dim % 8 == 0; padding
+once in the weights beats padding q, k and v on every call).
 Two compute modes: fp16 end to end (CUDA, like the reference) or fp32 arithmetic on fp16-valued
 weights (CPU, where fp16 matrix products are ~200x slower); norms, rotary and softmax run in fp32 in both.
 """
@@ -23,7 +25,8 @@ from services.pow.weights import parameter_values
 
 @dataclass
 class LayerWeights:
-    """One block's tensors, on one device. ``w13`` interleaves w1/w3 row blocks of ``ffn_chunk`` rows."""
+    """One block's tensors, on one device. ``w13`` interleaves w1/w3 row blocks of ``ffn_chunk`` rows;
+    q/k/v rows and wo columns are laid out ``head_stride`` per head, zeros after the real head_dim."""
 
     attention_norm: torch.Tensor
     wqkv: torch.Tensor
@@ -32,6 +35,7 @@ class LayerWeights:
     w13: torch.Tensor
     w2: torch.Tensor
     ffn_chunk: int
+    head_stride: int
 
     @property
     def device(self) -> torch.device:
@@ -46,13 +50,14 @@ class PowModel:
         self.params = params
         self.ops: BlockOps = ops or EagerOps()
         self.layers = list(layers)
+        self.head_stride = self.layers[0].head_stride
         self.norm = norm
         self.output = output
         self.dtype = dtype
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in self.layers:
             if layer.device not in self._rope:
-                self._rope[layer.device] = rope_tables(params, layer.device, dtype)
+                self._rope[layer.device] = rope_tables(params, layer.device, dtype, self.head_stride)
 
     @property
     def input_device(self) -> torch.device:
@@ -72,18 +77,19 @@ class PowModel:
 
     def _attention(self, x: torch.Tensor, layer: LayerWeights, last_only: bool) -> torch.Tensor:
         p = self.params
-        hd = p.head_dim
+        hs = self.head_stride
+        q_cols, kv_cols = p.n_heads * hs, p.n_kv_heads * hs
         qkv = F.linear(self.ops.rms_norm(x, layer.attention_norm, p.norm_eps), layer.wqkv)
         cos, sin = self._rope[layer.device]
-        qkv = self.ops.rotary_(qkv, p.dim + p.kv_dim, cos, sin)
-        q, k, v = qkv.split((p.dim, p.kv_dim, p.kv_dim), dim=-1)
+        qkv = self.ops.rotary_(qkv, q_cols + kv_cols, cos, sin)
+        q, k, v = qkv.split((q_cols, kv_cols, kv_cols), dim=-1)
         if last_only:
             q = q[:, -1:]
         attn = F.scaled_dot_product_attention(
-            q.unflatten(-1, (p.n_heads, hd)).transpose(1, 2),
-            k.unflatten(-1, (p.n_kv_heads, hd)).transpose(1, 2),
-            v.unflatten(-1, (p.n_kv_heads, hd)).transpose(1, 2),
-            is_causal=not last_only, scale=1.0 / math.sqrt(hd),
+            q.unflatten(-1, (p.n_heads, hs)).transpose(1, 2),
+            k.unflatten(-1, (p.n_kv_heads, hs)).transpose(1, 2),
+            v.unflatten(-1, (p.n_kv_heads, hs)).transpose(1, 2),
+            is_causal=not last_only, scale=1.0 / math.sqrt(p.head_dim),
             enable_gqa=p.n_kv_heads != p.n_heads,
         )
         return F.linear(attn.transpose(1, 2).flatten(-2), layer.wo)
@@ -131,14 +137,29 @@ def _placed(pool: torch.Tensor, block_hash: str, name: str, shape: tuple[int, ..
     return values.to(device=device, dtype=dtype, copy=True)
 
 
+def _build_attention(pool: torch.Tensor, block_hash: str, params: PowParams, prefix: str,
+                     device: torch.device, dtype: torch.dtype, stride: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (q; k; v) rows and wo, each head widened to ``stride`` features with zeros."""
+    dim, hd, nh, nkv = params.dim, params.head_dim, params.n_heads, params.n_kv_heads
+    alloc = torch.empty if stride == hd else torch.zeros
+    wqkv = alloc(((nh + 2 * nkv) * stride, dim), dtype=dtype, device=device)
+    row = 0
+    for name, heads in (("wq", nh), ("wk", nkv), ("wv", nkv)):
+        values = parameter_values(pool, block_hash, f"{prefix}attention.{name}.weight", heads * hd * dim)
+        wqkv[row : row + heads * stride].view(heads, stride, dim)[:, :hd].copy_(values.view(heads, hd, dim))
+        row += heads * stride
+    wo = alloc((dim, nh * stride), dtype=dtype, device=device)
+    values = parameter_values(pool, block_hash, f"{prefix}attention.wo.weight", dim * dim)
+    wo.view(dim, nh, stride)[:, :, :hd].copy_(values.view(dim, nh, hd))
+    return wqkv, wo
+
+
 def _build_layer(pool: torch.Tensor, block_hash: str, params: PowParams, i: int, device: torch.device,
-                 dtype: torch.dtype, ffn_chunk: int) -> LayerWeights:
-    dim, kv, hidden = params.dim, params.kv_dim, params.ffn_hidden
+                 dtype: torch.dtype, ffn_chunk: int, head_stride: int) -> LayerWeights:
+    dim, hidden = params.dim, params.ffn_hidden
     p = f"layers.{i}."
-    wqkv = torch.empty((dim + 2 * kv, dim), dtype=dtype, device=device)
-    for name, rows in (("wq", slice(0, dim)), ("wk", slice(dim, dim + kv)), ("wv", slice(dim + kv, None))):
-        values = parameter_values(pool, block_hash, f"{p}attention.{name}.weight", wqkv[rows].numel())
-        wqkv[rows].copy_(values.view(-1, dim))
+    wqkv, wo = _build_attention(pool, block_hash, params, p, device, dtype, head_stride)
     w1 = parameter_values(pool, block_hash, f"{p}feed_forward.w1.weight", hidden * dim).view(hidden, dim)
     w3 = parameter_values(pool, block_hash, f"{p}feed_forward.w3.weight", hidden * dim).view(hidden, dim)
     w13 = torch.empty((2 * hidden, dim), dtype=dtype, device=device)
@@ -149,11 +170,12 @@ def _build_layer(pool: torch.Tensor, block_hash: str, params: PowParams, i: int,
     return LayerWeights(
         attention_norm=_placed(pool, block_hash, f"{p}attention_norm.weight", (dim,), device, dtype),
         wqkv=wqkv,
-        wo=_placed(pool, block_hash, f"{p}attention.wo.weight", (dim, dim), device, dtype),
+        wo=wo,
         ffn_norm=_placed(pool, block_hash, f"{p}ffn_norm.weight", (dim,), device, dtype),
         w13=w13,
         w2=_placed(pool, block_hash, f"{p}feed_forward.w2.weight", (dim, hidden), device, dtype),
         ffn_chunk=ffn_chunk,
+        head_stride=head_stride,
     )
 
 
@@ -166,18 +188,21 @@ def layer_devices(n_layers: int, devices: Sequence[torch.device]) -> list[torch.
 
 
 def build_model(pool: torch.Tensor, block_hash: str, params: PowParams, devices: Sequence[torch.device],
-                dtype: torch.dtype, ffn_chunk: int | None = None, ops: BlockOps | None = None) -> PowModel:
+                dtype: torch.dtype, ffn_chunk: int | None = None, ops: BlockOps | None = None,
+                head_multiple: int = 1) -> PowModel:
     """Place every parameter straight into its device tensor, reading windows of ``pool``.
 
     ``pool`` should sit on ``devices[0]`` (or the CPU): windows are copied device to device. The head
     lives with the last layer. ``ffn_chunk`` splits the FFN hidden width so its activations stay in
-    cache (CPU); ``None`` keeps it whole (GPU).
+    cache (CPU); ``None`` keeps it whole (GPU). ``head_multiple`` pads each attention head to a
+    multiple of that many features (8 on CUDA).
     """
     chunk = params.ffn_hidden if ffn_chunk is None else max(1, min(ffn_chunk, params.ffn_hidden))
+    stride = -(-params.head_dim // head_multiple) * head_multiple
     placement = layer_devices(params.n_layers, devices)
     layers = []
     for i, device in enumerate(placement):
-        layers.append(_build_layer(pool, block_hash, params, i, device, dtype, chunk))
+        layers.append(_build_layer(pool, block_hash, params, i, device, dtype, chunk, stride))
     last = placement[-1]
     norm = _placed(pool, block_hash, "norm.weight", (params.dim,), last, dtype)
     output = _placed(pool, block_hash, "output.weight", (params.vocab_size, params.dim), last, dtype)

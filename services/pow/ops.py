@@ -24,21 +24,25 @@ class BlockOps(Protocol):
     def silu_mul(self, gate_up: torch.Tensor, width: int) -> torch.Tensor: ...
 
 
-def rope_tables(params: PowParams, device: torch.device, model_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every (position, q/k feature pair): shape (seq_len, (dim + kv_dim) / 2), fp32.
+def rope_tables(params: PowParams, device: torch.device, model_dtype: torch.dtype,
+                head_stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every (position, q/k feature pair): shape (seq_len, heads * head_stride / 2), fp32.
 
     Values are rounded to the model dtype first (the reference keeps its table in that dtype), then
-    tiled over the q and k heads so a kernel indexes them by pair without a modulo.
+    tiled over the q and k heads so a kernel indexes them by pair without a modulo. Pairs in a head's
+    zero padding (``head_stride`` > head_dim) get the identity rotation.
     """
     half = params.head_dim // 2
+    stride_half = (head_stride or params.head_dim) // 2
     exponents = torch.arange(0, params.head_dim, 2)[:half].float() / params.head_dim
     freqs = 1.0 / (params.rope_theta**exponents)
     angles = torch.outer(torch.arange(params.seq_len, dtype=torch.float32), freqs)
+    cos = torch.ones((params.seq_len, stride_half))
+    sin = torch.zeros((params.seq_len, stride_half))
+    cos[:, :half] = torch.cos(angles).to(model_dtype).float()
+    sin[:, :half] = torch.sin(angles).to(model_dtype).float()
     heads = params.n_heads + params.n_kv_heads
-    cos = torch.cos(angles).to(model_dtype).float().repeat(1, heads)
-    sin = torch.sin(angles).to(model_dtype).float().repeat(1, heads)
-    return cos.to(device).contiguous(), sin.to(device).contiguous()
+    return cos.repeat(1, heads).to(device).contiguous(), sin.repeat(1, heads).to(device).contiguous()
 
 
 class EagerOps:
