@@ -15,8 +15,9 @@ import falcon.asgi
 from node.config import Settings
 from node.errors import MLNodeError
 from services.gateway import errors
+from services.gateway.metrics import MeasuredServices
 from services.gateway.proxy import InferenceProxy
-from services.gateway.resources import gpu, health, node, service_routes
+from services.gateway.resources import gpu, health, metrics, node, openapi, service_routes
 from services.gateway.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -40,6 +41,10 @@ def management_app(services: Services, proxy: InferenceProxy) -> falcon.asgi.App
     app.add_route("/api/v1/gpu/devices", gpu.Devices())
     app.add_route("/api/v1/gpu/driver", gpu.Driver())
     service_routes.add_routes(app, services)
+    scrape = metrics.Metrics(services)
+    for path in ("/metrics", "/api/v1/metrics"):
+        app.add_route(path, scrape)
+    app.add_route("/api/v1/openapi.json", openapi.OpenApi(services.settings.version_tag))
     return app
 
 
@@ -48,7 +53,7 @@ class PortRouter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.services = Services(settings)
+        self.services = MeasuredServices(settings)
         self.proxy = InferenceProxy(settings, self.services)
         self.api = management_app(self.services, self.proxy)
 

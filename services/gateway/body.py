@@ -32,3 +32,5 @@ async def json_body(req: falcon.asgi.Request, *, required: bool) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body nests too deeply to be a request") from None

@@ -7,22 +7,97 @@ every core and survive one another's crashes, and the gunicorn master restarts a
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
+import os
+import signal
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from node.config import Settings
+from node.logging import get_logger
 from node.process import bootstrap
 from services.gateway.app import create_app
 
+log = get_logger(__name__)
+
+#: Seconds a client gets to send a request's line and headers (from connecting, or from its first byte).
+HEAD_TIMEOUT_S = 15.0
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a deadline for every request head (slowloris).
+
+    uvicorn arms no timer before a connection's first request, nor while a request head trickles in, so
+    a client that never finishes its headers holds a connection and a file descriptor forever. Here the
+    head must be complete within :data:`HEAD_TIMEOUT_S`; bodies and responses are not limited (proxied
+    streams and blocking starts legitimately take minutes), and idle keep-alive stays uvicorn's.
+    """
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
 
 class GatewayWorker(UvicornWorker):
-    """uvicorn on uvloop + httptools, no per-request access log (the proxy is a hot path)."""
+    """uvicorn on uvloop + httptools (with a request-head deadline), no per-request access log.
 
-    CONFIG_KWARGS = {"loop": "uvloop", "http": "httptools", "access_log": False, "lifespan": "on"}
+    A worker dies with its master: after a ``kill -9`` of the master, orphaned workers would go on
+    serving old code on the inherited listening sockets, so the master supervisord starts next could
+    never bind, and ``mlnode down`` (which signals the new master's group) would leave them running.
+    """
+
+    CONFIG_KWARGS = {"loop": "uvloop", "http": HeadTimeoutProtocol, "access_log": False, "lifespan": "on"}
+
+    def init_process(self) -> None:
+        _signal_me_when_parent_dies(signal.SIGTERM)
+        if os.getppid() != self.ppid:  # the master died before the kernel was told
+            raise SystemExit(0)
+        super().init_process()
+
+
+def _signal_me_when_parent_dies(sig: signal.Signals) -> None:
+    """Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing (gunicorn's own checks remain)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            log.warning("gateway_pdeathsig_unavailable", errno=ctypes.get_errno())
+    except (OSError, AttributeError):
+        pass
 
 
 class JsonLogger(Logger):

@@ -15,6 +15,7 @@ from typing import Any
 import falcon.asgi
 
 from services.gateway.body import json_body
+from services.gateway.schemas import check_body
 from services.gateway.services import MODE_OF, Services
 
 
@@ -66,6 +67,8 @@ class ServiceRoute:
         payload = await json_body(req, required=False) if row.body else None
         if row.body and payload is None:
             payload = {}
+        if row.body:
+            check_body(row.method, row.path, payload)  # 400 naming the field, before any bus traffic
         if row.claims:
             # Shielded: once the claim is under way a hang-up must not leave it half done.
             result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))

@@ -1,0 +1,170 @@
+"""The OpenAPI 3.1 description of the management API, built from the tables the gateway runs on.
+
+Service routes come from :data:`~services.gateway.resources.service_routes.ROUTES` (the table that
+creates them), request bodies from :data:`~services.gateway.schemas.REQUEST_BODIES` (the schemas that
+validate them) and node routes from :data:`NODE_ROUTES` here. A unit test compares the document with
+the routes of the live Falcon app, so a route added without documentation fails the build.
+
+Not described: the ``/v1/*`` OpenAI routes on this port and every path of the inference port — they
+belong to the engine behind the proxy, not to this API.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from services.gateway import schemas
+from services.gateway.resources.service_routes import ROUTES, Route
+from services.gateway.schemas import Schema
+
+TEXT_METRICS = "text/plain; version=0.0.4"
+
+
+@dataclass(frozen=True)
+class Doc:
+    """What one operation answers: its 200 body, and the other statuses it may send."""
+
+    summary: str
+    response: Schema | None
+    errors: dict[int, str]
+    #: When set, the 200 body has this media type instead of JSON (and ``response`` is ignored).
+    media: str | None = None
+    #: Statuses whose body has the 200 schema (``/health`` answers 503 with the same shape).
+    same_shape: tuple[int, ...] = ()
+
+
+_DOWN = "A service did not answer in time or is restarting (retry later)."
+_SERVICE_ERRORS = {
+    400: "Bad body or wrong phase; `detail` names the field or the reason.",
+    409: "Another service holds the node: `Cannot run X because MLNode is currently in Y mode. ...`",
+    503: "The service is unreachable (its process is restarting) or cannot serve now.",
+    504: "The service did not answer within MLNODE_BUS_TIMEOUT.",
+}
+
+NODE_ROUTES: dict[tuple[str, str], Doc] = {
+    ("GET", "/api/v1/state"): Doc("The node state (one service at a time) and the version.",
+                                  schemas.NODE_STATE, {}),
+    ("POST", "/api/v1/stop"): Doc("Stop whatever runs (PoW, inference, training); idempotent, no body.",
+                                  schemas.STATUS, {}),
+    ("GET", "/api/v1/identity"): Doc("The node's CURVE public key (peers and operators pin it).",
+                                     schemas.IDENTITY, {}),
+    ("GET", "/health"): Doc("Every process answers (200) or not (503, `down` names them).", schemas.HEALTH,
+                            {503: "Unhealthy: a process does not answer."}, same_shape=(503,)),
+    ("GET", "/livez"): Doc("Same as /health.", schemas.HEALTH, {503: "Unhealthy: a process does not answer."},
+                           same_shape=(503,)),
+    ("GET", "/readyz"): Doc("The active service can do its job (or, stopped, every process answers).",
+                            schemas.READY, {503: "Not ready."}, same_shape=(503,)),
+    ("GET", "/api/v1/gpu/devices"): Doc("GPUs seen through NVML; an empty list without GPUs.",
+                                        schemas.GPU_DEVICES, {}),
+    ("GET", "/api/v1/gpu/driver"): Doc("Driver, CUDA driver and NVML versions.", schemas.GPU_DRIVER,
+                                       {503: "NVML is unavailable (no GPU driver on this host)."}),
+    ("GET", "/metrics"): Doc("Prometheus metrics of the whole node (text format 0.0.4).", None, {},
+                             media=TEXT_METRICS),
+    ("GET", "/api/v1/metrics"): Doc("Same as /metrics.", None, {}, media=TEXT_METRICS),
+    ("GET", "/api/v1/openapi.json"): Doc("This document.", {"type": "object"}, {}),
+}
+
+#: Summary and 200 body of every service route, by (method, path).
+SERVICE_DOCS: dict[tuple[str, str], tuple[str, Schema]] = {
+    ("POST", "/api/v1/pow/init"): ("Load the PoC model for a round; phase idle.", schemas.POW_ANSWER),
+    ("POST", "/api/v1/pow/init/generate"): ("Start (or flip to) generation for a round.", schemas.POW_ANSWER),
+    ("POST", "/api/v1/pow/init/validate"): ("Start (or flip to) validation; an identical InitDto keeps "
+                                            "the loaded model.", schemas.POW_ANSWER),
+    ("POST", "/api/v1/pow/phase/generate"): ("Flip the loaded round to generation.", schemas.POW_ANSWER),
+    ("POST", "/api/v1/pow/phase/validate"): ("Flip the loaded round to validation.", schemas.POW_ANSWER),
+    ("POST", "/api/v1/pow/validate"): ("Queue a batch; the verdict is POSTed to {url}/validated.",
+                                       schemas.POW_QUEUED),
+    ("GET", "/api/v1/pow/status"): ("The round's status and counters.", schemas.POW_STATUS),
+    ("POST", "/api/v1/pow/stop"): ("Stop the round (results already found are still delivered).",
+                                   schemas.POW_ANSWER),
+    ("POST", "/api/v1/inference/up"): ("Start the engine(s); answers when serving or failed (503 with the "
+                                       "engine's last log lines).", schemas.STATUS),
+    ("POST", "/api/v1/inference/up/async"): ("Start the engine(s) and answer at once.", schemas.STATUS),
+    ("GET", "/api/v1/inference/up/status"): ("Progress of the last start.", schemas.UP_STATUS),
+    ("POST", "/api/v1/inference/down"): ("Stop the engines; idempotent.", schemas.STATUS),
+    ("POST", "/api/v1/train/start"): ("Start DiLoCo training (400 when already running).", schemas.STATUS),
+    ("POST", "/api/v1/train/stop"): ("Stop training (400 when not running).", schemas.STATUS),
+    ("GET", "/api/v1/train/status"): ("Whether training runs, plus progress.", schemas.TRAIN_STATUS),
+}
+
+
+def operations() -> dict[tuple[str, str], Doc]:
+    """Every documented (method, path) with its :class:`Doc` — node routes and service routes."""
+    found = dict(NODE_ROUTES)
+    for row in ROUTES:
+        found[(row.method, row.path)] = _service_doc(row)
+    return found
+
+
+def _service_doc(row: Route) -> Doc:
+    summary, response = SERVICE_DOCS.get((row.method, row.path), (f"{row.service}: {row.kind}", {}))
+    return Doc(summary, response, dict(_SERVICE_ERRORS))
+
+
+@functools.lru_cache(maxsize=4)
+def document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document (built once per version; treat it as read-only)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), doc in sorted(operations().items(), key=lambda item: (item[0][1], item[0][0])):
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, doc)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MLNode management API",
+            "version": version,
+            "description": (
+                "Driven by the Network Node. Bodies are JSON with or without a Content-Type header; "
+                "errors are {\"detail\": reason}. The /v1/* routes and the inference port are proxied "
+                "to the engine and described by it."
+            ),
+        },
+        "paths": paths,
+        "components": {"schemas": {name: _refs(s, skip=s) for name, s in schemas.NAMED.items()}},
+    }
+
+
+def _operation(method: str, path: str, doc: Doc) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_').replace('.', '_')}",
+        "summary": doc.summary,
+        "tags": [_tag(path)],
+        "responses": {"200": _response("OK", doc.response, doc.media)},
+    }
+    for status, description in sorted(doc.errors.items()):
+        body = doc.response if status in doc.same_shape else schemas.ERROR
+        op["responses"][str(status)] = _response(description, body, None)
+    body_schema = schemas.REQUEST_BODIES.get((method, path))
+    if body_schema is not None:
+        op["requestBody"] = {
+            "required": bool(body_schema.get("required")),
+            "description": "JSON; a missing Content-Type means JSON.",
+            "content": {"application/json": {"schema": _refs(body_schema)}},
+        }
+    return op
+
+
+def _response(description: str, schema: Schema | None, media: str | None) -> dict[str, Any]:
+    if media is not None:
+        return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+    return {"description": description, "content": {"application/json": {"schema": _refs(schema or {})}}}
+
+
+def _tag(path: str) -> str:
+    parts = path.strip("/").split("/")
+    service = parts[2] if len(parts) >= 4 and parts[:2] == ["api", "v1"] else ""
+    return service if service in ("pow", "inference", "train") else "node"
+
+
+def _refs(schema: Any, skip: Any = None) -> Any:
+    """A copy of ``schema`` with every named sub-schema (other than ``skip``) as a ``$ref``."""
+    if isinstance(schema, dict):
+        if schema is not skip:
+            for name, named in schemas.NAMED.items():
+                if schema is named:
+                    return {"$ref": f"#/components/schemas/{name}"}
+        return {key: _refs(value) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_refs(item) for item in schema]
+    return schema

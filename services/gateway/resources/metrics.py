@@ -1,0 +1,212 @@
+"""``GET /metrics`` and ``GET /api/v1/metrics``: the node in Prometheus text format, always fast.
+
+A scrape asks every service for ``status`` and ``metrics`` with a short deadline (0.3 s) and
+supervisord for its programs, all at once. A service that is busy or down does not hold the scrape:
+its last known answer is shown with ``mlnode_metrics_age_seconds`` saying how old it is. Last answers
+and restart counts live in ``run/gateway-metrics/`` so that every gunicorn worker serves the same
+numbers, whichever worker the scraper reaches.
+
+Restarts are counted by noticing that supervisord's start time of a program changed between scrapes
+(two restarts between two scrapes count once); a new supervisord (node restarted) starts from zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+import falcon.asgi
+
+from bus.local import SERVICES
+from node import __version__
+from node.errors import MLNodeError
+from node.logging import get_logger
+from services.gateway.metrics import (
+    CONTENT_TYPE,
+    MeasuredServices,
+    NodeView,
+    ProcessView,
+    ServiceView,
+    Timings,
+    render,
+)
+from services.gateway.services import Report, Services
+
+log = get_logger(__name__)
+
+ASK_TIMEOUT_S = 0.3
+MAX_RPC_REPLY_BYTES = 1 << 20
+
+
+class Metrics:
+    def __init__(self, services: Services, *, timeout_s: float = ASK_TIMEOUT_S) -> None:
+        self.services = services
+        #: Bus timings exist only when the gateway measures its requests (it does; bare tests may not).
+        self.timings = services.timings if isinstance(services, MeasuredServices) else None
+        self.timeout_s = timeout_s
+        self.directory = services.settings.run_dir / "gateway-metrics"
+        self.supervisor_socket = services.settings.run_dir / "supervisor.sock"
+        self.version = services.settings.version_tag or __version__
+        self._memory: dict[str, dict[str, Any]] = {}
+        self._save_failed = False
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = CONTENT_TYPE
+        resp.text = await self.scrape()
+
+    async def scrape(self) -> str:
+        started = time.perf_counter()
+        answers, programs = await asyncio.gather(
+            asyncio.gather(*(self._ask(service) for service in SERVICES)), self._programs()
+        )
+        views = dict(zip(SERVICES, answers, strict=True))
+        reports = {s: Report(s, v is not None and v.fresh, v.status if v is not None and v.fresh else {})
+                   for s, v in views.items()}
+        timings = self.timings.merged() if self.timings is not None else Timings()
+        view = NodeView(version=self.version, state=self.services.node_state(reports), services=views,
+                        processes=programs, timings=timings, scrape_seconds=time.perf_counter() - started)
+        return render(view)
+
+    # -- services ---------------------------------------------------------------------------------
+    async def _ask(self, service: str) -> ServiceView | None:
+        status: Any
+        metrics: Any
+        status, metrics = await asyncio.gather(
+            self.services.call(service, "status", timeout=self.timeout_s),
+            self.services.call(service, "metrics", timeout=self.timeout_s),
+            return_exceptions=True,
+        )
+        now = time.time()
+        if isinstance(status, dict):
+            fresh_metrics = metrics if isinstance(metrics, dict) else None
+            last = self._last(service)
+            if fresh_metrics is None:
+                fresh_metrics = last.get("metrics", {}) if last else {}
+            self._remember(service, {"time": now, "status": status, "metrics": fresh_metrics})
+            return ServiceView(status, fresh_metrics, 0.0, True)
+        for failure in (status, metrics):
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+            if isinstance(failure, Exception) and not isinstance(failure, MLNodeError):
+                log.warning("metrics_ask_failed", service=service, error=repr(failure)[:200])
+        last = self._last(service)
+        if last is None:
+            return None
+        return ServiceView(last["status"], last.get("metrics") or {}, max(0.0, now - last["time"]), False)
+
+    def _remember(self, service: str, snapshot: dict[str, Any]) -> None:
+        self._memory[service] = snapshot
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.directory / f".last-{service}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(snapshot, default=str), "utf-8")
+            os.replace(tmp, self.directory / f"last-{service}.json")
+            self._save_failed = False
+        except (OSError, TypeError, ValueError) as exc:
+            if not self._save_failed:  # once per outage: a full disk must not flood the log
+                log.warning("metrics_snapshot_not_saved", service=service, error=str(exc))
+            self._save_failed = True
+
+    def _last(self, service: str) -> dict[str, Any] | None:
+        """The newest snapshot any worker saved for ``service`` (or this worker's own)."""
+        best = self._memory.get(service)
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads((self.directory / f"last-{service}.json").read_bytes())
+            if (isinstance(doc, dict) and isinstance(doc.get("time"), int | float)
+                    and isinstance(doc.get("status"), dict)
+                    and (best is None or doc["time"] > best["time"])):
+                best = doc
+        return best
+
+    # -- supervisord ------------------------------------------------------------------------------
+    async def _programs(self) -> list[ProcessView]:
+        try:
+            supervisor_pid, infos = await asyncio.wait_for(self._supervisor_info(), self.timeout_s)
+            starts = {str(i["name"]): float(i.get("start") or 0) for i in infos}
+            running = {str(i["name"]): i.get("statename") == "RUNNING" for i in infos}
+        except Exception as exc:  # best effort: no supervisord (a bare gateway), or a reply we can't read
+            log.debug("metrics_supervisor_unreachable", error=repr(exc)[:200])
+            return []
+        try:
+            restarts = await asyncio.to_thread(count_restarts, self.directory, supervisor_pid, starts)
+        except OSError as exc:
+            log.debug("metrics_restarts_unsaved", error=str(exc))
+            restarts = {}
+        return [ProcessView(name, running[name], starts[name], restarts.get(name, 0))
+                for name in sorted(starts)]
+
+    async def _supervisor_info(self) -> tuple[int, list[dict[str, Any]]]:
+        """supervisord's pid and ``getAllProcessInfo`` in one XML-RPC multicall over its unix socket."""
+        calls = [{"methodName": "supervisor.getPID", "params": []},
+                 {"methodName": "supervisor.getAllProcessInfo", "params": []}]
+        body = xmlrpc.client.dumps((calls,), "system.multicall").encode()
+        reader, writer = await asyncio.open_unix_connection(str(self.supervisor_socket))
+        try:
+            writer.write(b"POST /RPC2 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            raw = await reader.read(MAX_RPC_REPLY_BYTES)
+            while len(raw) < MAX_RPC_REPLY_BYTES:
+                more = await reader.read(MAX_RPC_REPLY_BYTES - len(raw))
+                if not more:
+                    break
+                raw += more
+        finally:
+            writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise ValueError(f"supervisord answered {head[:40]!r}")
+        params, _ = xmlrpc.client.loads(payload)
+        results: Any = params[0]
+        # supervisord answers a multicall with bare values; the XML-RPC convention wraps each in a list.
+        pid, infos = (_unwrap(value) for value in results[:2])
+        if not (isinstance(pid, int) and isinstance(infos, list) and all(isinstance(i, dict) for i in infos)):
+            raise ValueError("unexpected supervisord reply")
+        return pid, infos
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, list) and len(value) == 1 and not isinstance(value[0], dict):
+        return value[0]
+    return value
+
+
+def count_restarts(directory: Path, supervisor_pid: int, starts: dict[str, float]) -> dict[str, int]:
+    """Restarts per program, updated from the start times seen now; shared by workers under a lock."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / "restarts.json"
+    fd = os.open(directory / "restarts.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            doc = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            doc = None
+        if not isinstance(doc, dict) or doc.get("supervisord_pid") != supervisor_pid:
+            doc = {"supervisord_pid": supervisor_pid, "programs": {}}
+        programs: dict[str, Any] = doc.setdefault("programs", {})
+        changed = False
+        for name, start in starts.items():
+            seen = programs.get(name)
+            if not isinstance(seen, dict):
+                programs[name] = {"start": start, "restarts": 0}
+                changed = True
+            elif start and seen.get("start") != start:
+                seen["start"] = start
+                seen["restarts"] = int(seen.get("restarts", 0)) + 1
+                changed = True
+        if changed:
+            tmp = directory / f".restarts.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(doc), "utf-8")
+            os.replace(tmp, path)
+        return {name: int(entry.get("restarts", 0)) for name, entry in programs.items()}
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

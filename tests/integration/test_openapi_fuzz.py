@@ -1,0 +1,422 @@
+"""Fuzz the real gateway from its own OpenAPI document: thousands of generated and malformed requests.
+
+The promises: no 5xx except a 503 the document lists, no hang, every answer's status is documented for
+its operation (unknown routes 404/405) with a body of the documented shape, every schema-violating body
+is a 400 naming a field — and afterwards every process is still the one that was running before.
+
+Valid bodies are made safe on purpose: PoC rounds use a tiny model and a loopback callback receiver,
+engine starts use plain model names (never a path), training stays on one node. Any claim that starts a
+job is followed by ``POST /api/v1/stop`` so the node keeps answering quickly.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import socket
+import string
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from node.errors import InvalidRequest
+from services.gateway.schemas import validate
+from tests.support.node import Node
+from tests.support.receiver import Receiver
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+BUDGET_S = 100.0
+MAX_EXAMPLES = 6000
+MAX_ENGINE_STARTS = 3
+REQUEST_TIMEOUT_S = 60.0
+PROGRAMS = ("gateway", "pow", "inference", "train")
+GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())
+TINY_PARAMS = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")["params"]
+CLAIMS = ("/api/v1/pow/init", "/api/v1/inference/up", "/api/v1/train/start")
+CONTENT_TYPES = ("application/json", "text/plain", "application/json; charset=latin-1",
+                 "multipart/form-data", "application/x-www-form-urlencoded", "\u00e9/\u00e8", "")
+JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+ANY_JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str
+    spec: dict[str, Any]
+    body_schema: dict[str, Any] | None
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: bytes | None
+    headers: dict[str, str]
+    op: Operation | None
+    #: True when the body breaks the operation's schema: the gateway must answer 400.
+    invalid_body: bool = False
+    why: str = ""
+
+
+@dataclass
+class Tally:
+    started: float = field(default_factory=time.monotonic)
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    invalid_bodies: int = 0
+    engine_starts: int = 0
+    claims_accepted: int = 0
+
+
+def resolve(node: Any, components: dict[str, Any]) -> Any:
+    """The document's schemas with every ``$ref`` replaced by its target."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return resolve(components[node["$ref"].rsplit("/", 1)[1]], components)
+        return {k: resolve(v, components) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve(v, components) for v in node]
+    return node
+
+
+def operations(doc: dict[str, Any]) -> list[Operation]:
+    components = doc["components"]["schemas"]
+    ops = []
+    for path, methods in doc["paths"].items():
+        for method, spec in methods.items():
+            body = spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            ops.append(Operation(method.upper(), path, resolve(spec, components),
+                                 resolve(body, components) if body else None))
+    return ops
+
+
+# --- values from a schema -------------------------------------------------------------------------
+
+def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values the schema accepts (the subset of JSON Schema the gateway enforces)."""
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kinds = schema.get("type")
+    names = [kinds] if isinstance(kinds, str) else list(kinds or ["object"])
+    return st.one_of(*(_of_type(name, schema) for name in names))
+
+
+def _of_type(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if name == "null":
+        return st.none()
+    if name == "boolean":
+        return st.booleans()
+    if name == "integer":
+        return st.integers(schema.get("minimum"), schema.get("maximum"))
+    if name == "number":
+        low = schema.get("minimum")
+        return st.integers(min_value=low) | st.floats(min_value=low, allow_nan=False, allow_infinity=False)
+    if name == "string":
+        return st.text(min_size=schema.get("minLength", 0), max_size=20)
+    if name == "array":
+        return st.lists(from_schema(schema.get("items", {})), max_size=min(schema.get("maxItems", 6), 6))
+    props: dict[str, Any] = schema.get("properties", {})
+    required = set(schema.get("required", ()))
+    extra = schema.get("additionalProperties", True)
+    base = st.fixed_dictionaries(
+        {k: from_schema(v) for k, v in props.items() if k in required},
+        optional={k: from_schema(v) for k, v in props.items() if k not in required},
+    )
+    if extra is False:
+        return base
+    extra_values = from_schema(extra) if isinstance(extra, dict) else ANY_JSON
+    more = st.dictionaries(st.text(max_size=8).filter(lambda k: k not in props), extra_values, max_size=2)
+    return st.tuples(base, more).map(lambda pair: {**pair[1], **pair[0]})
+
+
+WRONG = {"integer": st.text(max_size=3) | st.floats(allow_nan=False) | st.booleans(),
+         "number": st.text(max_size=3) | st.booleans() | st.lists(st.integers(), max_size=2),
+         "string": st.integers() | st.booleans() | st.lists(st.text(max_size=2), max_size=2),
+         "boolean": st.integers() | st.text(max_size=3),
+         "array": st.text(max_size=3) | st.integers() | st.dictionaries(st.text(max_size=3), st.integers()),
+         "object": st.text(max_size=3) | st.integers() | st.lists(st.integers(), max_size=2),
+         "null": st.integers()}
+
+
+@st.composite
+def broken(draw: st.DrawFn, schema: dict[str, Any], value: Any) -> Any:
+    """``value`` (valid for ``schema``) with one thing made invalid somewhere inside it."""
+    if isinstance(value, dict) and schema.get("properties") and draw(st.booleans()):
+        props = schema["properties"]
+        required = [k for k in schema.get("required", ()) if k in value]
+        present = [k for k in value if k in props]
+        if required and draw(st.integers(0, 3)) == 0:
+            out = dict(value)
+            del out[draw(st.sampled_from(required))]
+            return out
+        if present:
+            key = draw(st.sampled_from(present))
+            return {**value, key: draw(broken(props[key], value[key]))}
+    if isinstance(value, list) and value and isinstance(schema.get("items"), dict) and draw(st.booleans()):
+        index = draw(st.integers(0, len(value) - 1))
+        items = list(value)
+        items[index] = draw(broken(schema["items"], value[index]))
+        return items
+    options: list[st.SearchStrategy[Any]] = []
+    kinds = schema.get("type")
+    names = [kinds] if isinstance(kinds, str) else list(kinds or [])
+    options += [WRONG[n].filter(lambda v: not any(_is(v, t) for t in names)) for n in names]
+    if "minimum" in schema:
+        options.append(st.integers(max_value=schema["minimum"] - 1))
+    if "maximum" in schema:
+        options.append(st.integers(min_value=schema["maximum"] + 1))
+    if schema.get("minLength") == 1:
+        options.append(st.just(""))
+    if "enum" in schema:
+        options.append(st.text(max_size=6).filter(lambda v: v not in schema["enum"]))
+    return draw(st.one_of(*options)) if options else draw(WRONG["object"])
+
+
+def _is(value: Any, name: str) -> bool:
+    kinds: dict[str, tuple[type, ...]] = {
+        "integer": (int,), "number": (int, float), "string": (str,), "boolean": (bool,), "array": (list,),
+        "object": (dict,), "null": (type(None),)}
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    return isinstance(value, kinds[name])
+
+
+def make_safe(path: str, body: Any, receiver_url: str) -> Any:
+    """Pin what could make a valid body expensive or reach beyond loopback."""
+    if not isinstance(body, dict):
+        return body
+    body = copy.deepcopy(body)
+    if path.startswith("/api/v1/pow/init"):
+        if isinstance(body.get("params"), dict):
+            body["params"] = {**body["params"], **TINY_PARAMS}
+        if isinstance(body.get("url"), str):
+            body["url"] = receiver_url
+    if path.startswith("/api/v1/inference/up") and isinstance(body.get("model"), str):
+        body["model"] = "fuzz-" + "".join(c for c in body["model"] if c in string.ascii_letters)[:12]
+        body["additional_args"] = []
+    if path == "/api/v1/train/start":
+        body["train_config"] = {"model": {"dim": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+                                "optim": {"total_steps": 2, "batch_size": 1}, "train": {"micro_bs": 1},
+                                "data": {"seq_length": 8}}
+        body["train_env"] = {"TASK_ID": "fuzz", "GLOBAL_WORLD_SIZE": "1", "GLOBAL_RANK": "0"}
+    return body
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+@st.composite
+def calls(draw: st.DrawFn, ops: list[Operation], receiver_url: str) -> Call:
+    headers: dict[str, str] = {}
+    if draw(st.integers(0, 3)) == 0:
+        headers["Content-Type"] = draw(st.sampled_from(CONTENT_TYPES))
+    kind = draw(st.sampled_from(["op"] * 8 + ["method", "path"]))
+    documented = {(op.method, op.path) for op in ops}
+    if kind == "path":
+        parts = draw(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=4))
+        prefix = draw(st.sampled_from(["/api/v1/", "/api/", "/", "/api/v1/pow/"]))
+        path = prefix + "/".join(quote(p, safe="") for p in parts)
+        if path.startswith("/v1/") or any(path == p for _, p in documented):
+            path = "/api/v1/nothing-here"
+        method = draw(st.sampled_from(["GET", "POST", "PUT"]))
+        return Call(method, path, None, headers, None, why="unknown path")
+    op = draw(st.sampled_from(ops))
+    if kind == "method":
+        method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
+        if (method, op.path) not in documented:
+            return Call(method, op.path, b"{}", headers, None, why="wrong method")
+    query = draw(st.sampled_from(["", "", "", "?x=1", "?state=POW&%ff=%00"]))
+    if op.body_schema is None:
+        body = draw(st.none() | st.binary(max_size=64) | ANY_JSON.map(lambda v: json.dumps(v).encode()))
+        return Call(op.method, op.path + query, body, headers, op, why="no body expected")
+    schema = op.body_schema
+    shape = draw(st.sampled_from(["valid"] * 2 + ["broken"] * 5 + ["garbage", "empty", "deep"]))
+    if shape == "garbage":
+        raw = draw(st.binary(max_size=80) | st.sampled_from([b"{", b'{"a": NaN}', b"\xff\xfe", b"[1,]",
+                                                             b'{"model": Infinity}', b"nul"]))
+        invalid = True
+        try:
+            validate(json.loads(raw, parse_constant=_refuse), schema)
+            invalid = False
+        except (ValueError, RecursionError, InvalidRequest):
+            pass
+        return Call(op.method, op.path, raw, headers, op, invalid_body=invalid and bool(raw.strip()),
+                    why="garbage")
+    if shape == "empty":
+        return Call(op.method, op.path, b"", headers, op, why="empty body")
+    if shape == "deep":
+        depth = draw(st.integers(50, 200_000))
+        nested = b"[" * depth + b"]" * depth
+        return Call(op.method, op.path, nested, headers, op, invalid_body=True, why="deep")
+    value = make_safe(op.path, draw(from_schema(schema)), receiver_url)
+    if shape == "broken":
+        value = draw(broken(schema, value))
+    try:
+        validate(value, schema)
+        invalid = False
+    except InvalidRequest:
+        invalid = True
+    return Call(op.method, op.path + query, json.dumps(value).encode(), headers, op, invalid_body=invalid,
+                why=shape)
+
+
+def unserved_services(node: Node) -> set[str]:
+    """Services that do not serve their own status route yet (work in progress): left out, loudly.
+
+    Such a service answers its documented routes with 404 "unknown request type"; the day it serves
+    them, the fuzz covers them by itself.
+    """
+    missing = set()
+    for service, path in (("pow", "/api/v1/pow/status"), ("inference", "/api/v1/inference/up/status"),
+                          ("train", "/api/v1/train/status")):
+        resp = node.api("GET", path)
+        if resp.status == 404 and "unknown request type" in resp.body.decode():
+            print(f"fuzz: SKIPPING the {service} routes, the service does not serve them yet: {resp.body!r}")
+            missing.add(service)
+    return missing
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def send(node: Node, call: Call) -> tuple[int, bytes, str]:
+    # From 127.0.0.2: thousands of client ports must not collide with the loopback ports engines bind.
+    conn = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=REQUEST_TIMEOUT_S,
+                                      source_address=("127.0.0.2", 0))
+    try:
+        conn.putrequest(call.method, call.path, skip_accept_encoding=True)
+        for key, value in call.headers.items():
+            conn.putheader(key, value.encode("latin-1", "replace"))
+        if call.body is not None:
+            conn.putheader("Content-Length", str(len(call.body)))
+        conn.endheaders(call.body)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("content-type") or ""
+    except TimeoutError:
+        raise AssertionError(f"no answer within {REQUEST_TIMEOUT_S} s: {call}") from None
+    finally:
+        conn.close()
+
+
+def check(call: Call, status: int, body: bytes, content_type: str) -> None:
+    what = f"{call.method} {call.path} ({call.why}) -> {status} {body[:200]!r}"
+    if call.op is None:
+        assert status in (404, 405), what
+        return
+    responses = call.op.spec["responses"]
+    assert str(status) in responses, f"undocumented status: {what}"
+    assert status < 500 or status == 503, f"server error: {what}"
+    if call.invalid_body:
+        assert status == 400, f"schema-violating body accepted: {what}"
+    media, = responses[str(status)]["content"]
+    if media == "application/json":
+        assert content_type.startswith("application/json"), what
+        doc = json.loads(body)
+        try:
+            validate(doc, responses[str(status)]["content"][media]["schema"])
+        except InvalidRequest as exc:
+            raise AssertionError(f"answer does not match the document ({exc.message}): {what}") from None
+        if status >= 400:
+            assert doc["detail"] and "\n" not in doc["detail"], what
+    else:
+        assert content_type.startswith(media), what
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = Node(tmp_path_factory.mktemp("fuzz")).start()
+    yield n
+    n.stop()
+
+
+def test_generated_and_malformed_requests_never_break_the_gateway(node: Node, receiver: Receiver) -> None:
+    """Promise: see the module docstring — checked on every answer, and on the processes at the end."""
+    doc = node.api("GET", "/api/v1/openapi.json").json()
+    missing = unserved_services(node)
+    ops = [op for op in operations(doc) if not op.path.startswith(tuple(f"/api/v1/{s}/" for s in missing))]
+    pids = {p: node.pid(p) for p in PROGRAMS}
+    tally = Tally()
+    by_op: Counter[Any] = Counter()
+
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+    @given(call=calls(ops, receiver.url))
+    def one(call: Call) -> None:
+        if time.monotonic() - tally.started > BUDGET_S:
+            return
+        if call.op is not None and call.op.path.startswith("/api/v1/inference/up") and call.why == "valid":
+            if tally.engine_starts >= MAX_ENGINE_STARTS:
+                return  # each costs an engine process start: a few are enough
+            tally.engine_starts += 1
+        status, body, content_type = send(node, call)
+        tally.sent += 1
+        tally.statuses[status] += 1
+        by_op[f"{call.op.path if call.op else '(undocumented)'} {status}"] += 1
+        tally.invalid_bodies += call.invalid_body
+        check(call, status, body, content_type)
+        if status == 200 and call.op is not None and call.op.path.startswith(CLAIMS):
+            tally.claims_accepted += 1
+            assert node.api("POST", "/api/v1/stop", timeout=REQUEST_TIMEOUT_S).status == 200
+
+    one()
+    print(f"fuzz: {tally.sent} requests in {time.monotonic() - tally.started:.0f} s, "
+          f"{tally.invalid_bodies} schema-violating bodies, statuses {dict(sorted(tally.statuses.items()))}")
+    print("fuzz: by path and status:", dict(sorted(by_op.items())))
+    assert tally.sent >= 1000
+    assert tally.statuses[400] >= 300 and tally.statuses[200] >= 100
+    assert tally.claims_accepted >= 5, "valid bodies never started anything"
+    node.api("POST", "/api/v1/stop")
+    assert {p: node.pid(p) for p in PROGRAMS} == pids, "a process died or restarted during the fuzz"
+    assert node.api("GET", "/health").status == 200
+    assert node.api("GET", "/api/v1/state").json()["state"] == "STOPPED"
+
+
+RAW_REQUESTS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /api/v1/state HTTP/9.9\r\n\r\n",
+    b"GET /api/v1/state HTTP/1.1\r\nHost\r\n\r\n",
+    b"POST /api/v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /api/v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+    b"POST /api/v1/pow/validate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"b" * 70_000 + b"\r\n\r\n",
+    b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(300)) + b"\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+]
+
+
+@pytest.mark.parametrize("raw", RAW_REQUESTS, ids=[r[:24].decode("latin-1") for r in RAW_REQUESTS])
+def test_malformed_http_gets_a_4xx_or_a_closed_connection_and_the_gateway_keeps_serving(
+    node: Node, raw: bytes
+) -> None:
+    with socket.create_connection(("127.0.0.1", node.api_port), timeout=10) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    if answer:
+        status = int(answer.split(b" ", 2)[1])
+        assert status < 500, answer[:200]
+    assert node.api("GET", "/api/v1/state", timeout=10).status == 200
