@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from node.errors import Unavailable
+
 STOPPED = "STOPPED"
 MODES = ("POW", "INFERENCE", "TRAIN")
 
@@ -61,5 +63,11 @@ class ModeStore:
         if mode != STOPPED and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         tmp = self.path.with_name(f".mode.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"mode": mode, "since": time.time()}), "utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"mode": mode, "since": time.time()}), "utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(
+                f"cannot record the node mode in {self.path.parent}: {exc.strerror or exc}"
+            ) from None

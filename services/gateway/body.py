@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ import falcon.asgi
 from node.errors import InvalidRequest
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_TIMEOUT_S = 60.0
 
 
 def _reject_constant(name: str) -> Any:
@@ -20,7 +22,11 @@ async def json_body(req: falcon.asgi.Request, *, required: bool) -> Any:
     """The decoded JSON body; ``None`` when there is none and none is required."""
     if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
         raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
-    raw = await req.stream.read(MAX_BODY_BYTES + 1)
+    try:
+        # A client trickling its body must not hold a connection (and a worker slot) forever.
+        raw = await asyncio.wait_for(req.stream.read(MAX_BODY_BYTES + 1), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise InvalidRequest(f"request body not received within {BODY_TIMEOUT_S:g} s") from None
     if len(raw) > MAX_BODY_BYTES:
         raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():

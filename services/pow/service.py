@@ -15,7 +15,7 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
-from node.errors import InvalidRequest
+from node.errors import InvalidRequest, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
 from node.process import bootstrap
@@ -154,8 +154,25 @@ class PowService(Service):
     def _answer(self) -> dict[str, Any]:
         return {"status": "OK", "pow_status": self.pow_status()}
 
+    def _check_fits(self, spec: RoundSpec) -> None:
+        """Refuse a CPU round whose fp32 model cannot fit in memory, instead of dying of OOM (and then
+        crash-looping on resume). GPU rounds are planned against free GPU memory by the compute layer."""
+        import torch
+
+        device = self.settings.pow_device
+        if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+            return
+        need = spec.params.n_params_total * 4 + spec.params.pool_size * 2
+        available = _available_memory()
+        if available is not None and need > 0.85 * available:
+            raise Unavailable(
+                f"the PoC model needs {need / 2**30:.1f} GiB of memory on CPU but only "
+                f"{available / 2**30:.1f} GiB is available on this host"
+            )
+
     async def _init(self, body: Any, phase: str) -> dict[str, Any]:
         spec = RoundSpec.from_body(body)
+        self._check_fits(spec)
         async with self._lock:
             if self.runner is not None and self.runner.spec.raw == spec.raw and not self.runner.error:
                 await self._flip(phase)  # identical InitDto: keep the model, flip the phase
@@ -212,6 +229,18 @@ class PowService(Service):
         return self._answer()
 
     _loop: asyncio.AbstractEventLoop | None = None
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where the kernel does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def main() -> None:

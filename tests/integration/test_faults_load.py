@@ -11,27 +11,24 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.gateway.server import HEAD_TIMEOUT_S
 from tests.support.node import Node, request, wait_until
+from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())
-CASE = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")
+
 STATES = {"POW", "INFERENCE", "TRAIN", "STOPPED"}
 CLIENT_ADDRESS = "127.0.0.2"
 
 
 def init_body(url: str) -> dict[str, Any]:
-    return {"block_hash": CASE["block_hash"], "block_height": 3, "public_key": CASE["public_key"],
-            "batch_size": 100, "r_target": 1.4, "fraud_threshold": 1e-7, "params": CASE["params"],
-            "node_id": 1, "node_count": 2, "url": url}
+    return init_dict(url, block_height=3)
 
 
 UP = {"model": "tiny-load", "dtype": "auto", "additional_args": []}

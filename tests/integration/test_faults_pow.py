@@ -9,7 +9,6 @@ distance both times.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sqlite3
@@ -22,20 +21,18 @@ from typing import Any
 import pytest
 
 from tests.support.node import Node, wait_until
+from tests.support.pow import CASE, init_dict
 from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())
-CASE = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")
+
 REFERENCE = dict(zip(CASE["nonces"], CASE["dist_reference_fp16"], strict=True))
 NODE_ID, NODE_COUNT = 1, 3
 
 
 def init_body(url: str) -> dict[str, Any]:
-    return {"block_hash": CASE["block_hash"], "block_height": 99, "public_key": CASE["public_key"],
-            "batch_size": 100, "r_target": 1e9, "fraud_threshold": 1e-7, "params": CASE["params"],
-            "node_id": NODE_ID, "node_count": NODE_COUNT, "url": url}
+    return init_dict(url, block_height=99, r_target=1e9, node_id=NODE_ID, node_count=NODE_COUNT)
 
 
 def delivered(receiver: Receiver) -> list[tuple[int, float]]:
@@ -196,8 +193,6 @@ def test_a_full_state_dir_holds_results_back_with_a_clear_error_and_loses_nothin
     assert {p: node.pid(p) for p in pids} == pids
 
 
-@pytest.mark.xfail(strict=True, reason="node/mode.py: ModeStore.write lets OSError escape, so stop/claims "
-                                       "answer 500 'internal error: OSError' on a full disk")
 def test_stop_and_starts_on_a_full_state_dir_answer_a_clear_error(disk_node: Node, small_disk: Path) -> None:
     """Promise: with no space left to record the mode claim, stop and starts answer 503 with a reason
     naming the state dir — never a bare 500 — and work again once space returns."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import signal
 import threading
@@ -21,20 +20,18 @@ from typing import Any
 import pytest
 
 from tests.support.node import Node, request, wait_until
+from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 MODE_OF = {"pow": "POW", "inference": "INFERENCE", "train": "TRAIN"}
-GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())
-CASE = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")
+
 UP = {"model": "tiny-kill", "dtype": "auto", "additional_args": []}
 
 
 def init_body(url: str) -> dict[str, Any]:
-    return {"block_hash": CASE["block_hash"], "block_height": 5, "public_key": CASE["public_key"],
-            "batch_size": 100, "r_target": 1.4, "fraud_threshold": 1e-7, "params": CASE["params"],
-            "node_id": 1, "node_count": 2, "url": url}
+    return init_dict(url, block_height=5)
 
 
 @pytest.fixture(scope="module")

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.node import Node, wait_until
+from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())
-CASE = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")
+
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
 LINE = re.compile(rf"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{{(?:{LABEL},?)*\}})?) (\S+)$")
 
 
-def init_body(url: str) -> dict[str, object]:
-    return {"block_hash": CASE["block_hash"], "block_height": 7, "public_key": CASE["public_key"],
-            "batch_size": 100, "r_target": 1.4, "fraud_threshold": 1e-7, "params": CASE["params"],
-            "node_id": 1, "node_count": 2, "url": url}
+def init_body(url: str) -> dict[str, Any]:
+    return init_dict(url, block_height=7)
 
 
 def scrape(node: Node, path: str = "/metrics") -> dict[str, float]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_pow_round import init_body
 from tests.support.node import Node, Response, wait_until
+from tests.support.pow import init_body
 from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -15,7 +15,8 @@ from services.pow.params import PowParams
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs CUDA: torch.cuda.is_available() is False"),
 ]
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text())

@@ -1,0 +1,234 @@
+"""Training benchmark: the outer-step all-reduce over CURVE peer links against gloo, same tensors.
+
+Three processes on loopback exchange a ~100 MB float32 set of pseudo-gradients shaped like a real
+model's parameters. Our peer links (CURVE-encrypted ZeroMQ, fixed-rank-order reduction, both
+topologies) and ``torch.distributed`` gloo ``all_reduce`` (no encryption; per tensor, as a DiLoCo
+loop would call it, and once on one flat buffer, its best case) run in the same invocation, so the
+printed ratios compare like with like on this machine. It also prints what each node sends per
+outer step against data-parallel training, which all-reduces gradients after every one of the H
+inner steps.
+
+The machine is shared and noisy, so the four exchanges run in interleaved rounds and each reports the
+median over all its repetitions of the slowest rank's time.
+
+Run: ``python -m tests.bench.bench_train`` (or ``make bench``). Environment knobs: BENCH_TRAIN_MB
+(payload size), BENCH_TRAIN_REPS and BENCH_TRAIN_ROUNDS, BENCH_TRAIN_H, BENCH_TRAIN_IO_THREADS (libzmq
+I/O threads, which do the CURVE encryption), BENCH_TRAIN_WINDOW (chunks in flight per peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from tests.bench.report import print_table
+
+WORLD = 3
+REPS = int(os.environ.get("BENCH_TRAIN_REPS", "4"))
+ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "2"))
+WINDOW = int(os.environ.get("BENCH_TRAIN_WINDOW", "8"))
+H = int(os.environ.get("BENCH_TRAIN_H", "50"))
+TARGET_MB = float(os.environ.get("BENCH_TRAIN_MB", "100"))
+IO_THREADS = int(os.environ.get("BENCH_TRAIN_IO_THREADS", "1"))
+CHUNK = 1 << 20
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [int(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of a Llama-style model scaled so the float32 payload is about TARGET_MB."""
+    from services.train.config import ModelConfig
+    from services.train.model import parameter_shapes
+
+    dim = 512
+    best = ModelConfig(dim=dim, n_layers=1, n_heads=8, n_kv_heads=4, ffn_hidden=3 * dim)
+    for layers in range(1, 64):
+        cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=8, n_kv_heads=4, ffn_hidden=3 * dim)
+        if sum(math.prod(s) for _, s in parameter_shapes(cfg)) * 4 / 1e6 > TARGET_MB * 1.05:
+            break
+        best = cfg
+    return [tuple(s) for _, s in parameter_shapes(best)]
+
+
+def _tensors(rank: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + rank)
+    return [torch.randn(shape, generator=gen) * 1e-3 for shape in shapes]
+
+
+def _peer_worker(rank: int, ports: list[int], keys: list[Any], topology: str, out: Any) -> None:
+    import zmq.asyncio
+
+    from bus.auth import Authenticator
+    from bus.group import Member
+    from services.train.peers import open_group
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context(io_threads=IO_THREADS)
+        auth = Authenticator(ctx).start()
+        group = open_group(
+            ctx,
+            auth,
+            keys[rank],
+            f"tcp://127.0.0.1:{ports[rank]}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=60.0,
+            chunk_bytes=CHUNK,
+            window=WINDOW,
+            topology=topology,
+        )
+        group.set_members([Member(keys[r].public, f"tcp://127.0.0.1:{ports[r]}", r) for r in range(WORLD)])
+        group.start()
+        shapes = _shapes()
+        tensors = _tensors(rank, shapes)
+        await group.all_reduce(0, tensors)  # warm-up: connections, CURVE handshakes, allocations
+        times, sent = [], []
+        for step in range(1, REPS + 1):
+            before = group.link.bytes_sent
+            t0 = time.perf_counter()
+            result = await group.all_reduce(step, tensors)
+            times.append(time.perf_counter() - t0)
+            sent.append(group.link.bytes_sent - before)
+            assert result.ranks == tuple(range(WORLD))
+        digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in result.tensors)).hexdigest()
+        out.put((rank, times, sent, digest))
+        await asyncio.sleep(0.5)  # let the last commits reach the others before closing
+        await group.aclose()
+        auth.stop()
+        ctx.destroy(linger=0)
+
+    from node.logging import configure
+
+    configure("bench-train", "warning")
+    torch.set_num_threads(1)
+    asyncio.run(main())
+
+
+def _gloo_worker(rank: int, port: int, flat: bool, out: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    tensors = _tensors(rank, _shapes())
+    if flat:
+        tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+
+    def once() -> None:
+        work = [t.clone() for t in tensors]
+        dist.barrier()
+        t0 = time.perf_counter()
+        for t in work:
+            dist.all_reduce(t)
+            t.div_(WORLD)
+        times.append(time.perf_counter() - t0)
+
+    times: list[float] = []
+    once()
+    times.clear()
+    for _ in range(REPS):
+        once()
+    out.put((rank, times, [], ""))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(target: Any, args_for: Any) -> tuple[list[float], list[int], list[str]]:
+    """The slowest rank's time per repetition; bytes rank 0 sent per step; each rank's result digest."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_for(rank), out), daemon=True) for rank in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    results = {}
+    for _ in range(WORLD):
+        rank, times, sent, digest = out.get(timeout=600)
+        results[rank] = (times, sent, digest)
+    for proc in procs:
+        proc.join(30)
+    slowest = [max(results[r][0][i] for r in range(WORLD)) for i in range(REPS)]
+    return slowest, results[0][1], [results[r][2] for r in range(WORLD)]
+
+
+def run() -> None:
+    from node.identity import KeyPair
+
+    shapes = _shapes()
+    nbytes = sum(math.prod(s) for s in shapes) * 4
+    keys = [KeyPair.generate() for _ in range(WORLD)]
+    names = ("scatter_gather", "all_to_all", "gloo", "gloo flat")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    sent_by: dict[str, list[int]] = {"scatter_gather": [], "all_to_all": []}
+    load_before = os.getloadavg()[0]
+    for _ in range(ROUNDS):
+        for name in names:
+            if name in sent_by:
+                ports = _free_ports(WORLD)
+                slowest, sent, digests = _run(_peer_worker, lambda r, p=ports, t=name: (r, p, keys, t))
+                if len(set(digests)) != 1:
+                    raise AssertionError(f"ranks disagree on the result: {digests}")
+                sent_by[name] += sent
+            else:
+                port = _free_ports(1)[0]
+                slowest, _, _ = _run(_gloo_worker, lambda r, p=port, f=(name == "gloo flat"): (r, p, f))
+            samples[name] += slowest
+    timings = {name: statistics.median(values) for name, values in samples.items()}
+    gloo = timings["gloo"]
+    labels = {
+        "scatter_gather": "peer links, CURVE, reduce-scatter + all-gather",
+        "all_to_all": "peer links, CURVE, all-to-all",
+        "gloo": f"gloo all_reduce, {len(shapes)} tensors, no encryption",
+        "gloo flat": "gloo all_reduce, one flat buffer, no encryption",
+    }
+    rows = [
+        [
+            labels[name],
+            f"{t * 1e3:,.0f}",
+            f"{nbytes / t / 1e6:,.0f}",
+            f"{gloo / t:.2f}",
+            f"{timings['gloo flat'] / t:.2f}",
+        ]
+        for name, t in timings.items()
+    ]
+    print_table(
+        f"train: outer-step all-reduce, {WORLD} processes on loopback, {nbytes / 1e6:.1f} MB float32 in "
+        f"{len(shapes)} tensors; median of {ROUNDS}x{REPS} (slowest rank); {os.cpu_count()} CPUs, load "
+        f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}; chunk {CHUNK >> 20} MiB, window {WINDOW}, "
+        f"{IO_THREADS} I/O thread(s)",
+        ["exchange", "ms", "MB/s", "ratio to gloo", "ratio to gloo flat"],
+        rows,
+    )
+    ring = 2 * (WORLD - 1) / WORLD * nbytes
+    dp = H * ring
+    sg, a2a = statistics.median(sent_by["scatter_gather"]), statistics.median(sent_by["all_to_all"])
+    print_table(
+        f"train: bytes each node sends per outer step (H = {H} inner steps, W = {WORLD}, as measured)",
+        ["scheme", "MB sent per node", "ratio to data-parallel"],
+        [
+            ["DiLoCo, reduce-scatter + all-gather", f"{sg / 1e6:,.1f}", f"{sg / dp:.4f}"],
+            ["DiLoCo, all-to-all", f"{a2a / 1e6:,.1f}", f"{a2a / dp:.4f}"],
+            ["data-parallel: ring all-reduce of gradients every inner step", f"{dp / 1e6:,.1f}", "1.0000"],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    run()

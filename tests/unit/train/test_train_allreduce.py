@@ -1,0 +1,427 @@
+"""The outer-step all-reduce over real peer links: three ranks, each with its own event loop thread.
+
+Every rank runs like a train process does: a loop thread owns the sockets, and the caller (a test, or
+a DiLoCo worker thread) waits on it. Faults are real: a stalled rank is a rank whose loop is blocked,
+so it sends nothing — no data, no heartbeats, no acks — while its TCP connections stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+import torch
+import zmq.asyncio
+
+from bus.auth import Authenticator
+from bus.group import Excluded, Member, PeerGroup, Reduced
+from bus.peers import DOMAIN, PeerMessage
+from node.errors import InvalidRequest, NotFound, ProtocolError
+from node.identity import KeyPair
+from services.train.config import DiLoCoConfig, ModelConfig, OptimConfig, TrainPlan
+from services.train.corpus import builtin_documents
+from services.train.data import encode_documents
+from services.train.diloco import DiLoCoWorker, fixed_order_mean
+from services.train.peers import PeerRegistry, diloco_reduce, follow, open_group, peer_handlers
+from services.train.simulate import simulate
+
+pytestmark = pytest.mark.timeout(60)
+CHUNK = 4096
+SHAPES = [(37, 129), (5000,), (1,), (0,), (3, 3, 3)]
+
+
+class Rank:
+    """One rank: an event loop thread with its own ZeroMQ context, authenticator and peer group."""
+
+    def __init__(self, rank: int, world: int, keys: KeyPair, **options: Any) -> None:
+        self.rank = rank
+        self.keys = keys
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"rank-{rank}", daemon=True)
+        self.thread.start()
+
+        async def build() -> PeerGroup:
+            self.ctx = zmq.asyncio.Context()
+            self.auth = Authenticator(self.ctx).start()
+            return open_group(
+                self.ctx,
+                self.auth,
+                keys,
+                "tcp://127.0.0.1:0",
+                rank=rank,
+                world_size=world,
+                chunk_bytes=CHUNK,
+                **options,
+            )
+
+        self.group: PeerGroup = self.call(build)
+
+    def submit(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future[Any]:
+        async def run() -> Any:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def call(self, make: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 30) -> Any:
+        return self.submit(make).result(timeout)
+
+    def do(self, fn: Callable[[], Any]) -> Any:
+        """Run a plain function on this rank's loop thread (where its sockets live)."""
+
+        async def run() -> Any:
+            return fn()
+
+        return self.call(lambda: run())
+
+    def reduce(self, step: int, tensors: list[torch.Tensor]) -> concurrent.futures.Future[Any]:
+        return self.submit(lambda: self.group.all_reduce(step, tensors))
+
+    def stall(self, seconds: float) -> None:
+        """Block this rank's loop: from the outside it goes silent, its sockets stay connected."""
+        self.loop.call_soon_threadsafe(time.sleep, seconds)
+
+    def stall_after_chunks(self, count: int, seconds: float) -> None:
+        """Go silent in the middle of an exchange, once ``count`` data chunks have arrived."""
+        link = self.group.link
+        inner = link._handler
+        seen = [0]
+
+        def handler(msg: PeerMessage) -> None:
+            inner(msg)
+            if msg.header.get("t") == "chunk":
+                seen[0] += 1
+                if seen[0] == count:
+                    time.sleep(seconds)
+
+        link._handler = handler
+
+    def close(self) -> None:
+        async def shut() -> None:
+            await self.group.aclose()
+            self.auth.stop()
+            self.ctx.destroy(linger=0)
+
+        self.call(shut)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def make_ranks(world: int, **options: Any) -> list[Rank]:
+    keys = [KeyPair.generate() for _ in range(world)]
+    ranks = [Rank(r, world, keys[r], **options) for r in range(world)]
+    members = [Member(keys[r].public, ranks[r].group.endpoint, r) for r in range(world)]
+    for rank in ranks:
+
+        async def setup(rank: Rank = rank) -> None:
+            rank.group.set_members(members)
+            rank.group.start()
+
+        rank.call(setup)
+    return ranks
+
+
+@pytest.fixture
+def three() -> Iterator[list[Rank]]:
+    ranks = make_ranks(3, timeout=0.5)
+    yield ranks
+    for rank in ranks:
+        rank.close()
+
+
+def payloads(world: int, seed: int = 0) -> dict[int, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {r: [torch.randn(shape, generator=gen) * 10 ** (r - 1) for shape in SHAPES] for r in range(world)}
+
+
+def reduce_on(
+    ranks: list[Rank], step: int, data: dict[int, list[torch.Tensor]]
+) -> list[concurrent.futures.Future[Any]]:
+    return [rank.reduce(step, data[rank.rank]) for rank in ranks]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    """The rejoin notice travels asynchronously; the next step must not start before it arrived."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def bits(tensors: list[torch.Tensor]) -> list[bytes]:
+    return [t.contiguous().view(torch.int32).numpy().tobytes() for t in tensors]
+
+
+def assert_mean_of(result: Reduced, data: dict[int, list[torch.Tensor]], ranks: tuple[int, ...]) -> None:
+    assert result.ranks == ranks
+    expected = fixed_order_mean({r: data[r] for r in ranks})
+    assert [tuple(t.shape) for t in result.tensors] == SHAPES
+    assert bits(result.tensors) == bits(expected)
+
+
+@pytest.mark.parametrize("topology", ["scatter_gather", "all_to_all"])
+def test_three_ranks_end_bit_identical_to_the_fixed_order_mean(topology: str) -> None:
+    ranks = make_ranks(3, timeout=5, topology=topology)
+    try:
+        for step in range(2):
+            data = payloads(3, seed=step)
+            results = [f.result(30) for f in reduce_on(ranks, step, data)]
+            for result in results:
+                assert_mean_of(result, data, (0, 1, 2))
+        # Shards and chunks really crossed the wire: each rank sent more than its own payload's worth.
+        numel = sum(torch.Size(s).numel() for s in SHAPES)
+        assert all(rank.group.link.bytes_sent > numel * 4 for rank in ranks)
+    finally:
+        for rank in ranks:
+            rank.close()
+
+
+def test_a_silent_rank_is_dropped_and_the_others_agree(three: list[Rank]) -> None:
+    data = payloads(3)
+    three[2].stall(2.5)  # silent from before the step: no ready, no heartbeats
+    t0 = time.monotonic()
+    results = [f.result(30) for f in reduce_on(three[:2], 0, data)]
+    assert time.monotonic() - t0 < 2.5
+    for result in results:
+        assert_mean_of(result, data, (0, 1))
+    # Back from its stall, the dropped rank learns that step 0 went on without it.
+    with pytest.raises(Excluded):
+        three[2].call(lambda: three[2].group.all_reduce(0, data[2]))
+
+
+@pytest.mark.parametrize("victim", [2, 0], ids=["member", "coordinator"])
+def test_a_rank_stalling_mid_exchange_is_dropped_then_rejoins_with_fetched_state(
+    three: list[Rank], victim: int
+) -> None:
+    survivors = [rank for rank in three if rank.rank != victim]
+    alive = tuple(rank.rank for rank in survivors)
+    data = payloads(3)
+    three[victim].stall_after_chunks(2, 2.0)
+    futures = reduce_on(three, 0, data)
+    for rank in survivors:
+        assert_mean_of(futures[rank.rank].result(30), data, alive)
+    with pytest.raises(Excluded):
+        futures[victim].result(30)
+    # The survivors publish their state; the dropped rank fetches it in chunks (a tensor > chunk size).
+    state = [torch.arange(3000, dtype=torch.float32), torch.ones(2, 2, dtype=torch.bfloat16)]
+    for rank in survivors:
+        rank.group.serve_state({"outer_step": 1}, state)
+    header, tensors = three[victim].call(lambda: three[victim].group.fetch_state(timeout=5))
+    assert header == {"outer_step": 1}
+    assert three[victim].group.lineage == survivors[0].group.lineage == survivors[1].group.lineage
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(tensors, state, strict=True))
+    three[victim].call(lambda: three[victim].group.rejoin(1))
+    wait_until(lambda: all(victim in r.group.rejoining(1) for r in survivors))
+    data = payloads(3, seed=1)
+    for future in reduce_on(three, 1, data):
+        assert_mean_of(future.result(30), data, (0, 1, 2))
+
+
+def test_a_rank_whose_state_diverged_is_left_out_until_it_loads_the_groups_state(three: list[Rank]) -> None:
+    three[2].group.lineage = "restored-from-an-old-checkpoint"
+    data = payloads(3)
+    futures = reduce_on(three, 0, data)
+    for future in futures[:2]:
+        assert_mean_of(future.result(30), data, (0, 1))
+    with pytest.raises(Excluded, match="rank 2"):
+        futures[2].result(30)
+    assert three[0].group.lineage == three[1].group.lineage != three[2].group.lineage
+    three[0].group.serve_state({"outer_step": 1}, [torch.zeros(3)])
+    three[2].call(lambda: three[2].group.fetch_state(rank=0, timeout=5))
+    three[2].call(lambda: three[2].group.rejoin(1))
+    wait_until(lambda: all(2 in r.group.rejoining(1) for r in three[:2]))
+    data = payloads(3, seed=1)
+    for future in reduce_on(three, 1, data):
+        assert_mean_of(future.result(30), data, (0, 1, 2))
+
+
+def test_ranks_with_different_payload_sizes_refuse_each_other() -> None:
+    ranks = make_ranks(2, timeout=2)
+    try:
+        futures = [
+            ranks[0].submit(lambda: ranks[0].group.all_reduce(0, [torch.zeros(10)])),
+            ranks[1].submit(lambda: ranks[1].group.all_reduce(0, [torch.zeros(11)])),
+        ]
+        for future in futures:
+            with pytest.raises(ProtocolError, match="elements"):
+                future.result(30)
+    finally:
+        for rank in ranks:
+            rank.close()
+
+
+def test_a_rank_alone_returns_its_own_tensors_as_the_mean() -> None:
+    (rank,) = make_ranks(1, timeout=1)
+    try:
+        data = payloads(1)
+        assert_mean_of(rank.call(lambda: rank.group.all_reduce(0, data[0])), data, (0,))
+        with pytest.raises(InvalidRequest, match="already reduced"):
+            rank.call(lambda: rank.group.all_reduce(0, data[0]))
+    finally:
+        rank.close()
+
+
+# -- DiLoCo through the peer links -----------------------------------------------------------------
+
+TOKENS = encode_documents(builtin_documents())
+PLAN = TrainPlan(
+    model=ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, seed=7),
+    optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=6, batch_size=4, micro_bs=2),
+    diloco=DiLoCoConfig(inner_steps=3),
+)
+PLAN = dataclasses.replace(PLAN, data=dataclasses.replace(PLAN.data, seq_length=32))
+
+
+def test_diloco_workers_over_peer_links_match_the_one_process_simulation(three: list[Rank]) -> None:
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workers = [DiLoCoWorker(PLAN.with_rank(r, 3), tokens=TOKENS) for r in range(3)]
+        errors: list[BaseException] = []
+
+        def train(rank: Rank, worker: DiLoCoWorker) -> None:
+            try:
+                reduce = diloco_reduce(rank.group, rank.loop)
+                while not worker.finished:
+                    worker.run_round(reduce)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=train, args=(r, w)) for r, w in zip(three, workers, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(45)
+        assert not errors and not any(t.is_alive() for t in threads)
+        expected = simulate(PLAN, 3, 2, tokens=TOKENS)
+        for worker in workers:
+            assert worker.outer_steps_done == 2 and worker.progress().contributors == [0, 1, 2]
+            assert bits(worker.global_weights()) == bits(expected)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+KEY_A, KEY_B, KEY_C = (KeyPair.generate() for _ in range(3))
+
+
+def peer(
+    node: str, key: KeyPair, address: str = "10.0.0.5:5565", rank: int | None = None, hexkey: bool = False
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "node_id": node,
+        "public_key": key.public_hex if hexkey else key.public,
+        "address": address,
+    }
+    if rank is not None:
+        doc["rank"] = rank
+    return doc
+
+
+def test_registry_validates_every_field_and_names_it() -> None:
+    registry = PeerRegistry()
+    cases = [
+        (
+            {"task_id": "7", "peers": [peer("n1", KEY_A) | {"public_key": "not-a-key"}]},
+            r"peers\[0\]\.public_key",
+        ),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"public_key": 5}]}, r"peers\[0\]\.public_key"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A, address="10.0.0.5")]}, r"peers\[0\]\.address"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A, address="10.0.0.5:70000")]}, r"peers\[0\]\.address"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A, address="bad host!:1")]}, r"peers\[0\]\.address"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A, rank=-1)]}, r"peers\[0\]\.rank"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"rank": True}]}, r"peers\[0\]\.rank"),
+        ({"task_id": "7", "peers": [peer("", KEY_A)]}, r"peers\[0\]\.node_id"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"extra": 1}]}, r"peers\[0\] has unknown fields"),
+        ({"task_id": "", "peers": [peer("n1", KEY_A)]}, r"task_id"),
+        ({"task_id": "7", "peers": []}, r"peers must be"),
+        (
+            {"task_id": "7", "peers": [peer("n1", KEY_A), peer("n2", KEY_A)]},
+            r"peers\[1\]\.public_key is already",
+        ),
+        (
+            {"task_id": "7", "peers": [peer("n1", KEY_A, rank=0), peer("n2", KEY_B, rank=0)]},
+            r"peers\[1\]\.rank 0",
+        ),
+        ([1, 2], r"body must be an object"),
+    ]
+    for body, message in cases:
+        with pytest.raises(InvalidRequest, match=message):
+            registry.register(body)
+    assert registry.list_peers({}) == {"tasks": []}  # nothing half-registered
+
+
+def test_registry_registers_updates_lists_and_removes() -> None:
+    registry = PeerRegistry()
+    seen: list[tuple[str, int]] = []
+    registry.subscribe(lambda task, peers: seen.append((task, len(peers))))
+    out = registry.register(
+        {"task_id": "7", "peers": [peer("n1", KEY_A, rank=0), peer("n2", KEY_B, "[::1]:6000", hexkey=True)]}
+    )
+    assert [p["public_key"] for p in out["peers"]] == [KEY_A.public, KEY_B.public]  # hex normalised to Z85
+    assert out["peers"][1]["address"] == "[::1]:6000"
+    registry.register({"task_id": "7", "peers": [peer("n2", KEY_B, "Node-2.example:6001", rank=1)]})
+    assert registry.list_peers({"task_id": "7"})["peers"][1] == {
+        "node_id": "n2",
+        "public_key": KEY_B.public,
+        "address": "node-2.example:6001",
+        "rank": 1,
+    }
+    registry.register({"task_id": "8", "peers": [peer("n3", KEY_C)], "replace": True})
+    assert [t["task_id"] for t in registry.list_peers(None)["tasks"]] == ["7", "8"]
+    registry.remove({"task_id": "7", "node_id": "n1"})
+    assert [p["node_id"] for p in registry.list_peers({"task_id": "7"})["peers"]] == ["n2"]
+    with pytest.raises(NotFound):
+        registry.remove({"task_id": "7", "node_id": "n1"})
+    assert seen == [("7", 2), ("7", 2), ("8", 1), ("7", 1)]
+
+
+async def test_bus_handlers_wrap_the_registry() -> None:
+    from bus.rpc import Caller
+
+    registry = PeerRegistry()
+    handlers = peer_handlers(registry)
+    caller = Caller("cli")
+    await handlers["train.peers.register"]({"task_id": "7", "peers": [peer("n1", KEY_A)]}, caller)
+    listed = await handlers["train.peers.list"]({"task_id": "7"}, caller)
+    assert listed["peers"][0]["node_id"] == "n1"
+    with pytest.raises(InvalidRequest):
+        await handlers["train.peers.register"]({"task_id": "7", "peers": [{"node_id": "x"}]}, caller)
+    await handlers["train.peers.remove"]({"task_id": "7", "node_id": "n1"}, caller)
+    assert (await handlers["train.peers.list"]({"task_id": "7"}, caller))["peers"] == []
+
+
+def test_the_listener_admits_exactly_the_running_tasks_registered_keys() -> None:
+    registry = PeerRegistry()
+    me = KeyPair.generate()
+    rank = Rank(0, 3, me, timeout=1)
+    try:
+        registry.register({"task_id": "other", "peers": [peer("x", KEY_C, "127.0.0.1:1")]})
+        registry.register(
+            {
+                "task_id": "7",
+                "peers": [peer("me", me, "127.0.0.1:2", rank=0), peer("a", KEY_A, "127.0.0.1:3", rank=1)],
+            }
+        )
+        rank.do(lambda: follow(rank.group, registry, "7"))
+        assert rank.auth.allowed(DOMAIN) == {KEY_A.public}  # not our own key, not another task's
+        rank.do(
+            lambda: registry.register({"task_id": "7", "peers": [peer("b", KEY_B, "127.0.0.1:4", rank=2)]})
+        )
+        assert rank.auth.allowed(DOMAIN) == {KEY_A.public, KEY_B.public}
+        rank.do(lambda: registry.remove({"task_id": "7", "node_id": "a"}))
+        assert rank.auth.allowed(DOMAIN) == {KEY_B.public}
+        assert rank.group.ranks() == {2: KEY_B.public}
+        with pytest.raises(InvalidRequest, match="registered as rank 1"):
+            rank.do(
+                lambda: registry.register({"task_id": "7", "peers": [peer("me", me, "127.0.0.1:2", rank=1)]})
+            )
+        assert [p.rank for p in registry.peers("7") if p.node_id == "me"] == [0]  # refused: nothing changed
+    finally:
+        rank.close()
