@@ -38,9 +38,10 @@ class LocalBus:
         self.auth.set_allowed("local", keys.local_publics())
         self.auth.start()
 
-    def server(self, service: str | None = None) -> RpcServer:
+    def server(self, service: str | None = None, *, bind: bool = True) -> RpcServer:
         name = service or self.role
-        return RpcServer(self.context, self.auth, self.keys.local[name], rpc_endpoint(self.settings, name))
+        return RpcServer(self.context, self.auth, self.keys.local[name], rpc_endpoint(self.settings, name),
+                         bind=bind)
 
     def publisher(self, service: str | None = None) -> Publisher:
         name = service or self.role

@@ -51,6 +51,7 @@ class RpcServer:
         domain: str = "local",
         max_bytes: int = codec.MAX_MESSAGE_BYTES,
         max_inflight: int = 512,
+        bind: bool = True,
     ) -> None:
         self._auth = auth
         self._domain = domain
@@ -63,8 +64,13 @@ class RpcServer:
         self._sock = context.socket(zmq.ROUTER)
         make_server(self._sock, auth, keypair, domain, max_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._sock.bind(endpoint)
-        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        if bind:
+            self.bind()
+
+    def bind(self) -> None:
+        """Start accepting connections (separate so a service can finish its startup first)."""
+        self._sock.bind(self.endpoint)
+        if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def route(self, kind: str, handler: Handler) -> None:

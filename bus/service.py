@@ -34,7 +34,7 @@ class Service:
         self.keys = keys
         self.started_at = time.time()
         self.bus = LocalBus(settings, keys, role=self.name)
-        self.server = self.bus.server()
+        self.server = self.bus.server(bind=False)  # bound once startup() has resumed persisted work
         self.events = self.bus.publisher()
         self.route("ping", self._ping)
         self.route("status", self._status)
@@ -104,10 +104,13 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._shutdown.set)
+        # Resume persisted work before answering anyone: until then the service is unreachable and the
+        # gateway reports the node's claim, never a transient "not active" that is not the truth.
+        await self.startup()
+        self.server.bind()
         serving = loop.create_task(self.server.serve())
         log.info("service_started", endpoint=self.server.endpoint)
         try:
-            await self.startup()
             self.publish_state()
             await self._shutdown.wait()
             log.info("service_stopping")

@@ -1,0 +1,362 @@
+"""Peer links: CURVE-authenticated ZeroMQ over TCP between the MLNodes of one training task.
+
+Each node listens on one ROUTER (its long-term identity key is the CURVE server key, ZAP domain
+``peers``) and opens one DEALER to every registered peer; all traffic flows DEALER → ROUTER, so the
+authenticated ``User-Id`` of every received message names the sending peer. The listener admits exactly
+the keys given to :meth:`PeerLink.set_peers`, and every message is re-checked against that list on
+arrival, so a key that is removed stops being heard at once, even on a connection that is already open.
+
+A message is a msgpack header frame plus an optional raw payload frame. Bulk payloads are *credited*:
+each peer may have at most ``window`` credited messages outstanding, and the receiver returns a credit
+(:meth:`PeerLink.ack`) only after it has consumed the payload. A slow receiver therefore throttles its
+senders instead of making them queue a whole model in ZeroMQ's buffers. Header keys starting with ``_``
+belong to the link: ``_i`` the sender's incarnation (a restart resets credits), ``_g`` the credit
+generation of a credited message, ``_a`` an ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from bus.auth import Authenticator
+from bus.sockets import make_client, make_server, user_id
+from bus.tensors import DEFAULT_CHUNK_BYTES, check_chunk_bytes
+from node.errors import DeadlineExceeded, ProtocolError, Unavailable
+from node.identity import KeyPair
+from node.logging import get_logger
+
+log = get_logger(__name__)
+
+DOMAIN = "peers"
+#: Largest header frame a peer may send (tensor-stream headers list shapes and names).
+HEADER_LIMIT = 1 << 20
+_SEND_HWM = 4096
+_RETRY_MIN, _RETRY_MAX = 0.1, 2.0
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MONITOR_IDS = itertools.count()
+
+
+@dataclass(frozen=True)
+class PeerMessage:
+    """One received message; ``credit`` is set when the sender waits for :meth:`PeerLink.ack`."""
+
+    key: str
+    header: dict[str, Any]
+    payload: memoryview | None = None
+    credit: int | None = None
+
+
+Handler = Callable[[PeerMessage], None]
+
+
+@dataclass
+class _Peer:
+    key: str
+    endpoint: str
+    sock: zmq.Socket[bytes]
+    monitor: zmq.asyncio.Socket
+    gen: int = 0
+    outstanding: int = 0
+    incarnation: int | None = None
+    last_heard: float | None = None
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+
+def decode_header(frame: bytes) -> dict[str, Any]:
+    """A header frame as a dict with string keys; ProtocolError on anything else."""
+    if len(frame) > HEADER_LIMIT:
+        raise ProtocolError(f"header frame of {len(frame)} bytes exceeds {HEADER_LIMIT}")
+    try:
+        doc = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ProtocolError(f"undecodable header ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("header is not a map")
+    return doc
+
+
+class PeerLink:
+    """This node's end of the peer links of one task; use from one asyncio event loop."""
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        auth: Authenticator,
+        keypair: KeyPair,
+        endpoint: str,
+        handler: Handler,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        window: int = 8,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.keypair = keypair
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.window = window
+        self.max_bytes = max(chunk_bytes, HEADER_LIMIT) + 4096
+        self.incarnation = int.from_bytes(os.urandom(6), "big")
+        self.dropped = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._auth = auth
+        self._context = context
+        self._handler = handler
+        self._peers: dict[str, _Peer] = {}
+        self._task: asyncio.Task[None] | None = None
+        # Senders are plain sockets on the same C context: sends never block (credits bound them).
+        self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(context.underlying)
+        auth.set_allowed(DOMAIN, ())
+        self._router = context.socket(zmq.ROUTER)
+        make_server(self._router, auth, keypair, DOMAIN, self.max_bytes)
+        if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://*"):
+            self._router.setsockopt(zmq.IPV6, 1)
+        self._router.bind(endpoint)
+        self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- membership ---------------------------------------------------------------------------
+    def set_peers(self, peers: Mapping[str, str]) -> None:
+        """Talk to and hear from exactly these peers: Z85 public key -> ``tcp://host:port``."""
+        wanted = {key: endpoint for key, endpoint in peers.items() if key != self.keypair.public}
+        for key in list(self._peers):
+            if key not in wanted or wanted[key] != self._peers[key].endpoint:
+                self._drop_peer(key)
+        self._auth.set_allowed(DOMAIN, wanted)
+        for key, endpoint in wanted.items():
+            if key not in self._peers:
+                peer = self._peers[key] = _Peer(key, endpoint, *self._connect(key, endpoint))
+                if self._task is not None:
+                    self._watch(peer)
+        log.info("peer_links_set", peers=len(self._peers))
+
+    def _connect(self, key: str, endpoint: str) -> tuple[zmq.Socket[bytes], zmq.asyncio.Socket]:
+        """A DEALER to ``endpoint`` plus a reader of its handshake events, attached before it connects."""
+        sock = self._sync_ctx.socket(zmq.DEALER)
+        make_client(sock, self.keypair, key, self.max_bytes)
+        sock.setsockopt(zmq.SNDHWM, _SEND_HWM)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        address = f"inproc://peer-monitor-{id(self)}-{next(_MONITOR_IDS)}"
+        sock.monitor(address, _HANDSHAKE_EVENTS)
+        monitor = self._context.socket(zmq.PAIR)
+        monitor.linger = 0
+        monitor.connect(address)
+        sock.connect(endpoint)
+        return sock, monitor
+
+    def _watch(self, peer: _Peer) -> None:
+        if peer.watcher is None and not peer.closed:
+            peer.watcher = asyncio.get_running_loop().create_task(self._follow(peer))
+
+    async def _follow(self, peer: _Peer) -> None:
+        # libzmq gives up for good on a connection whose CURVE handshake the server refused (say, it
+        # had not registered our key yet); we open a fresh socket instead, with backoff.
+        backoff = _RETRY_MIN
+        while not peer.closed:
+            try:
+                event = parse_monitor_message(await peer.monitor.recv_multipart())["event"]
+            except zmq.ZMQError:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                backoff = _RETRY_MIN
+                continue
+            log.warning("peer_handshake_failed", peer=peer.key[:8], endpoint=peer.endpoint, retry_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RETRY_MAX)
+            if peer.closed:
+                return
+            self._close_sockets(peer)
+            peer.sock, peer.monitor = self._connect(peer.key, peer.endpoint)
+            peer.gen += 1  # whatever sat in the old socket's queue is gone, and so are its credits
+            peer.outstanding = 0
+            peer.freed.set()
+
+    @staticmethod
+    def _close_sockets(peer: _Peer) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            peer.sock.disable_monitor()
+        peer.sock.close(linger=0)
+        peer.monitor.close(linger=0)
+
+    def _drop_peer(self, key: str) -> None:
+        peer = self._peers.pop(key)
+        peer.closed = True
+        peer.freed.set()
+        if peer.watcher is not None:
+            peer.watcher.cancel()
+        self._close_sockets(peer)
+
+    def peer_keys(self) -> list[str]:
+        return list(self._peers)
+
+    def last_heard(self, key: str) -> float | None:
+        """``time.monotonic()`` of the last message from ``key`` (None: never, or not a peer)."""
+        peer = self._peers.get(key)
+        return peer.last_heard if peer else None
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, key: str, header: dict[str, Any], payload: Any = None) -> bool:
+        """Send a control message now; False if the peer is unknown or its queue is full."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return False
+        return self._send(peer, header, payload)
+
+    async def send_credited(
+        self, key: str, header: dict[str, Any], payload: Any = None, *, timeout: float | None = None
+    ) -> None:
+        """Send once the peer has a free credit and a connection; the receiver must :meth:`ack` it.
+
+        Unlike :meth:`send`, this waits (up to ``timeout``, or until cancelled) instead of dropping
+        the message while the connection to the peer is being re-opened.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            peer = self._peers.get(key)
+            if peer is None:
+                raise Unavailable(f"peer {key[:8]} is not a registered peer of this task")
+            if peer.outstanding < self.window:
+                peer.outstanding += 1
+                if self._send(peer, {**header, "_g": peer.gen}, payload, quiet=True):
+                    return
+                peer.outstanding -= 1
+                wait: Any = asyncio.sleep(_RETRY_MIN / 2)  # not connected (yet): try again shortly
+            else:
+                peer.freed.clear()
+                wait = peer.freed.wait()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                wait.close()
+                raise DeadlineExceeded(f"peer {key[:8]} took no message for {timeout:g} s")
+            try:
+                await asyncio.wait_for(wait, remaining)
+            except TimeoutError:
+                raise DeadlineExceeded(f"peer {key[:8]} took no message for {timeout:g} s") from None
+
+    def ack(self, msg: PeerMessage) -> None:
+        """Return the credit of a consumed credited message (a no-op for control messages)."""
+        if msg.credit is not None:
+            self.send(msg.key, {"_a": msg.credit})
+
+    def _send(self, peer: _Peer, header: dict[str, Any], payload: Any, *, quiet: bool = False) -> bool:
+        data = msgpack.packb({**header, "_i": self.incarnation}, use_bin_type=True)
+        try:
+            if payload is None:
+                peer.sock.send(data, flags=zmq.NOBLOCK)
+            else:
+                peer.sock.send_multipart([data, payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not quiet:
+                log.warning("peer_send_dropped", peer=peer.key[:8], reason="not connected or queue full")
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("peer_send_failed", peer=peer.key[:8], error=str(exc))
+            return False
+        self.bytes_sent += len(data) + (len(payload) if payload is not None else 0)
+        return True
+
+    # -- receiving ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._receive())
+            for peer in self._peers.values():
+                self._watch(peer)
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                frames = await self._router.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM or self._router.closed:
+                    return
+                log.warning("peer_receive_failed", error=str(exc))
+                continue
+            try:
+                self._accept(frames)
+            except ProtocolError as exc:
+                self._drop(exc.message)
+            except Exception:  # a handler bug must not stop the link
+                log.exception("peer_handler_failed")
+
+    def _accept(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) not in (2, 3):
+            raise ProtocolError(f"message has {len(frames)} frames, expected 2 or 3")
+        key = user_id(frames[1])
+        peer = self._peers.get(key or "")
+        if peer is None or not self._auth.is_allowed(DOMAIN, key):
+            # Revoked after this connection authenticated: stop hearing it.
+            raise ProtocolError(f"sender {(key or '?')[:8]} is not a registered peer")
+        header = decode_header(frames[1].bytes)
+        incarnation = header.pop("_i", None)
+        if not isinstance(incarnation, int):
+            raise ProtocolError("header lacks the sender's incarnation")
+        peer.last_heard = time.monotonic()
+        self.bytes_received += sum(len(f) for f in frames[1:])
+        if incarnation != peer.incarnation:
+            if peer.incarnation is not None:
+                log.info("peer_restarted", peer=peer.key[:8])
+                peer.gen += 1  # credits of the old incarnation will never come back
+                peer.outstanding = 0
+                peer.freed.set()
+            peer.incarnation = incarnation
+        if "_a" in header:
+            if header["_a"] == peer.gen and peer.outstanding > 0:
+                peer.outstanding -= 1
+                peer.freed.set()
+            return
+        credit = header.pop("_g", None)
+        if credit is not None and not isinstance(credit, int):
+            raise ProtocolError("credit generation is not an integer")
+        payload = frames[2].buffer if len(frames) == 3 else None
+        msg = PeerMessage(peer.key, header, payload, credit)
+        try:
+            self._handler(msg)
+        except ProtocolError as exc:
+            self.ack(msg)
+            self._drop(exc.message, peer=peer.key[:8])
+        except Exception:
+            self.ack(msg)
+            raise
+
+    def _drop(self, reason: str, **fields: Any) -> None:
+        self.dropped += 1
+        log.warning("peer_frame_dropped", reason=reason, **fields)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.close()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for key in list(self._peers):
+            self._drop_peer(key)
+        self._auth.set_allowed(DOMAIN, ())
+        self._router.close(linger=0)
