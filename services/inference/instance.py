@@ -82,6 +82,11 @@ class Instance:
             "log": str(self.spec.log_path),
         }
 
+    def engine_metrics(self) -> dict[str, Any]:
+        """The instance's last scraped engine counters, for the node's ``/metrics``."""
+        counters = self.liveness.last_metrics if self.liveness is not None else {}
+        return {"index": self.plan.index, "metrics": dict(counters)}
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._supervise(), name=f"engine-{self.plan.index}")

@@ -102,11 +102,14 @@ class Liveness:
         self.reason = ""
         self._counters: tuple[float, ...] | None = None
         self._metrics_fresh = False
+        #: The engine's own counters from its last answered ``/metrics`` (passed through to ours).
+        self.last_metrics: dict[str, float] = {}
 
     def observe(self, obs: Observation, now: float) -> None:
         moved = False
         self._metrics_fresh = obs.metrics is not None
         if obs.metrics is not None:
+            self.last_metrics = dict(obs.metrics)
             counters = tuple(obs.metrics.get(name, 0.0) for name in PROGRESS_COUNTERS)
             moved = self._counters is not None and counters != self._counters
             self._counters = counters

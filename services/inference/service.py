@@ -70,6 +70,9 @@ class InferenceService(Service):
         await loop.run_in_executor(None, self.manager.pidfile.sweep)
         await self._resume_or_autostart()
 
+    async def metrics(self) -> dict[str, Any]:
+        return {"instances": [inst.engine_metrics() for inst in self.manager.instances]}
+
     async def shutdown(self) -> None:
         await self.manager.close()
 

@@ -118,6 +118,12 @@ def test_engine_instances_are_shown_per_instance(node: Node) -> None:
                        and s, 30)
         assert m['mlnode_node_state{state="INFERENCE"}'] == 1
         assert m['mlnode_engine_instance_restarts_total{engine_instance="0"}'] == 0
+        # The engine's own counters pass through, labelled by instance, and move with its work.
+        body = {"model": "tiny-metrics", "prompt": "hello", "max_tokens": 5, "temperature": 0}
+        assert node.inference("POST", "/v1/completions", body).status == 200
+        key = 'vllm:request_success_total{engine_instance="0"}'
+        wait_until(lambda: scrape(node).get(key, 0) >= 1, 30, message=f"{key} never moved")
+        assert scrape(node)['vllm:generation_tokens_total{engine_instance="0"}'] >= 1
     finally:
         node.api("POST", "/api/v1/inference/down")
         node.api("POST", "/api/v1/stop")
