@@ -1,0 +1,298 @@
+"""Training peers: the per-task registry the Network Node fills, and the group that reduces over it.
+
+The client's ``train_env`` names ranks and a meeting host but carries no keys, so before a multi-node
+run the operators register each task's peers with this node (``{task_id, peers: [{node_id,
+public_key, address, rank?}]}``); the peer listener then admits exactly the keys of the running task.
+Every field is validated here, once, and a bad one is an :class:`~node.errors.InvalidRequest` that
+names it. :func:`peer_handlers` exposes the registry as bus request types for the gateway's routes.
+
+:func:`open_group` builds the :class:`~bus.group.PeerGroup` of a task with the fixed-rank-order mean
+of :mod:`services.train.diloco`, and :func:`diloco_reduce` turns it into the synchronous ``reduce``
+hook :meth:`DiLoCoWorker.outer_step` calls from the training thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq.asyncio
+from torch import Tensor
+
+from bus.auth import Authenticator
+from bus.group import Excluded, Member, PeerGroup
+from bus.rpc import Caller, Handler
+from node.errors import InvalidRequest, NotFound
+from node.identity import KeyPair, public_from_text
+from node.logging import get_logger
+from services.train.config import EnvConfig
+from services.train.diloco import Contributors, Reduce, fixed_order_mean
+
+log = get_logger(__name__)
+
+__all__ = [
+    "Excluded",
+    "PeerGroup",
+    "PeerInfo",
+    "PeerRegistry",
+    "diloco_reduce",
+    "follow",
+    "listen_endpoint",
+    "open_group",
+    "own_entry",
+    "peer_handlers",
+]
+
+MAX_PEERS = 4096
+_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """One registered peer of a task; ``public_key`` is normalised to Z85."""
+
+    node_id: str
+    public_key: str
+    address: str
+    rank: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.address}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "public_key": self.public_key,
+            "address": self.address,
+            "rank": self.rank,
+        }
+
+    def member(self) -> Member:
+        return Member(self.public_key, self.endpoint, self.rank)
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidRequest(f"{field} must be a non-empty string of at most 256 printable characters")
+    return value
+
+
+def parse_address(value: Any, field: str) -> str:
+    """``host:port`` (IPv6 as ``[addr]:port``), normalised; InvalidRequest naming ``field`` otherwise."""
+    if not isinstance(value, str) or ":" not in value:
+        raise InvalidRequest(f"{field} must be 'host:port', got {value!r}"[:200])
+    host, _, port_text = value.rpartition(":")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InvalidRequest(f"{field} has no valid port (1-65535): {value!r}"[:200])
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ip6 = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidRequest(f"{field} has an invalid IPv6 address: {value!r}"[:200]) from None
+        return f"[{ip6.compressed}]:{int(port_text)}"
+    try:
+        return f"{ipaddress.IPv4Address(host)}:{int(port_text)}"
+    except ValueError:
+        pass
+    if not _HOST_RE.match(host) or host.replace(".", "").isdigit():
+        raise InvalidRequest(f"{field} has an invalid host name: {value!r}"[:200])
+    return f"{host.lower()}:{int(port_text)}"
+
+
+def parse_rank(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_PEERS:
+        raise InvalidRequest(f"{field} must be an integer in [0, {MAX_PEERS})")
+    return value
+
+
+def parse_peer(doc: Any, field: str) -> PeerInfo:
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{field} must be an object")
+    unknown = set(doc) - {"node_id", "public_key", "address", "rank"}
+    if unknown:
+        raise InvalidRequest(f"{field} has unknown fields: {sorted(unknown)}")
+    key = doc.get("public_key")
+    if not isinstance(key, str):
+        raise InvalidRequest(f"{field}.public_key must be a string (40 Z85 or 64 hex characters)")
+    try:
+        public = public_from_text(key)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}.public_key is not a CURVE public key: {exc}") from None
+    return PeerInfo(
+        node_id=_text(doc.get("node_id"), f"{field}.node_id"),
+        public_key=public,
+        address=parse_address(doc.get("address"), f"{field}.address"),
+        rank=parse_rank(doc.get("rank"), f"{field}.rank"),
+    )
+
+
+class PeerRegistry:
+    """Peers per task, as the Network Node registered them; listeners hear every change."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, dict[str, PeerInfo]] = {}
+        self._listeners: list[Callable[[str, list[PeerInfo]], None]] = []
+
+    def subscribe(self, listener: Callable[[str, list[PeerInfo]], None]) -> None:
+        self._listeners.append(listener)
+
+    def peers(self, task_id: str) -> list[PeerInfo]:
+        return _ordered(self._tasks.get(task_id, {}))
+
+    def register(self, body: Any) -> dict[str, Any]:
+        """Add or update peers of a task (``replace: true`` drops the ones not listed)."""
+        if not isinstance(body, dict):
+            raise InvalidRequest("body must be an object with 'task_id' and 'peers'")
+        task_id = _text(body.get("task_id"), "task_id")
+        replace = body.get("replace", False)
+        if not isinstance(replace, bool):
+            raise InvalidRequest("replace must be a boolean")
+        items = body.get("peers")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_PEERS:
+            raise InvalidRequest(f"peers must be a list of 1 to {MAX_PEERS} peer objects")
+        new = [parse_peer(doc, f"peers[{i}]") for i, doc in enumerate(items)]
+        current = {} if replace else dict(self._tasks.get(task_id, {}))
+        for i, peer in enumerate(new):
+            current.pop(peer.node_id, None)
+            for other in current.values():
+                if other.public_key == peer.public_key:
+                    raise InvalidRequest(
+                        f"peers[{i}].public_key is already registered for node {other.node_id!r}"
+                    )
+                if peer.rank is not None and other.rank == peer.rank:
+                    raise InvalidRequest(
+                        f"peers[{i}].rank {peer.rank} is already taken by node {other.node_id!r}"
+                    )
+            current[peer.node_id] = peer
+        self._commit(task_id, current)
+        log.info("peers_registered", task_id=task_id, registered=len(new), total=len(current))
+        return self.describe(task_id)
+
+    def remove(self, body: Any) -> dict[str, Any]:
+        """Forget one peer (``{task_id, node_id}``); its connections stop being heard at once."""
+        if not isinstance(body, dict):
+            raise InvalidRequest("body must be an object with 'task_id' and 'node_id'")
+        task_id = _text(body.get("task_id"), "task_id")
+        node_id = _text(body.get("node_id"), "node_id")
+        peers = dict(self._tasks.get(task_id, {}))
+        if node_id not in peers:
+            raise NotFound(f"node {node_id!r} is not registered for task {task_id!r}")
+        del peers[node_id]
+        self._commit(task_id, peers)
+        log.info("peer_removed", task_id=task_id, node_id=node_id)
+        return self.describe(task_id)
+
+    def list_peers(self, body: Any) -> dict[str, Any]:
+        """One task's peers (``{task_id}``) or every task's."""
+        if isinstance(body, dict) and body.get("task_id") is not None:
+            return self.describe(_text(body["task_id"], "task_id"))
+        return {"tasks": [self.describe(task_id) for task_id in sorted(self._tasks)]}
+
+    def describe(self, task_id: str) -> dict[str, Any]:
+        return {"task_id": task_id, "peers": [p.to_dict() for p in self.peers(task_id)]}
+
+    def _commit(self, task_id: str, peers: dict[str, PeerInfo]) -> None:
+        """Listeners see the new set first; one that refuses it (InvalidRequest) leaves the old set."""
+        for listener in self._listeners:
+            listener(task_id, _ordered(peers))
+        self._tasks[task_id] = peers
+
+
+def _ordered(peers: dict[str, PeerInfo]) -> list[PeerInfo]:
+    return sorted(peers.values(), key=lambda p: (p.rank is None, p.rank or 0, p.node_id))
+
+
+def peer_handlers(registry: PeerRegistry) -> dict[str, Handler]:
+    """Bus request types for the train service: ``train.peers.register|remove|list``."""
+
+    async def register(payload: Any, _caller: Caller) -> Any:
+        return registry.register(payload)
+
+    async def remove(payload: Any, _caller: Caller) -> Any:
+        return registry.remove(payload)
+
+    async def list_(payload: Any, _caller: Caller) -> Any:
+        return registry.list_peers(payload)
+
+    return {"train.peers.register": register, "train.peers.remove": remove, "train.peers.list": list_}
+
+
+def listen_endpoint(env: EnvConfig, own: PeerInfo | None) -> str:
+    """Where this node's peer listener binds (all interfaces).
+
+    The port of this node's own registry entry wins (that is what the peers will dial); otherwise
+    rank 0 listens on ``GLOBAL_PORT`` (the meeting point the client names) and other ranks on
+    ``BASE_PORT``.
+    """
+    if own is not None:
+        return f"tcp://*:{own.address.rpartition(':')[2]}"
+    port = env.global_port if env.rank == 0 and env.global_port else env.base_port
+    if port is None:
+        raise InvalidRequest(
+            f"train_env.BASE_PORT is required for rank {env.rank}: the registry has no entry for this node"
+        )
+    return f"tcp://*:{port}"
+
+
+def own_entry(registry: PeerRegistry, task_id: str, identity: KeyPair) -> PeerInfo | None:
+    """This node's entry among the task's peers (matched by its identity key), if registered."""
+    return next((p for p in registry.peers(task_id) if p.public_key == identity.public), None)
+
+
+def open_group(
+    context: zmq.asyncio.Context,
+    auth: Authenticator,
+    identity: KeyPair,
+    bind: str,
+    *,
+    rank: int,
+    world_size: int,
+    registry: PeerRegistry | None = None,
+    task_id: str | None = None,
+    **options: Any,
+) -> PeerGroup:
+    """A started-later group reducing with :func:`fixed_order_mean`; follows ``registry``'s task if given."""
+    group = PeerGroup(
+        context, auth, identity, bind, rank=rank, world_size=world_size, reduce_fn=fixed_order_mean, **options
+    )
+    if registry is not None and task_id is not None:
+        follow(group, registry, task_id)
+    return group
+
+
+def follow(group: PeerGroup, registry: PeerRegistry, task_id: str) -> None:
+    """Keep ``group``'s members (and so the listener's allowlist) equal to the task's registered peers."""
+
+    def apply(changed: str, peers: Iterable[PeerInfo]) -> None:
+        if changed == task_id:
+            group.set_members([p.member() for p in peers])
+
+    registry.subscribe(apply)
+    apply(task_id, registry.peers(task_id))
+
+
+def diloco_reduce(group: PeerGroup, loop: asyncio.AbstractEventLoop) -> Reduce:
+    """The ``reduce`` hook for :meth:`DiLoCoWorker.outer_step`, called from a thread other than ``loop``'s.
+
+    Raises :class:`bus.group.Excluded` when the peers finished the step without this rank.
+    """
+
+    def reduce(pseudo_grads: list[Tensor], contributors: Contributors) -> list[Tensor]:
+        future = asyncio.run_coroutine_threadsafe(
+            group.all_reduce(contributors.outer_step, pseudo_grads), loop
+        )
+        out = future.result()
+        contributors.ranks = list(out.ranks)
+        return out.tensors
+
+    return reduce
