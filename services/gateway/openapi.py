@@ -84,9 +84,23 @@ SERVICE_DOCS: dict[tuple[str, str], tuple[str, Schema]] = {
     ("POST", "/api/v1/inference/up/async"): ("Start the engine(s) and answer at once.", schemas.STATUS),
     ("GET", "/api/v1/inference/up/status"): ("Progress of the last start.", schemas.UP_STATUS),
     ("POST", "/api/v1/inference/down"): ("Stop the engines; idempotent.", schemas.STATUS),
-    ("POST", "/api/v1/train/start"): ("Start DiLoCo training (400 when already running).", schemas.STATUS),
-    ("POST", "/api/v1/train/stop"): ("Stop training (400 when not running).", schemas.STATUS),
+    ("POST", "/api/v1/train/start"): ("Start DiLoCo training; answers status 'Training started' and "
+                                      "`notes` (400 when already running, on a bad field, or a "
+                                      "multi-node run without registered peers).", schemas.TRAIN_STATUS),
+    ("POST", "/api/v1/train/stop"): ("Stop training (400 when not running).", schemas.TRAIN_STATUS),
     ("GET", "/api/v1/train/status"): ("Whether training runs, plus progress.", schemas.TRAIN_STATUS),
+    ("POST", "/api/v1/train/peers"): ("Register a task's peers (works in any node mode; no 409).",
+                                      schemas.TRAIN_PEER_LIST),
+    ("GET", "/api/v1/train/peers"): ("List registered peers (`?task_id=` for one task; no 409).",
+                                     schemas.TRAIN_PEER_LIST),
+    ("POST", "/api/v1/train/peers/remove"): ("Forget one peer (404 if not registered; no 409).",
+                                             schemas.TRAIN_PEER_LIST),
+}
+
+
+#: Statuses some service routes answer beyond :data:`_SERVICE_ERRORS`.
+SERVICE_EXTRA_ERRORS: dict[tuple[str, str], dict[int, str]] = {
+    ("POST", "/api/v1/train/peers/remove"): {404: "That node is not registered for that task."},
 }
 
 
@@ -100,7 +114,10 @@ def operations() -> dict[tuple[str, str], Doc]:
 
 def _service_doc(row: Route) -> Doc:
     summary, response = SERVICE_DOCS.get((row.method, row.path), (f"{row.service}: {row.kind}", {}))
-    return Doc(summary, response, dict(_SERVICE_ERRORS))
+    errors = {**_SERVICE_ERRORS, **SERVICE_EXTRA_ERRORS.get((row.method, row.path), {})}
+    if not row.guarded:
+        errors.pop(409)  # exempt from the 409 rule
+    return Doc(summary, response, errors)
 
 
 @functools.lru_cache(maxsize=4)

@@ -152,6 +152,42 @@ TRAIN_START: Schema = {
     "additionalProperties": True,
 }
 
+_TASK_ID: Schema = {"type": "string", "minLength": 1, "description": "The task's id (train_env TASK_ID)."}
+
+TRAIN_PEER: Schema = {
+    "type": "object",
+    "description": "One node of a training task: the key it proves on the peer link, where it listens.",
+    "required": ["node_id", "public_key", "address"],
+    "properties": {
+        "node_id": {"type": "string", "minLength": 1},
+        "public_key": _text("CURVE public key: 40 Z85 or 64 hex characters (GET /api/v1/identity)."),
+        "address": _text("host:port its peer listener is reachable at ([v6]:port for IPv6)."),
+        "rank": {"type": ["integer", "null"], "minimum": 0, "description": "GLOBAL_RANK, when known."},
+    },
+    "additionalProperties": False,
+}
+
+TRAIN_PEERS: Schema = {
+    "type": "object",
+    "description": "Register (add or update) a task's peers; replace=true drops the ones not listed. "
+                   "This node's own entry may be listed: it sets the port its listener binds.",
+    "required": ["task_id", "peers"],
+    "properties": {
+        "task_id": _TASK_ID,
+        "peers": {"type": "array", "items": TRAIN_PEER, "maxItems": 4096},
+        "replace": {"type": "boolean", "default": False},
+    },
+    "additionalProperties": False,
+}
+
+TRAIN_PEER_REMOVE: Schema = {
+    "type": "object",
+    "description": "Forget one peer of a task; its connections stop being heard at once.",
+    "required": ["task_id", "node_id"],
+    "properties": {"task_id": _TASK_ID, "node_id": {"type": "string", "minLength": 1}},
+    "additionalProperties": False,
+}
+
 #: Request-body schema of every route that reads a body, by (method, path).
 REQUEST_BODIES: dict[tuple[str, str], Schema] = {
     ("POST", "/api/v1/pow/init"): INIT_DTO,
@@ -161,6 +197,8 @@ REQUEST_BODIES: dict[tuple[str, str], Schema] = {
     ("POST", "/api/v1/inference/up"): INFERENCE_UP,
     ("POST", "/api/v1/inference/up/async"): INFERENCE_UP,
     ("POST", "/api/v1/train/start"): TRAIN_START,
+    ("POST", "/api/v1/train/peers"): TRAIN_PEERS,
+    ("POST", "/api/v1/train/peers/remove"): TRAIN_PEER_REMOVE,
 }
 
 # --- responses -----------------------------------------------------------------------------------
@@ -245,8 +283,37 @@ UP_STATUS: Schema = {
         "elapsed_seconds": {"type": "number"}, "error": _text(nullable=True),
     },
 }
-TRAIN_STATUS: Schema = {"type": "object", "required": ["status"],
-                        "properties": {"status": {"type": ["boolean", "string"]}}}
+TRAIN_STATUS: Schema = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": ["boolean", "string"],
+                   "description": "train/status: whether training runs; start/stop: the outcome."},
+        "state": {"enum": ["STARTING", "RUNNING", "FINISHED", "STOPPED", "FAILED"]},
+        "notes": {"type": "array", "items": {"type": "string"},
+                  "description": "Request fields accepted but not honoured."},
+        "task_id": {"type": "string"}, "rank": {"type": "integer"}, "world_size": {"type": "integer"},
+        "outer_step": {"type": "integer"}, "inner_step": {"type": "integer"},
+        "total_steps": {"type": "integer"}, "loss": {"type": ["number", "null"]},
+        "loss_ema": {"type": ["number", "null"]},
+        "contributors": {"type": "array", "items": {"type": "integer"}},
+        "peers": {"type": "array", "items": TRAIN_PEER},
+        "bytes_sent": {"type": "integer"}, "bytes_received": {"type": "integer"},
+        "bytes_exchanged": {"type": "integer"},
+        "weights_digest": _text("sha256 of the global weights (float32, parameter order) after the "
+                                "last outer step; equal on every node of a run.", nullable=True),
+        "error": _text(nullable=True),
+    },
+}
+TRAIN_PEER_LIST: Schema = {
+    "type": "object",
+    "description": "One task's peers (?task_id=) or, without it, every task's under 'tasks'.",
+    "properties": {
+        "task_id": {"type": "string"},
+        "peers": {"type": "array", "items": TRAIN_PEER},
+        "tasks": {"type": "array", "items": {"type": "object"}},
+    },
+}
 
 #: Names under which the OpenAPI document lists shared schemas (``#/components/schemas/<name>``).
 NAMED: dict[str, Schema] = {
@@ -255,6 +322,8 @@ NAMED: dict[str, Schema] = {
     "Identity": IDENTITY, "Health": HEALTH, "Ready": READY, "GpuDevice": GPU_DEVICE,
     "GpuDevices": GPU_DEVICES, "GpuDriver": GPU_DRIVER, "PowStatus": POW_STATUS, "PowAnswer": POW_ANSWER,
     "PowQueued": POW_QUEUED, "UpStatus": UP_STATUS, "TrainStatus": TRAIN_STATUS,
+    "TrainPeer": TRAIN_PEER, "TrainPeers": TRAIN_PEERS, "TrainPeerRemove": TRAIN_PEER_REMOVE,
+    "TrainPeerList": TRAIN_PEER_LIST,
 }
 
 

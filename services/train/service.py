@@ -1,20 +1,302 @@
-"""The `train` process: DiLoCo training, served on the local bus."""
+"""The ``train`` process: DiLoCo training across MLNodes, served on the local bus.
+
+Bus requests (the gateway maps the contract's routes onto them): ``train_start``, ``train_stop``,
+``train_status``, ``train.peers.register|remove|list``, plus the common ``status`` and ``stop``.
+
+- ``train_start`` takes the client's ``{"train_config", "train_env"}`` as sent; fields we cannot
+  honour come back as ``notes``. Two extras, read here so the plan stays the trainer's own:
+  ``train_config.diloco.peer_timeout_s`` (or ``train_env.PEER_TIMEOUT_S``, a string like every env
+  value), the seconds after which a silent peer is dropped from an outer step (default 30).
+- A run with ``GLOBAL_WORLD_SIZE > 1`` needs the task's peers registered first (``TASK_ID`` names
+  the task); the listener admits exactly their keys, and a removal takes effect at once.
+- Peer listener: host ``MLNODE_PEER_HOST``; port ``MLNODE_PEER_PORT`` when set (explicit local
+  config wins, e.g. behind a port mapping), else the port of this node's own registry entry (what
+  its peers dial), else ``GLOBAL_PORT`` on rank 0 and ``BASE_PORT`` on the other ranks.
+- The request is journaled (``run.json``) and the registry persisted (``peers.json``) under
+  ``$MLNODE_STATE_DIR/train``: a process killed and restarted by supervisord resumes from its newest
+  checkpoint while the node mode still says TRAIN, then rejoins the peers with their current state.
+- After a run finishes, its peer group stays open (late peers can still fetch the final state) until
+  the next ``train_start`` or a stop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import math
 from typing import Any
 
+from bus.group import PeerGroup
+from bus.rpc import Caller
 from bus.service import Service
+from node.errors import InvalidRequest, MLNodeError, Unavailable
+from node.logging import get_logger
+from node.mode import ModeStore
 from node.process import bootstrap
+from services.train.config import TrainPlan
+from services.train.journal import PeerStore, RunJournal
+from services.train.peers import PeerInfo, PeerRegistry, listen_endpoint, open_group
+from services.train.runner import FAILED, FINISHED, Runner
+
+log = get_logger(__name__)
+
+DEFAULT_PEER_TIMEOUT_S = 30.0
+ALREADY_RUNNING = "Training is already running"
+NOT_RUNNING = "Training is not running"
+
+
+def split_run_options(body: Any) -> tuple[dict[str, Any], float]:
+    """The body without our extra keys, plus the peer timeout they set (see the module docstring)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be an object with 'train_config' and 'train_env'")
+    clean = copy.deepcopy(body)
+    timeout = DEFAULT_PEER_TIMEOUT_S
+    config = clean.get("train_config")
+    diloco = config.get("diloco") if isinstance(config, dict) else None
+    if isinstance(diloco, dict) and diloco.get("peer_timeout_s") is not None:
+        timeout = _seconds(diloco.pop("peer_timeout_s"), "train_config.diloco.peer_timeout_s")
+    env = clean.get("train_env")
+    if isinstance(env, dict) and env.get("PEER_TIMEOUT_S") is not None:
+        raw = env.pop("PEER_TIMEOUT_S")
+        try:
+            value = float(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            raise InvalidRequest(
+                f"train_env.PEER_TIMEOUT_S must be a number of seconds, got {raw!r}"[:200]
+            ) from None
+        timeout = _seconds(value, "train_env.PEER_TIMEOUT_S")
+    return clean, timeout
+
+
+def _seconds(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{field} must be a number of seconds, got {value!r}"[:200])
+    if not 0.05 <= value <= 3600:
+        raise InvalidRequest(f"{field} must be between 0.05 and 3600 seconds, got {value}")
+    return float(value)
 
 
 class TrainService(Service):
     name = "train"
     mode = "TRAIN"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dir = self.settings.service_dir("train")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.journal = RunJournal(self.dir)
+        self.peer_store = PeerStore(self.dir)
+        self.registry = PeerRegistry()
+        self._restore_peers()
+        self.registry.subscribe(self._peers_changed)
+        self.runner: Runner | None = None
+        self.group: PeerGroup | None = None
+        self.notes: list[str] = []
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        handlers = {
+            "train_start": self._train_start,
+            "train_stop": self._train_stop,
+            "train_status": self._train_status,
+            "train.peers.register": self._peers_register,
+            "train.peers.remove": self._peers_remove,
+            "train.peers.list": self._peers_list,
+        }
+        for kind, handler in handlers.items():
+            self.route(kind, handler)
+
+    # -- Service hooks ------------------------------------------------------------------------
+    def is_active(self) -> bool:
+        return self.runner is not None and self.runner.running
+
     async def status(self) -> dict[str, Any]:
-        return {"state": "STOPPED"}
+        return {"state": self.runner.state if self.runner is not None else "STOPPED", **self.train_status()}
+
+    async def stop(self) -> dict[str, Any]:
+        async with self._lock:
+            await self._halt(forget=True)
+        return {"status": "OK"}
+
+    async def metrics(self) -> dict[str, Any]:
+        status = self.train_status()
+        keys = ("outer_step", "inner_step", "loss", "bytes_sent", "bytes_received")
+        values = {k: status.get(k) for k in keys}
+        values["running"] = int(bool(status["status"]))
+        return {k: v for k, v in values.items() if isinstance(v, int | float)}
+
+    async def startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        body = self.journal.load()
+        if body is None:
+            return
+        if ModeStore(self.settings.state_dir).read() != self.mode:
+            log.info("train_run_discarded", reason="the node is no longer in TRAIN mode")
+            self.journal.clear()
+            return
+        try:
+            async with self._lock:
+                await self._launch(body, resume=True)
+            log.info("train_run_resumed")
+        except MLNodeError as exc:
+            log.error("train_run_unrecoverable", reason=exc.message)
+            self.journal.clear()
+
+    async def shutdown(self) -> None:
+        # Keep the journal: a supervisor restart resumes the run (and rejoins the peers).
+        await self._halt(forget=False)
+
+    # -- status ---------------------------------------------------------------------------------
+    def train_status(self) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            return {"status": False, "state": "STOPPED"}
+        body: dict[str, Any] = {"status": runner.running, **runner.status(), "notes": list(self.notes)}
+        task = runner.plan.env.task_id
+        body["peers"] = [p.to_dict() for p in self.registry.peers(task)]
+        group = self.group
+        if group is not None:
+            body["listen"] = group.endpoint
+            body["bytes_sent"] = group.link.bytes_sent
+            body["bytes_received"] = group.link.bytes_received
+        else:
+            body["bytes_sent"] = body["bytes_received"] = 0
+        body["bytes_exchanged"] = body["bytes_sent"] + body["bytes_received"]
+        return body
+
+    # -- start / stop ---------------------------------------------------------------------------
+    async def _train_start(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        async with self._lock:
+            if self.is_active():
+                raise InvalidRequest(ALREADY_RUNNING)
+            await self._launch(body, resume=None)
+        return {**self.train_status(), "status": "Training started"}
+
+    async def _train_stop(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        async with self._lock:
+            if not self.is_active():
+                raise InvalidRequest(NOT_RUNNING)
+            await self._halt(forget=True)
+        return {**self.train_status(), "status": "Training stopped"}
+
+    async def _train_status(self, _body: Any, _caller: Caller) -> dict[str, Any]:
+        return self.train_status()
+
+    async def _launch(self, body: Any, *, resume: bool | None) -> None:
+        """Validate, open the peer group, journal the request and start the run thread."""
+        clean, peer_timeout = split_run_options(body)
+        plan, notes = TrainPlan.from_request(clean, state_dir=self.dir)
+        await self._halt(forget=False)
+        group = self._open_group(plan, peer_timeout) if plan.env.world_size > 1 else None
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            loop.call_soon_threadsafe(self._run_changed)
+
+        self.runner = Runner(
+            plan,
+            loop=loop,
+            group=group,
+            resume=plan.ckpt.resume if resume is None else resume,
+            on_change=changed,
+        )
+        self.group = group
+        self.notes = notes
+        try:
+            self.journal.save(body)
+        except MLNodeError:
+            await self._halt(forget=True)
+            raise
+        self.runner.start()
+        self.publish_state()
+        log.info("train_started", task_id=plan.env.task_id, rank=plan.env.rank,
+                 world_size=plan.env.world_size, total_steps=plan.optim.total_steps,
+                 inner_steps=plan.diloco.inner_steps, peer_timeout_s=peer_timeout,
+                 listen=group.endpoint if group else None, notes=len(notes))
+
+    def _open_group(self, plan: TrainPlan, peer_timeout: float) -> PeerGroup:
+        env = plan.env
+        peers = self.registry.peers(env.task_id)
+        me = self.keys.identity.public
+        if not [p for p in peers if p.public_key != me]:
+            raise InvalidRequest(
+                f"train_env.GLOBAL_WORLD_SIZE is {env.world_size} but no peers are registered for "
+                f"task {env.task_id!r}: register them with POST /api/v1/train/peers first"
+            )
+        bind = self._bind_endpoint(plan, peers)
+        try:
+            group = open_group(self.bus.context, self.bus.auth, self.keys.identity, bind, rank=env.rank,
+                               world_size=env.world_size, timeout=peer_timeout)
+        except MLNodeError:
+            raise
+        except Exception as exc:  # the socket layer's own errors (port in use, bad address)
+            raise Unavailable(f"cannot listen for training peers on {bind}: {exc}") from None
+        try:
+            group.set_members([p.member() for p in peers])
+            group.start()
+        except BaseException:
+            group.link.close()
+            raise
+        return group
+
+    def _bind_endpoint(self, plan: TrainPlan, peers: list[PeerInfo]) -> str:
+        host = self.settings.peer_host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        if self.settings.peer_port:
+            return f"tcp://{host}:{self.settings.peer_port}"
+        own = next((p for p in peers if p.public_key == self.keys.identity.public), None)
+        port = listen_endpoint(plan.env, own).rpartition(":")[2]
+        return f"tcp://{host}:{port}"
+
+    async def _halt(self, *, forget: bool) -> None:
+        """Stop the run (waiting for its thread), close the peer group; ``forget`` drops the journal."""
+        runner, group = self.runner, self.group
+        self.group = None
+        if runner is not None:
+            runner.request_stop()
+            await asyncio.to_thread(runner.join, 120)
+        if group is not None:
+            await group.aclose()
+        if forget:
+            self.journal.clear()
+        if runner is not None or group is not None:
+            self.publish_state()
+
+    def _run_changed(self) -> None:
+        """On the loop: a run changed state (from its thread); a run that ended is not resumed."""
+        runner = self.runner
+        if runner is not None and runner.state in (FINISHED, FAILED):
+            self.journal.clear()
+        self.publish_state()
+
+    # -- peers ----------------------------------------------------------------------------------
+    def _restore_peers(self) -> None:
+        for task in self.peer_store.load():
+            if not task.get("peers"):
+                continue
+            try:
+                self.registry.register({"task_id": task.get("task_id"), "peers": task["peers"],
+                                        "replace": True})
+            except MLNodeError as exc:
+                log.error("train_peers_not_restored", task_id=str(task.get("task_id"))[:64],
+                          reason=exc.message)
+
+    def _peers_changed(self, task_id: str, peers: list[PeerInfo]) -> None:
+        runner, group = self.runner, self.group
+        if runner is not None and group is not None and task_id == runner.plan.env.task_id:
+            group.set_members([p.member() for p in peers])
+
+    async def _peers_register(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+        result = self.registry.register(payload)
+        self.peer_store.save(self.registry.list_peers(None))
+        return result
+
+    async def _peers_remove(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+        result = self.registry.remove(payload)
+        self.peer_store.save(self.registry.list_peers(None))
+        return result
+
+    async def _peers_list(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+        return self.registry.list_peers(payload)
 
 
 def main() -> None:

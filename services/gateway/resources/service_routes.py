@@ -3,7 +3,9 @@
 Each route is a row of :data:`ROUTES`: which service answers it, the bus request it becomes, and
 whether it *claims* the node (starts a job). Claims run under the node-wide mode lock: check that no
 other service is active, record the claim, send the start — so racing requests in different workers
-cannot leave two services running. Every other service route only checks the 409 rule.
+cannot leave two services running. Every other service route only checks the 409 rule, except rows
+marked ``guarded=False``: the training peer registry must be writable while the node is STOPPED, in
+TRAIN, or busy with PoW/inference before the next training task (it only stores keys; it runs nothing).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Route:
     #: A follow-up request sent after the claim is released, for starts that block until ready.
     wait_kind: str | None = None
     wait_timeout_s: float | None = None
+    #: False: exempt from the 409 rule (the request starts nothing and must work in any mode).
+    guarded: bool = True
+    #: Query parameters passed to the service as the payload (``{name: value}``, only those present).
+    query: tuple[str, ...] = ()
 
 
 ROUTES: tuple[Route, ...] = (
@@ -50,6 +56,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=True),
     Route("POST", "/api/v1/train/stop", "train", "train_stop"),
     Route("GET", "/api/v1/train/status", "train", "train_status"),
+    Route("POST", "/api/v1/train/peers", "train", "train.peers.register", body=True, guarded=False),
+    Route("GET", "/api/v1/train/peers", "train", "train.peers.list", guarded=False, query=("task_id",)),
+    Route("POST", "/api/v1/train/peers/remove", "train", "train.peers.remove", body=True, guarded=False),
 )
 
 
@@ -67,13 +76,16 @@ class ServiceRoute:
         payload = await json_body(req, required=False) if row.body else None
         if row.body and payload is None:
             payload = {}
+        if row.query:
+            payload = {name: req.get_param(name) for name in row.query if req.get_param(name) is not None}
         if row.body:
             check_body(row.method, row.path, payload)  # 400 naming the field, before any bus traffic
         if row.claims:
             # Shielded: once the claim is under way a hang-up must not leave it half done.
             result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))
         else:
-            await self.services.guard(row.service)
+            if row.guarded:
+                await self.services.guard(row.service)
             result = await self.services.call(row.service, row.kind, payload)
         if row.wait_kind is not None:
             result = await self.services.call(row.service, row.wait_kind, payload, timeout=row.wait_timeout_s)
