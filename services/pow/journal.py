@@ -10,29 +10,10 @@ tmp + fsync + rename, so a ``kill -9`` leaves either the old or the new file, ne
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from node.errors import Unavailable
-
-
-def _atomic_write(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Unavailable(f"cannot write {path.name} in the state directory: {exc.strerror}") from None
+from node.files import atomic_write_json
 
 
 class Journal:
@@ -44,7 +25,7 @@ class Journal:
 
     # -- the round --------------------------------------------------------------------------
     def save_round(self, doc: dict[str, Any]) -> None:
-        _atomic_write(self.round_path, doc)
+        atomic_write_json(self.round_path, doc)
 
     def load_round(self) -> dict[str, Any] | None:
         try:
@@ -63,7 +44,7 @@ class Journal:
         existing = sorted(self.queue_dir.glob("*.json"))
         last = int(existing[-1].stem) if existing else 0
         name = f"{last + 1:012d}"
-        _atomic_write(self.queue_dir / f"{name}.json", batch)
+        atomic_write_json(self.queue_dir / f"{name}.json", batch)
         return name
 
     def pending(self) -> list[tuple[str, dict[str, Any]]]:

@@ -9,34 +9,13 @@ Network Node gave us. Every write is tmp + fsync + rename: a ``kill -9`` leaves 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from node.errors import Unavailable
+from node.files import atomic_write_json
 from node.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def atomic_write_json(path: Path, doc: Any) -> None:
-    """Replace ``path`` with ``doc`` as JSON, durably; Unavailable naming the file when the disk refuses."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Unavailable(f"cannot write {path.name} in the train state dir: {exc.strerror or exc}") from None
 
 
 def read_json(path: Path) -> Any:

@@ -41,13 +41,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n.stop()
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
 def truthful_state(node: Node) -> str:
     """The state, once /state and the services' own reports agree (raises if they never do)."""
     def agree() -> str | None:

@@ -21,13 +21,6 @@ REFERENCE = dict(zip(CASE["nonces"], CASE["dist_reference_fp16"], strict=True))
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n = Node(tmp_path_factory.mktemp("pow")).start()
     yield n
