@@ -7,7 +7,9 @@ is alive) decides, and a small ballot protocol makes that decision safe when coo
 1. **gather** — each rank announces ``ready`` and waits (bounded) for the ranks it expects.
 2. **prepare/promise** — the coordinator proposes ballot ``(epoch, rank)`` with a view (the ranks it
    heard from); members promise to ignore older ballots. A member that already applied a decision
-   for this step says so in its promise, and the new coordinator re-issues that decision instead.
+   for this step says so in its promise, and the new coordinator re-issues that decision instead. So
+   does a member that reported ``done`` for an older ballot: if every member of that ballot's view who
+   promised did so, the old coordinator may have decided it, and the new one re-issues it as well.
 3. **start/done** — members exchange data for the ballot and report ``done`` when they hold the full
    result.
 4. **commit** — once every member of the view is done, the coordinator commits; every member forwards
@@ -21,6 +23,14 @@ decisions) than the coordinator's. Every phase message is idempotent and repeate
 message lost with a re-opened connection only costs time. This module is pure logic: the caller
 supplies sending, liveness, the data plane and a clock, which keeps every transition testable.
 
+Heartbeats only prove that a peer is alive, not that it still works on this step, so no rank ever
+waits on a peer without asking it: a member asks its coordinator (``ask``, or ``done`` once its data
+is complete) every few ticks, and every rank answers what it knows — a decided rank with ``commit``,
+a rank that left the step (see :func:`answer_after`; the caller answers for finished ranks) with
+``leave``, a coordinator with its ``start`` or ``prepare``, anyone else with a ``nack`` naming the newer
+ballot it follows. A rank never follows a coordinator it has already given up on for longer than
+``timeout + join_timeout``; then it takes over (or hands over to the lowest rank it still trusts).
+
 Limits, by design: failure detection is by timeout, so a rank that is merely slow beyond ``timeout``
 is treated as failed (it then resynchronises); a partition lets each side go on, and when it heals the
 lower-ranked coordinator's lineage wins and the others resynchronise rather than mix states.
@@ -28,6 +38,7 @@ lower-ranked coordinator's lineage wins and the others resynchronise rather than
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +52,12 @@ log = get_logger(__name__)
 Ballot = tuple[int, int]
 """``(epoch, proposer rank)``; compared by :func:`ballot_key`."""
 
-MESSAGE_TYPES = ("ready", "prepare", "promise", "nack", "start", "done", "commit", "suspect", "leave")
+MESSAGE_TYPES = ("ready", "prepare", "promise", "nack", "start", "done", "commit", "suspect", "leave", "ask")
+#: Messages a peer sends while it waits for this rank; a rank that finished the step still answers them.
+QUESTIONS = ("ready", "prepare", "start", "done", "suspect", "ask")
+
+Accepted = tuple[Ballot, tuple[int, ...]]
+"""A ballot this rank reported ``done`` for, with that ballot's view."""
 
 
 def ballot_key(ballot: Ballot) -> tuple[int, int]:
@@ -79,6 +95,14 @@ def parse_ballot(value: Any) -> Ballot:
     return (int(value[0]), int(value[1]))
 
 
+def parse_accepted(value: Any) -> Accepted | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ProtocolError("field 'accepted' must be [ballot, view] or null")
+    return parse_ballot(value[0]), parse_ranks(value[1])
+
+
 def parse_ranks(value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, list | tuple)
@@ -96,6 +120,7 @@ class _Proposal:
     since: float
     promises: set[int] = field(default_factory=set)
     adopted: Decision | None = None
+    accepted: dict[int, Accepted | None] = field(default_factory=dict)
     running: bool = False
     dones: set[int] = field(default_factory=set)
 
@@ -113,6 +138,8 @@ class Hooks:
     waiting_on: Callable[[], set[int]]
     """Ranks whose data the running exchange still waits for."""
     clock: Callable[[], float] = time.monotonic
+    data_heard: Callable[[], float] = lambda: -math.inf
+    """Clock time at which the running exchange last received data."""
 
 
 class StepAgreement:
@@ -150,7 +177,15 @@ class StepAgreement:
         self.view: tuple[int, ...] = ()
         self.coordinator: int | None = None
         self.waiting_since = now
+        #: The newest ballot a ``nack`` told us about (we follow its proposer without having promised).
+        self.following: Ballot | None = None
+        #: Who told us about ``following``; asked too while its proposer is one we gave up on.
+        self.informant: int | None = None
+        #: Ranks that asked about this step: they hear the outcome even if we never had their ``ready``.
+        self.askers: set[int] = set()
+        self.accepted: Accepted | None = None
         self.started: Ballot | None = None
+        self._started_at = now
         self.completed: set[Ballot] = set()
         self.proposal: _Proposal | None = None
         self.decision: Decision | None = None
@@ -193,9 +228,10 @@ class StepAgreement:
                 sender,
                 parse_ballot(header.get("ballot")),
                 None if applied is None else Decision.from_wire(applied),
+                parse_accepted(header.get("accepted")),
             )
         elif kind == "nack":
-            self._on_nack(parse_ballot(header.get("ballot")))
+            self._on_nack(sender, parse_ballot(header.get("ballot")))
         elif kind == "start":
             self._on_start(sender, self._ballot_of(sender, header), parse_ranks(header.get("view")))
         elif kind == "done":
@@ -203,9 +239,15 @@ class StepAgreement:
         elif kind == "commit":
             self._on_commit(sender, Decision.from_wire(header.get("decision")))
         elif kind == "suspect":
-            self._on_suspect(parse_ranks(header.get("ranks")))
+            theirs = header.get("ballot")
+            self._on_suspect(
+                parse_ranks(header.get("ranks")), None if theirs is None else parse_ballot(theirs)
+            )
         elif kind == "leave":
-            self._on_suspect((sender,))
+            self._on_leave(sender)
+        elif kind == "ask":
+            theirs = header.get("ballot")
+            self._on_ask(sender, None if theirs is None else parse_ballot(theirs))
         else:
             raise ProtocolError(f"unknown agreement message type {kind!r}"[:120])
 
@@ -216,10 +258,12 @@ class StepAgreement:
             return
         proposal = self.proposal
         if proposal is not None and proposal.ballot == ballot and proposal.running:
+            self._accept(ballot)
             proposal.dones.add(self.me)
             self._check_dones()
-        elif self.coordinator is not None:
-            self._send(self.coordinator, "done", ballot=list(ballot))
+        elif self.promised == ballot and self.coordinator == ballot[1]:
+            self._accept(ballot)
+            self._send(ballot[1], "done", ballot=list(ballot))
 
     def suspect(self, ranks: set[int]) -> None:
         """Treat ``ranks`` as failed for this step (e.g. they sent data that does not fit)."""
@@ -260,12 +304,14 @@ class StepAgreement:
                     self._send(rank, "prepare", ballot=list(proposal.ballot), view=list(proposal.view))
             return
         if proposal is not None and proposal.running:
+            # Never count ourselves: we are not "silent" while our own data is still incomplete.
             quiet = {
                 r
-                for r in proposal.view
+                for r in set(proposal.view) - {self.me}
                 if r not in proposal.dones and self.hooks.silent_for(r) > self.timeout
             }
             quiet |= {r for r in self.hooks.waiting_on() if self.hooks.silent_for(r) > self.timeout}
+            quiet |= self._data_stalled(now)
             if quiet:
                 self._suspect(quiet)
             elif resend:
@@ -274,16 +320,30 @@ class StepAgreement:
             return
         if self.started is not None and self.started not in self.completed:
             quiet = {r for r in self.hooks.waiting_on() if self.hooks.silent_for(r) > self.timeout}
+            quiet |= self._data_stalled(now)
             if quiet:
                 self._suspect(quiet)
                 return
         coordinator = self.coordinator
-        if coordinator is not None and coordinator != self.me:
-            stuck = self.started is None and now - self.waiting_since > self.timeout + self.join_timeout
-            if self.hooks.silent_for(coordinator) > self.timeout or stuck:
-                self._suspect({coordinator})
-            elif resend and self.started is not None and self.started in self.completed:
-                self._send(coordinator, "done", ballot=list(self.started))
+        if coordinator is None or coordinator == self.me:
+            return
+        patience = self.timeout + self.join_timeout
+        if coordinator in self.suspected:
+            # A nack sent us after a proposer we already gave up on: its members may still finish the
+            # step (and tell us), but we never wait on it for good.
+            if now - self.waiting_since > patience:
+                log.warning("coordinator_abandoned", step=self.step, rank=coordinator)
+                self._reelect()
+            elif resend:
+                informant = self.informant
+                for rank in sorted({coordinator} | ({informant} if informant is not None else set())):
+                    self._ask(rank)
+            return
+        stuck = self.started is None and now - self.waiting_since > patience
+        if self.hooks.silent_for(coordinator) > self.timeout or stuck:
+            self._suspect({coordinator})
+        elif resend:
+            self._ask(coordinator)
 
     # -- phases -------------------------------------------------------------------------------
     def _end_gather(self) -> None:
@@ -324,15 +384,45 @@ class StepAgreement:
             adopted = proposal.adopted
             self._commit(Decision(proposal.ballot, adopted.ballot, adopted.ranks), skip=None)
             return
+        carried = self._maybe_decided(proposal)
+        if carried is not None:
+            log.info("step_carried_over", step=self.step, ballot=list(carried[0]), view=list(carried[1]))
+            self._commit(Decision(proposal.ballot, carried[0], carried[1]), skip=None)
+            return
         proposal.running = True
         for rank in sorted((self.ready | set(proposal.view)) - {self.me}):
             self._send(rank, "start", ballot=list(proposal.ballot), view=list(proposal.view))
         self._start(proposal.ballot)
 
+    def _maybe_decided(self, proposal: _Proposal) -> Accepted | None:
+        """The newest ballot reported done that its old coordinator may have decided, if there is one.
+
+        A ballot is decided only once every member of its view reported ``done``; a member that promised
+        our newer ballot never reports it later. So if any promiser of that view did not report it, it
+        cannot have been decided and we are free to start afresh; otherwise we must decide it again.
+        """
+        reports = {**proposal.accepted, self.me: self.accepted}
+        newest = max(
+            (a for r, a in reports.items() if a is not None and r in proposal.view),
+            key=lambda a: ballot_key(a[0]),
+            default=None,
+        )
+        if newest is None:
+            return None
+        ballot, view = newest
+        if all((reports.get(r) or ((-1, -1), ()))[0] == ballot for r in proposal.view if r in view):
+            return newest
+        return None
+
+    def _accept(self, ballot: Ballot) -> None:
+        if self.accepted is None or ballot_key(ballot) > ballot_key(self.accepted[0]):
+            self.accepted = (ballot, self.view)
+
     def _start(self, ballot: Ballot) -> None:
         if self.started == ballot:
             return
         self.started = ballot
+        self._started_at = self.hooks.clock()
         self.hooks.start_data(ballot, self.view)
         if ballot in self.completed:
             self.data_complete(ballot)
@@ -345,7 +435,7 @@ class StepAgreement:
     def _commit(self, decision: Decision, skip: int | None) -> None:
         self.decision = decision
         wire = decision.to_wire()
-        for rank in sorted((self.ready | set(self.view) | set(decision.ranks)) - {self.me}):
+        for rank in sorted((self.ready | self.askers | set(self.view) | set(decision.ranks)) - {self.me}):
             if rank != skip:
                 self._send(rank, "commit", decision=wire)
         if self.me not in decision.ranks:
@@ -372,6 +462,35 @@ class StepAgreement:
         self.suspected |= new
         self._reelect()
 
+    def _data_stalled(self, now: float) -> set[int]:
+        """Live ranks whose data stopped coming: treated like silent ones, so the step cannot hang.
+
+        A chunk lost with a re-opened connection is never sent again, and its sender still heartbeats.
+        """
+        if self.started is None or self.started in self.completed:
+            return set()
+        if now - max(self._started_at, self.hooks.data_heard()) <= self.timeout + self.join_timeout:
+            return set()
+        stalled = self.hooks.waiting_on() - {self.me}
+        if stalled:
+            log.warning("data_stalled", step=self.step, ballot=list(self.started), ranks=sorted(stalled))
+        return stalled
+
+    def _newest(self) -> Ballot | None:
+        """The newest ballot this rank promised or follows."""
+        known = [b for b in (self.promised, self.following) if b is not None]
+        return max(known, key=ballot_key, default=None)
+
+    def _ask(self, rank: int) -> None:
+        """Ask ``rank`` where the step stands; whatever state it is in, it answers (see the module doc)."""
+        started, newest = self.started, self._newest()
+        if started is not None and started in self.completed and started == newest:
+            if rank == started[1]:
+                self._accept(started)
+            self._send(rank, "done", ballot=list(started))
+        else:
+            self._send(rank, "ask", ballot=None if newest is None else list(newest))
+
     def _reelect(self) -> None:
         basis = set(self.view) if self.view else set(self.ready)
         candidates = (basis - self.suspected) | {self.me}
@@ -381,7 +500,13 @@ class StepAgreement:
             return
         self.coordinator = coordinator
         self.waiting_since = self.hooks.clock()
-        self._send(coordinator, "suspect", ranks=sorted(self.suspected))
+        newest = self._newest()  # the new coordinator must outbid what we promised the old one
+        self._send(
+            coordinator,
+            "suspect",
+            ranks=sorted(self.suspected),
+            ballot=None if newest is None else list(newest),
+        )
 
     # -- message handlers ---------------------------------------------------------------------
     def _accepts(self, ballot: Ballot) -> bool:
@@ -389,6 +514,8 @@ class StepAgreement:
 
     def _adopt_ballot(self, sender: int, ballot: Ballot, view: tuple[int, ...]) -> None:
         self.promised = ballot
+        if self.following is not None and ballot_key(self.following) <= ballot_key(ballot):
+            self.following = None
         self.max_epoch = max(self.max_epoch, ballot[0])
         self.view = view
         self.coordinator = sender
@@ -415,30 +542,66 @@ class StepAgreement:
             return
         self._adopt_ballot(sender, ballot, view)
         if not self.finished:
-            self._send(sender, "promise", ballot=list(ballot), applied=None)
+            accepted = None if self.accepted is None else [list(self.accepted[0]), list(self.accepted[1])]
+            self._send(sender, "promise", ballot=list(ballot), applied=None, accepted=accepted)
 
-    def _on_promise(self, sender: int, ballot: Ballot, applied: Decision | None) -> None:
+    def _on_promise(
+        self, sender: int, ballot: Ballot, applied: Decision | None, accepted: Accepted | None = None
+    ) -> None:
         proposal = self.proposal
         if proposal is None or proposal.ballot != ballot or proposal.running:
             return
         proposal.promises.add(sender)
+        proposal.accepted[sender] = accepted
         if applied is not None and (
             proposal.adopted is None or ballot_key(applied.auth) > ballot_key(proposal.adopted.auth)
         ):
             proposal.adopted = applied
         self._check_promises()
 
-    def _on_nack(self, ballot: Ballot) -> None:
-        proposal = self.proposal
-        if proposal is None or proposal.running or ballot_key(ballot) <= ballot_key(proposal.ballot):
-            return
+    def _on_nack(self, sender: int, ballot: Ballot) -> None:
+        """``sender`` follows a newer ballot than ours: stop proposing (if we were), follow its proposer."""
         self.max_epoch = max(self.max_epoch, ballot[0])
-        self.proposal = None
+        newest = self._newest()
+        if self.gathering or (newest is not None and ballot_key(ballot) <= ballot_key(newest)):
+            return
+        if self.proposal is not None:
+            log.info(
+                "step_proposal_superseded", step=self.step, ours=list(self.proposal.ballot), by=list(ballot)
+            )
+            self.proposal = None
+        self.following = ballot
+        self.informant = sender
         self.coordinator = ballot[1]
         self.waiting_since = self.hooks.clock()
 
+    def _on_ask(self, sender: int, theirs: Ballot | None) -> None:
+        """A rank waiting on us: tell it what we know, so that no rank waits on a live peer for good."""
+        self.askers.add(sender)
+        if self.gathering:
+            return  # our proposal (or our coordinator's) reaches it once the bounded gather ends
+        proposal = self.proposal
+        if proposal is not None:
+            if proposal.running and sender not in proposal.dones:
+                self._send(sender, "start", ballot=list(proposal.ballot), view=list(proposal.view))
+            elif not proposal.running and sender in proposal.view and sender not in proposal.promises:
+                self._send(sender, "prepare", ballot=list(proposal.ballot), view=list(proposal.view))
+            return
+        newest = self._newest()
+        if newest is not None and (theirs is None or ballot_key(newest) > ballot_key(theirs)):
+            self._send(sender, "nack", ballot=list(newest))
+
+    def _on_leave(self, sender: int) -> None:
+        """``sender`` is out of this step (it left, or it was left out and finished without us)."""
+        if sender == self.coordinator and sender in self.suspected and not self.gathering:
+            self._reelect()  # we followed it after a nack: it will never drive the step, stop waiting
+        else:
+            self._on_suspect((sender,))
+
     def _on_start(self, sender: int, ballot: Ballot, view: tuple[int, ...]) -> None:
         if not self._accepts(ballot):
+            assert self.promised is not None
+            self._send(sender, "nack", ballot=list(self.promised))
             return
         if self.promised != ballot or self.coordinator != sender:
             self._adopt_ballot(sender, ballot, view)
@@ -450,18 +613,31 @@ class StepAgreement:
         if proposal is not None and proposal.ballot == ballot and proposal.running:
             proposal.dones.add(sender)
             self._check_dones()
+        else:
+            self._on_ask(sender, ballot)  # done with a ballot we do not run: it waits on us all the same
 
     def _on_commit(self, sender: int, decision: Decision) -> None:
         if not self._accepts(decision.auth):
             return
         self._commit(decision, skip=sender)
 
-    def _on_suspect(self, ranks: Sequence[int]) -> None:
+    def _on_suspect(self, ranks: Sequence[int], theirs: Ballot | None = None) -> None:
+        """``ranks`` failed; ``theirs`` is the newest ballot of the rank that now counts on us."""
         new = set(ranks) - self.suspected - {self.me}
-        if not new:
-            return
         self.suspected |= new
-        if not self.gathering:
+        if theirs is not None:
+            self.max_epoch = max(self.max_epoch, theirs[0])
+        if self.gathering:
+            return
+        # Only a rank we count on forces a new ballot: a stranger's leave must not restart our data.
+        counted = (set(self.view) if self.view else self.ready) | {self.coordinator}
+        # A rank that turned to us may have promised more than our ballot: outbid it, or it nacks us.
+        outbid = (
+            theirs is not None
+            and self.proposal is not None
+            and ballot_key(theirs) > ballot_key(self.proposal.ballot)
+        )
+        if new & counted or outbid:
             self._reelect()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -487,6 +663,11 @@ def answer_after(
         except ProtocolError:
             return None
         return {"t": "promise", "step": step, "ballot": list(ballot), "applied": decision.to_wire()}
-    if kind in ("ready", "start", "done", "suspect"):
+    if kind in QUESTIONS:
         return {"t": "commit", "step": step, "decision": decision.to_wire()}
     return None
+
+
+def answer_left(step: int, header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How a rank that left ``step`` (excluded, or gave up) answers a late question of that step."""
+    return {"t": "leave", "step": step} if header.get("t") in QUESTIONS else None

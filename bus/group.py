@@ -8,7 +8,9 @@ registered key without one, from the rank the peer states in every message (firs
 
 State transfer is a second use of the same link: :meth:`PeerGroup.serve_state` publishes a snapshot
 (a msgpack header plus flat tensors) and :meth:`PeerGroup.fetch_state` pulls one from a peer in
-credited chunks. A rank left out of a step gets :class:`Excluded` and resynchronises that way.
+credited chunks. A rank left out of a step gets :class:`Excluded` and resynchronises that way. A rank
+done with a step still answers late questions about it (with the decision, or that it left): its
+peers see it heartbeat, so silence would leave them waiting on it for good.
 
 Each rank also keeps a *lineage*, a digest of every decision its state went through. It rides on the
 ``ready`` message, the coordinator averages only ranks of its own lineage, and a fetched snapshot
@@ -33,7 +35,17 @@ import torch
 import zmq.asyncio
 from torch import Tensor
 
-from bus.agreement import MESSAGE_TYPES, Ballot, Decision, Hooks, StepAgreement, answer_after, parse_ballot
+from bus.agreement import (
+    MESSAGE_TYPES,
+    Ballot,
+    Decision,
+    Hooks,
+    StepAgreement,
+    answer_after,
+    answer_left,
+    ballot_key,
+    parse_ballot,
+)
 from bus.allreduce import Exchange, ReduceFn
 from bus.auth import Authenticator
 from bus.peers import PeerLink, PeerMessage
@@ -120,12 +132,14 @@ class _Round:
         self.error: MLNodeError | None = None
         self.exchanges: dict[Ballot, Exchange] = {}
         self.current: Exchange | None = None
+        self.data_heard = -math.inf
         self.early: list[tuple[int, PeerMessage]] = []
         hooks = Hooks(
             send=group._send_rank,
             silent_for=self.silent_for,
             start_data=self.start_data,
             waiting_on=lambda: self.current.waiting_on() if self.current else set(),
+            data_heard=lambda: self.data_heard,
         )
         self.agreement = StepAgreement(
             step,
@@ -143,6 +157,8 @@ class _Round:
         return self.error is not None or self.agreement.finished
 
     def silent_for(self, rank: int) -> float:
+        if rank == self.group.rank:
+            return 0.0
         key = self.group._key_by_rank.get(rank)
         if key is None:
             return math.inf
@@ -181,15 +197,24 @@ class _Round:
         ballot = parse_ballot(msg.header.get("ballot"))
         current = self.current
         if current is not None and current.ballot == ballot:
+            self.data_heard = time.monotonic()
             try:
                 current.handle(rank, msg.header, msg.payload, msg)
             except ProtocolError as exc:
                 log.warning("allreduce_bad_chunk", step=self.step, peer=rank, error=exc.message)
                 self.agreement.suspect({rank})
-        elif self.agreement.promised == ballot and current is None and len(self.early) < _MAX_BUFFERED:
-            self.early.append((rank, msg))  # the start message is still on its way
+        elif self._may_start(ballot) and len(self.early) < _MAX_BUFFERED:
+            # Its start message is still on its way (the sender heard it first, maybe from another
+            # rank): keep the chunk, unacknowledged, instead of losing it for good.
+            self.early.append((rank, msg))
         else:
             self.group.link.ack(msg)
+
+    def _may_start(self, ballot: Ballot) -> bool:
+        promised = self.agreement.promised
+        return ballot not in self.exchanges and (
+            promised is None or ballot_key(ballot) >= ballot_key(promised)
+        )
 
     def handle(self, rank: int, msg: PeerMessage) -> None:
         kind = msg.header.get("t")
@@ -263,6 +288,9 @@ class PeerGroup:
         self._round: _Round | None = None
         self._future: dict[int, list[tuple[int, PeerMessage]]] = {}
         self._decided: dict[int, Decision] = {}
+        #: Steps this rank is out of: late questions about them are answered "leave", or "refuse" with
+        #: our payload size (the value) when the step failed because the models differ.
+        self._left: dict[int, int | None] = {}
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
@@ -334,6 +362,7 @@ class PeerGroup:
         )
         rnd = _Round(self, step, flat, peers, expected - {self.rank})
         self._round = rnd
+        self._left.pop(step, None)
         normal = False
         try:
             rnd.agreement.begin({"n": flat.numel()})
@@ -351,10 +380,13 @@ class PeerGroup:
                 rnd.agreement.tick()
             normal = True
             if rnd.error is not None:
+                # The models differ: the peer must fail as well, even if our one "refuse" got lost.
+                self._remember_left(step, refused=flat.numel())
                 raise rnd.error
             decision = rnd.agreement.decision
             if decision is None or not rnd.agreement.included:
                 self._last_ranks = None
+                self._remember_left(step)
                 raise Excluded(
                     rnd.agreement.excluded_reason or f"rank {self.rank} was left out of step {step}"
                 )
@@ -367,6 +399,7 @@ class PeerGroup:
             rnd.close()
             self._round = None
             if not normal:
+                self._remember_left(step)
                 for key in self.link.peer_keys():
                     self.link.send(key, {"t": "leave", "step": step, "r": self.rank})
 
@@ -378,6 +411,13 @@ class PeerGroup:
         self._decided[step] = decision
         for old in sorted(self._decided)[:-_KEEP_DECISIONS]:
             del self._decided[old]
+
+    def _remember_left(self, step: int, *, refused: int | None = None) -> None:
+        # A peer may still count on this rank for the step (in its view, or as its coordinator), and
+        # our heartbeats tell it we are alive: only an answer tells it to go on without us.
+        self._left[step] = refused
+        for old in sorted(self._left)[:-_KEEP_DECISIONS]:
+            del self._left[old]
 
     async def rejoin(self, step: int) -> None:
         """Tell every peer this rank will take part again from ``step`` (after loading their state)."""
@@ -572,6 +612,14 @@ class PeerGroup:
             rnd.handle(rank, msg)
         elif step in self._decided:
             self._answer_decided(step, rank, msg)
+        elif step in self._left:
+            self.link.ack(msg)
+            reply = answer_left(step, header)
+            refused = self._left[step]
+            if reply is not None:
+                self._send_rank(
+                    rank, reply if refused is None else {"t": "refuse", "step": step, "n": refused}
+                )
         elif (rnd is None or step > rnd.step) and kind not in ("chunk", "refuse"):
             if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
                 self._future.setdefault(step, []).append((rank, msg))

@@ -12,6 +12,11 @@ each peer may have at most ``window`` credited messages outstanding, and the rec
 senders instead of making them queue a whole model in ZeroMQ's buffers. Header keys starting with ``_``
 belong to the link: ``_i`` the sender's incarnation (a restart resets credits), ``_g`` the credit
 generation of a credited message, ``_a`` an ack.
+
+A connection the peer refused at the handshake (it had not registered our key yet) is re-opened, and
+the credited messages queued on it are sent again: nothing gets through a connection before its
+handshake, and the data plane never repeats a chunk by itself, so losing one would stall an exchange
+whose sender is alive and well.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ class _Peer:
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     watcher: asyncio.Task[None] | None = None
+    #: Whether the current socket ever completed its handshake (then it may have delivered messages).
+    shook: bool = False
+    #: Credited messages queued on a socket that has not completed its handshake yet.
+    unsure: list[tuple[dict[str, Any], Any]] = field(default_factory=list)
 
 
 def decode_header(frame: bytes) -> dict[str, Any]:
@@ -180,6 +189,8 @@ class PeerLink:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 backoff = _RETRY_MIN
+                peer.shook = True
+                peer.unsure.clear()
                 continue
             log.warning("peer_handshake_failed", peer=peer.key[:8], endpoint=peer.endpoint, retry_s=backoff)
             await asyncio.sleep(backoff)
@@ -190,7 +201,25 @@ class PeerLink:
             peer.sock, peer.monitor = self._connect(peer.key, peer.endpoint)
             peer.gen += 1  # whatever sat in the old socket's queue is gone, and so are its credits
             peer.outstanding = 0
+            if peer.shook:  # the old socket may have delivered part of its queue: cannot tell what
+                peer.shook = False
+                peer.unsure.clear()
+            else:
+                self._resend_unsure(peer)
             peer.freed.set()
+
+    def _resend_unsure(self, peer: _Peer) -> None:
+        """Queue again, in order, the credited messages lost with a socket that never got through."""
+        unsure, peer.unsure = peer.unsure, []
+        for header, payload in unsure:
+            peer.outstanding += 1
+            if self._send(peer, {**header, "_g": peer.gen}, payload, quiet=True):
+                peer.unsure.append((header, payload))
+            else:
+                peer.outstanding -= 1
+                log.warning("peer_resend_failed", peer=peer.key[:8], t=header.get("t"))
+        if unsure:
+            log.info("peer_credited_resent", peer=peer.key[:8], messages=len(peer.unsure))
 
     @staticmethod
     def _close_sockets(peer: _Peer) -> None:
@@ -239,6 +268,8 @@ class PeerLink:
             if peer.outstanding < self.window:
                 peer.outstanding += 1
                 if self._send(peer, {**header, "_g": peer.gen}, payload, quiet=True):
+                    if not peer.shook:
+                        peer.unsure.append((header, payload))
                     return
                 peer.outstanding -= 1
                 wait: Any = asyncio.sleep(_RETRY_MIN / 2)  # not connected (yet): try again shortly

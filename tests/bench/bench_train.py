@@ -190,6 +190,7 @@ def run() -> None:
                 port = _free_ports(1)[0]
                 slowest, _, _ = _run(_gloo_worker, lambda r, p=port, f=(name == "gloo flat"): (r, p, f))
             samples[name] += slowest
+            print(f"   {name}: {', '.join(f'{t * 1e3:.0f}' for t in slowest)} ms", flush=True)
     timings = {name: statistics.median(values) for name, values in samples.items()}
     gloo = timings["gloo"]
     labels = {

@@ -24,11 +24,19 @@ from bus.group import Excluded, Member, PeerGroup, Reduced
 from bus.peers import DOMAIN, PeerMessage
 from node.errors import InvalidRequest, NotFound, ProtocolError
 from node.identity import KeyPair
-from services.train.config import DiLoCoConfig, ModelConfig, OptimConfig, TrainPlan
+from services.train.config import DiLoCoConfig, EnvConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
 from services.train.diloco import DiLoCoWorker, fixed_order_mean
-from services.train.peers import PeerRegistry, diloco_reduce, follow, open_group, peer_handlers
+from services.train.peers import (
+    PeerRegistry,
+    diloco_reduce,
+    follow,
+    listen_endpoint,
+    open_group,
+    own_entry,
+    peer_handlers,
+)
 from services.train.simulate import simulate
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,18 +96,40 @@ class Rank:
 
     def stall_after_chunks(self, count: int, seconds: float) -> None:
         """Go silent in the middle of an exchange, once ``count`` data chunks have arrived."""
+        seen = [0]
+
+        def chunk(msg: PeerMessage) -> bool:
+            seen[0] += msg.header.get("t") == "chunk"
+            return seen[0] == count and msg.header.get("t") == "chunk"
+
+        self.stall_after(chunk, seconds)
+
+    def stall_after(
+        self, matches: Callable[[PeerMessage], bool], seconds: float, then: Callable[[], Any] = lambda: None
+    ) -> None:
+        """Go silent for ``seconds`` right after handling the first message that ``matches``.
+
+        ``then`` runs as the stall begins, so a test can make something happen while this rank is mute.
+        """
         link = self.group.link
         inner = link._handler
-        seen = [0]
+        fired = [False]
 
         def handler(msg: PeerMessage) -> None:
             inner(msg)
-            if msg.header.get("t") == "chunk":
-                seen[0] += 1
-                if seen[0] == count:
-                    time.sleep(seconds)
+            if not fired[0] and matches(msg):
+                fired[0] = True
+                then()
+                time.sleep(seconds)
 
         link._handler = handler
+
+    def deaf_to(self, other: Rank) -> None:
+        """Stop hearing ``other`` (its key is revoked here, as if its registration had not arrived yet)."""
+        self.auth.revoke(DOMAIN, other.keys.public)
+
+    def hear(self, other: Rank) -> None:
+        self.auth.allow(DOMAIN, other.keys.public)
 
     def close(self) -> None:
         async def shut() -> None:
@@ -222,6 +252,29 @@ def test_a_rank_stalling_mid_exchange_is_dropped_then_rejoins_with_fetched_state
         assert_mean_of(future.result(30), data, (0, 1, 2))
 
 
+def test_a_rank_left_out_by_one_coordinator_tells_another_that_still_counts_on_it(three: list[Rank]) -> None:
+    # Two coordinators at once, as under load: rank 1 cannot hear rank 0 (its key is not registered
+    # there yet), so it coordinates ranks 1 and 2; rank 0 (state from an old checkpoint) decides alone
+    # and leaves rank 2 out while rank 2 works on rank 1's exchange. Rank 2 is then done with the step
+    # but still heartbeats: it must tell rank 1 that it left, or rank 1 waits on it for ever.
+    zero, one, two = three
+    one.deaf_to(zero)
+    zero.group.lineage = "restored-from-an-old-checkpoint"
+    data = payloads(3)
+    late: list[concurrent.futures.Future[Any]] = []
+    two.stall_after(
+        lambda msg: msg.header.get("t") == "start" and msg.header.get("r") == 1,
+        0.3,  # shorter than the timeout: rank 1 must not simply find rank 2 silent
+        then=lambda: late.append(zero.reduce(0, data[0])),
+    )
+    on_one, on_two = reduce_on([one, two], 0, data)
+    wait_until(lambda: bool(late))  # rank 0 started its step while rank 2 was mute
+    assert late[0].result(10).ranks == (0,)
+    with pytest.raises(Excluded, match="leaves rank 2 out"):
+        on_two.result(10)
+    assert_mean_of(on_one.result(10), data, (1,))  # rank 1 went on alone, in bounded time
+
+
 def test_a_rank_whose_state_diverged_is_left_out_until_it_loads_the_groups_state(three: list[Rank]) -> None:
     three[2].group.lineage = "restored-from-an-old-checkpoint"
     data = payloads(3)
@@ -250,6 +303,24 @@ def test_ranks_with_different_payload_sizes_refuse_each_other() -> None:
         for future in futures:
             with pytest.raises(ProtocolError, match="elements"):
                 future.result(30)
+    finally:
+        for rank in ranks:
+            rank.close()
+
+
+def test_a_refusal_that_got_lost_is_repeated_so_both_sides_fail() -> None:
+    ranks = make_ranks(2, timeout=2)
+    try:
+        ranks[1].deaf_to(ranks[0])  # rank 0's ready and its one "refuse" never reach rank 1
+        futures = [
+            ranks[0].submit(lambda: ranks[0].group.all_reduce(0, [torch.zeros(10)])),
+            ranks[1].submit(lambda: ranks[1].group.all_reduce(0, [torch.zeros(11)])),
+        ]
+        with pytest.raises(ProtocolError, match="elements"):
+            futures[0].result(10)
+        ranks[1].hear(ranks[0])
+        with pytest.raises(ProtocolError, match="elements"):
+            futures[1].result(6)  # well before rank 1 would give up on rank 0 and reduce alone (8 s)
     finally:
         for rank in ranks:
             rank.close()
@@ -395,6 +466,21 @@ async def test_bus_handlers_wrap_the_registry() -> None:
         await handlers["train.peers.register"]({"task_id": "7", "peers": [{"node_id": "x"}]}, caller)
     await handlers["train.peers.remove"]({"task_id": "7", "node_id": "n1"}, caller)
     assert (await handlers["train.peers.list"]({"task_id": "7"}, caller))["peers"] == []
+
+
+def test_the_listener_binds_where_the_registry_says_this_node_listens() -> None:
+    registry = PeerRegistry()
+    me = KeyPair.generate()
+    env = EnvConfig(
+        task_id="7", rank=1, world_size=3, global_addr="10.0.0.5", global_port=5565, base_port=10001
+    )
+    assert own_entry(registry, "7", me) is None
+    assert listen_endpoint(env, None) == "tcp://*:10001"
+    assert listen_endpoint(dataclasses.replace(env, rank=0), None) == "tcp://*:5565"
+    with pytest.raises(InvalidRequest, match="BASE_PORT"):
+        listen_endpoint(dataclasses.replace(env, base_port=None), None)
+    registry.register({"task_id": "7", "peers": [peer("me", me, "10.0.0.7:7001", rank=1)]})
+    assert listen_endpoint(env, own_entry(registry, "7", me)) == "tcp://*:7001"
 
 
 def test_the_listener_admits_exactly_the_running_tasks_registered_keys() -> None:
