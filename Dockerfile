@@ -15,6 +15,7 @@ WORKDIR /opt/mlnode
 COPY pyproject.toml README.md supervisord.conf ./
 COPY node ./node
 COPY bus ./bus
+COPY contracts ./contracts
 COPY services ./services
 # torch and vLLM already come with the base image and satisfy the bounds: pip adds only our deps.
 RUN python3 -m pip install ".[vllm]" && python3 -c "import node, bus, services.gateway.app"

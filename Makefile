@@ -111,7 +111,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
 lint: $(STAMP)
-	$(BIN)/ruff check node bus services tests
+	$(BIN)/ruff check node bus services contracts tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
