@@ -198,8 +198,8 @@ def cmd_env_template(_args: argparse.Namespace) -> int:
 def cmd_create_tiny(args: argparse.Namespace) -> int:
     from services.inference.cpu_engine.checkpoint import create_tiny
 
-    create_tiny(Path(args.directory), seed=args.seed)
-    print(f"tiny model written to {Path(args.directory).resolve()}")
+    create_tiny(Path(args.directory), seed=args.seed, arch=args.arch)
+    print(f"tiny {args.arch} model written to {Path(args.directory).resolve()}")
     return 0
 
 
@@ -229,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(fn=cmd_env_template)
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    tiny = model_sub.add_parser("create-tiny", help="write a deterministic tiny Llama (HF layout)")
+    tiny = model_sub.add_parser(
+        "create-tiny", help="write a deterministic tiny Llama or Qwen3 (HF layout, head_dim 32: every engine)"
+    )
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     tiny.set_defaults(fn=cmd_create_tiny)
     return parser
 

@@ -1,8 +1,9 @@
 """Model directories in the Hugging Face layout: make a tiny seeded one, or load one.
 
-No model is ever downloaded: ``create_tiny`` builds a deterministic Llama (weights drawn from a seeded
-NumPy generator, so the same seed gives the same bytes on every machine) in exactly the layout vLLM
-loads, which lets the same directory back both the CPU engine and a GPU smoke test.
+No model is ever downloaded: ``create_tiny`` builds a deterministic Llama or Qwen3 (weights drawn from a
+seeded NumPy generator, so the same seed gives the same bytes on every machine) in exactly the layout
+vLLM loads, which lets the same directory back both the CPU engine and a real vLLM. Its head_dim is 32 by
+default because vLLM's CPU attention only has kernels for head sizes 32, 64, 80, 96, 112, 128, ...
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .tokenizer import BOS, EOS, EOT, ByteTokenizer, special_token_names, tokeni
 
 log = get_logger(__name__)
 
+TINY_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TINY_FILES = frozenset(
     {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 )
@@ -40,30 +42,35 @@ def create_tiny(
     path: Path,
     seed: int = 0,
     *,
+    arch: str = "llama",
     hidden: int = 64,
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
+    head_dim: int = 32,
     intermediate: int = 128,
     vocab_size: int = 272,
     max_position_embeddings: int = 2048,
     rope_theta: float = 10000.0,
     rms_norm_eps: float = 1e-5,
 ) -> None:
-    """Write a seeded Llama model directory (config, safetensors, tokenizer files) to ``path``."""
+    """Write a seeded ``arch`` ("llama" or "qwen3") model directory (config, safetensors, tokenizer
+    files) to ``path``."""
     specials = special_token_names(vocab_size)
-    if hidden % heads or heads % kv_heads:
-        raise ConfigError("create_tiny: hidden must divide by heads and heads by kv_heads")
+    if arch not in TINY_ARCHITECTURES:
+        raise ConfigError(f"create_tiny: arch must be one of {', '.join(TINY_ARCHITECTURES)}, got {arch!r}")
+    if heads % kv_heads:
+        raise ConfigError("create_tiny: heads must be a multiple of kv_heads")
     ids = {name: 256 + i for i, name in enumerate(specials)}
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [TINY_ARCHITECTURES[arch]],
+        "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
+        "head_dim": head_dim,
         "vocab_size": vocab_size,
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": rms_norm_eps,
@@ -80,6 +87,8 @@ def create_tiny(
         "tie_word_embeddings": False,
         "use_cache": True,
     }
+    if arch == "qwen3":
+        config.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers})
     cfg = ModelConfig.from_dict(config)
     rng = np.random.default_rng(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -159,7 +168,7 @@ class LoadedModel:
 
 
 def load(path: Path, dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
-    """Load a model directory written by :func:`create_tiny` (or any byte-level HF Llama directory)."""
+    """Load a model directory written by :func:`create_tiny` (or any byte-level HF Llama / Qwen3 one)."""
     cfg = ModelConfig.from_dir(path)
     limit = max_model_len or cfg.max_position_embeddings
     if limit > cfg.max_position_embeddings:
@@ -168,6 +177,7 @@ def load(path: Path, dtype: str = "auto", max_model_len: int | None = None) -> L
             f"{cfg.max_position_embeddings}"
         )
     tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
+    tokenizer.add_eos(cfg.eos_token_ids)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} ids but config vocab_size is {cfg.vocab_size}"

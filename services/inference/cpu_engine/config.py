@@ -1,7 +1,9 @@
-"""The subset of a Hugging Face Llama ``config.json`` the CPU engine understands, checked on load.
+"""The subset of a Hugging Face Llama / Qwen3 ``config.json`` the CPU engine understands, checked on load.
 
-Anything we cannot compute faithfully (rope scaling, biases, another architecture) is refused with a
-ConfigError naming the field, rather than silently serving a model that differs from what vLLM would.
+Qwen3 is a Llama with a per-head RMSNorm on q and k before the rotary embedding (``qk_norm``). Anything
+we cannot compute faithfully (rope scaling, biases, sliding windows, another architecture) is refused
+with a ConfigError naming the field, rather than silently serving a model that differs from what vLLM
+would.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+# model_type -> whether attention normalises q and k per head before the rotary embedding.
+ARCHITECTURES: dict[str, bool] = {"llama": False, "qwen3": True}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -38,15 +43,25 @@ class ModelConfig:
     rope_theta: float
     torch_dtype: str
     tie_word_embeddings: bool
+    qk_norm: bool = False
+    eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, doc: Any) -> ModelConfig:
         if not isinstance(doc, dict):
             raise ConfigError("config.json must hold a JSON object")
-        if doc.get("model_type") != "llama":
-            raise ConfigError(f"config.json: model_type must be 'llama', got {doc.get('model_type')!r}")
+        model_type = doc.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"config.json: model_type must be one of {', '.join(ARCHITECTURES)}, got {model_type!r}"
+            )
         if doc.get("rope_scaling") is not None:
             raise ConfigError("config.json: rope_scaling is not supported by the CPU engine")
+        rope = doc.get("rope_parameters")
+        if rope is not None and (not isinstance(rope, dict) or rope.get("rope_type", "default") != "default"):
+            raise ConfigError("config.json: only rope_parameters.rope_type 'default' is supported")
+        if doc.get("use_sliding_window"):
+            raise ConfigError("config.json: use_sliding_window is not supported by the CPU engine")
         for flag in ("attention_bias", "mlp_bias"):
             if doc.get(flag):
                 raise ConfigError(f"config.json: {flag} is not supported by the CPU engine")
@@ -74,6 +89,9 @@ class ModelConfig:
         if head_dim % 2:
             raise ConfigError("config.json: head_dim must be even (rotary embeddings)")
         dtype = str(doc.get("torch_dtype") or doc.get("dtype") or "float32")
+        theta = float((rope or {}).get("rope_theta", 10000.0))
+        eos = doc.get("eos_token_id")
+        eos_ids = tuple(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
         return cls(
             hidden_size=hidden,
             intermediate_size=positive_int("intermediate_size"),
@@ -84,9 +102,11 @@ class ModelConfig:
             vocab_size=positive_int("vocab_size"),
             max_position_embeddings=positive_int("max_position_embeddings"),
             rms_norm_eps=positive_float("rms_norm_eps", 1e-6),
-            rope_theta=positive_float("rope_theta", 10000.0),
+            rope_theta=positive_float("rope_theta", theta),
             torch_dtype=dtype,
             tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)),
+            qk_norm=ARCHITECTURES[model_type],
+            eos_token_ids=eos_ids,
         )
 
     @classmethod

@@ -1,15 +1,18 @@
-"""A Llama decoder (HF ``LlamaForCausalLM`` semantics) that runs one sequence at a time on CPU.
+"""A Llama / Qwen3 decoder (HF ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``) that runs on CPU.
 
 Why one sequence at a time: a batched matmul picks different kernels for different batch sizes, so a
 sequence's logits would depend (in the last bits) on what else is in the batch, and seeded sampling or
 a validator's logprob replay would stop being reproducible. Per-sequence forwards with a KV cache whose
 layout depends only on the sequence's own length give bit-identical logits for the same tokens, whatever
 runs beside them. The projections are fused (q|k|v, gate|up) to keep the per-token op count small.
+
+PoC v2 needs the other shape of work: many independent full-length prefills from ``inputs_embeds`` with
+a hook after every layer and no cache, so :meth:`LlamaModel.body` runs a batch of those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +52,22 @@ class KVCache:
                 store[i] = new
 
 
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 class _Layer:
-    def __init__(self, w: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, w: Mapping[str, torch.Tensor], prefix: str, cfg: ModelConfig, dtype: torch.dtype
+    ) -> None:
         def get(name: str) -> torch.Tensor:
             return w[f"{prefix}.{name}"].to(dtype).contiguous()
+
+        # Qwen3: one (heads, head_dim) gain table for the q heads then the k heads, applied in one op.
+        self.qk_norm: torch.Tensor | None = None
+        if cfg.qk_norm:
+            q_gain = get("self_attn.q_norm.weight").expand(cfg.num_attention_heads, -1)
+            k_gain = get("self_attn.k_norm.weight").expand(cfg.num_key_value_heads, -1)
+            self.qk_norm = torch.cat([q_gain, k_gain]).contiguous()
 
         self.ln_in = get("input_layernorm.weight")
         self.ln_post = get("post_attention_layernorm.weight")
@@ -63,7 +78,7 @@ class _Layer:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF parameter name of a Llama checkpoint with its shape."""
+    """Every HF parameter name of a Llama (or Qwen3) checkpoint with its shape."""
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
@@ -82,6 +97,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 f"{p}.post_attention_layernorm.weight": (h,),
             }
         )
+        if cfg.qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = (hd,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (hd,)
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
@@ -108,7 +126,9 @@ class LlamaModel:
         head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         self.lm_head = head.to(dtype).contiguous()
         self.norm = weights["model.norm.weight"].to(dtype).contiguous()
-        self.layers = [_Layer(weights, f"model.layers.{i}", dtype) for i in range(cfg.num_hidden_layers)]
+        self.layers = [
+            _Layer(weights, f"model.layers.{i}", cfg, dtype) for i in range(cfg.num_hidden_layers)
+        ]
         self.n_q = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.group = self.n_q // self.n_kv
@@ -129,6 +149,44 @@ class LlamaModel:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
         return weight * xf.to(self.dtype)
 
+    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """q|k heads (``[..., heads, head_dim]``): Qwen3's per-head norm, then rotary (rotate-half form)."""
+        if layer.qk_norm is not None:
+            qk = self._rms(qk, layer.qk_norm)
+        half = self.hd // 2
+        swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
+        return qk * cos + swapped * sin
+
+    @torch.inference_mode()
+    def body(self, embeds: torch.Tensor, after_layer: LayerHook | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, H]`` of ``B`` independent causal sequences given as
+        ``inputs_embeds`` ``[B, T, H]`` at positions 0..T-1; ``after_layer(i, x)`` may replace the
+        residual stream after decoder layer ``i``."""
+        b, n, _ = embeds.shape
+        if n == 0 or n > self.max_len:
+            raise ValueError(f"cannot run {n} positions (max_len {self.max_len})")
+        cos = self.cos[:n].unsqueeze(1)
+        sin = self.sin[:n].unsqueeze(1)
+        qk_width = (self.n_q + self.n_kv) * self.hd
+        x = embeds.to(self.dtype)
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln_in)
+            qkv = F.linear(h, layer.qkv)
+            qk = qkv[..., :qk_width].reshape(b, n, self.n_q + self.n_kv, self.hd)
+            qk = self._rotate(qk, cos, sin, layer)
+            q = qk[:, :, : self.n_q].transpose(1, 2)
+            k = qk[:, :, self.n_q :].transpose(1, 2).repeat_interleave(self.group, dim=1)
+            v = qkv[..., qk_width:].reshape(b, n, self.n_kv, self.hd).transpose(1, 2)
+            v = v.repeat_interleave(self.group, dim=1)
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            x = x + F.linear(att.transpose(1, 2).reshape(b, n, self.n_q * self.hd), layer.o)
+            h = self._rms(x, layer.ln_post)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+            if after_layer is not None:
+                x = after_layer(li, x)
+        return self._rms(x, self.norm)
+
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
         n = len(tokens)
@@ -137,7 +195,6 @@ class LlamaModel:
             raise ValueError(f"cannot run {n} tokens at position {start} (max_len {self.max_len})")
         cache.reserve(n)
         end = start + n
-        half = self.hd // 2
         cos = self.cos[start:end].unsqueeze(1)
         sin = self.sin[start:end].unsqueeze(1)
         qk_width = (self.n_q + self.n_kv) * self.hd
@@ -150,9 +207,7 @@ class LlamaModel:
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln_in)
             qkv = F.linear(h, layer.qkv)
-            qk = qkv[:, :qk_width].reshape(n, self.n_q + self.n_kv, self.hd)
-            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + swapped * sin
+            qk = self._rotate(qkv[:, :qk_width].reshape(n, self.n_q + self.n_kv, self.hd), cos, sin, layer)
             v = qkv[:, qk_width:].reshape(n, self.n_kv, self.hd)
             keys, values = cache.keys[li], cache.values[li]
             keys[:, start:end] = qk[:, self.n_q :].transpose(0, 1)

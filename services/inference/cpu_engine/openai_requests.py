@@ -103,7 +103,8 @@ def completion_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
 
 def chat_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
     add_generation_prompt = body.get("add_generation_prompt", True) is not False
-    return tok.encode(render_chat(body.get("messages"), add_generation_prompt=add_generation_prompt))
+    text = render_chat(body.get("messages"), add_generation_prompt=add_generation_prompt, chatml=tok.chatml)
+    return tok.encode(text)
 
 
 def parse(body: Any, tok: ByteTokenizer, max_model_len: int, *, chat: bool) -> ParsedRequest:

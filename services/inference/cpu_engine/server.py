@@ -26,6 +26,7 @@ from .checkpoint import LoadedModel
 from .metrics import render_metrics
 from .openai_requests import chat_prompt, completion_prompt, parse
 from .openai_responses import ResponseBuilder
+from .poc_rpc import PocWorker
 from .scheduler import Scheduler
 from .sequence import Emission
 
@@ -76,6 +77,7 @@ class EngineApp:
         self.settings = settings
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
+        self.poc: PocWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[int, asyncio.Queue[Emission | None]] = {}
         self._ids = itertools.count(1)
@@ -96,11 +98,14 @@ class EngineApp:
         if self.hung:
             scheduler.freeze()
         self.scheduler = scheduler
+        self.poc = PocWorker(loaded.model, loaded.max_model_len)
         self.loaded = loaded
 
     def shutdown(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.poc is not None:
+            self.poc.shutdown()
 
     # -- model thread -> event loop ------------------------------------------------------------------
 
@@ -157,6 +162,7 @@ class EngineApp:
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
             "/tokenize": ("POST", self._tokenize),
+            "/collective_rpc": ("POST", self._collective_rpc),
         }
         route = routes.get(path.rstrip("/") or "/")
         if route is None:
@@ -250,6 +256,15 @@ class EngineApp:
         await _send_json(
             send, 200, {"count": len(tokens), "max_model_len": self.loaded.max_model_len, "tokens": tokens}
         )
+
+    async def _collective_rpc(self, body: Any, _receive: Receive, send: Send) -> None:
+        """vLLM's dev-mode RPC route; the only method is PoC v2's ``mlnode_poc_artifacts``."""
+        assert self.poc is not None
+        try:
+            req = self.poc.parse(body)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        await _send_json(send, 200, await self.poc.answer(req))
 
     async def _completions(self, body: Any, receive: Receive, send: Send) -> None:
         await self._generate(body, receive, send, chat=False)

@@ -4,6 +4,10 @@ The ``tokenizers`` package is not a dependency, and our models need nothing more
 byte: a BPE model whose vocabulary is the 256 GPT-2 byte symbols, no merges, plus added special tokens.
 With no merges every UTF-8 byte is its own token, so encode/decode round-trip any text exactly and a
 text has exactly one tokenisation -- which is what makes ``enforced_str`` replay the original tokens.
+
+A byte-level BPE vocabulary with merges (Hugging Face Qwen3 checkpoints) is accepted too: the engine
+still encodes byte by byte (a valid tokenisation, every byte symbol is in the vocabulary) and never
+samples a merged token, so the one-tokenisation property holds; merged ids still decode to their bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ EOT = "<|eot_id|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 NAMED_SPECIALS = (BOS, EOS, EOT, START_HEADER, END_HEADER)
+CHATML_START = "<|im_start|>"
+CHATML_END = "<|im_end|>"
 
 
 def byte_symbols() -> list[str]:
@@ -105,13 +111,19 @@ def tokenizer_json(vocab_size: int) -> dict[str, Any]:
 class ByteTokenizer:
     """Text <-> token ids, one id per UTF-8 byte plus special tokens that are never split."""
 
-    def __init__(self, byte_ids: Sequence[int], specials: dict[str, int]) -> None:
+    def __init__(
+        self, byte_ids: Sequence[int], specials: dict[str, int], merged: dict[int, bytes] | None = None
+    ) -> None:
         if len(byte_ids) != 256:
             raise ConfigError(f"tokenizer must map all 256 bytes, got {len(byte_ids)}")
         self.byte_ids = list(byte_ids)
         self.specials = dict(specials)
-        self.vocab_size = max([*self.byte_ids, *self.specials.values()]) + 1
+        merged = merged or {}
+        self.vocab_size = max([*self.byte_ids, *self.specials.values(), *merged]) + 1
         self._bytes_of: list[bytes | None] = [None] * self.vocab_size
+        self._merged: list[bytes | None] = [None] * self.vocab_size
+        for tid, raw in merged.items():
+            self._merged[tid] = raw
         for b, tid in enumerate(self.byte_ids):
             self._bytes_of[tid] = bytes([b])
         self._special_of: dict[int, str] = {tid: name for name, tid in self.specials.items()}
@@ -120,9 +132,18 @@ class ByteTokenizer:
         self.bos_id = self.specials.get(BOS)
         self.eos_ids = frozenset(self.specials[n] for n in (EOS, EOT) if n in self.specials)
 
+    @property
+    def chatml(self) -> bool:
+        """Whether chats use the ChatML (``<|im_start|>``, Qwen) format rather than Llama 3 headers."""
+        return CHATML_START in self.specials
+
+    def add_eos(self, ids: Iterable[int]) -> None:
+        """Also stop on ``ids`` (the model config's ``eos_token_id``), when they are special tokens."""
+        self.eos_ids = self.eos_ids | frozenset(i for i in ids if i in self._special_of)
+
     @classmethod
     def from_file(cls, path: Path) -> ByteTokenizer:
-        """Load a byte-level ``tokenizer.json``; anything needing real BPE merges is refused."""
+        """Load a byte-level BPE ``tokenizer.json`` (merged tokens are kept for decoding only)."""
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -130,24 +151,28 @@ class ByteTokenizer:
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
             raise ConfigError("tokenizer.json: model.type must be 'BPE'")
-        if model.get("merges"):
-            raise ConfigError("tokenizer.json: model.merges must be empty (only byte-level vocabularies)")
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise ConfigError("tokenizer.json: model.vocab must be an object")
-        byte_of_symbol = {sym: b for b, sym in enumerate(byte_symbols())}
-        byte_ids = [-1] * 256
-        for sym, tid in vocab.items():
-            if sym not in byte_of_symbol or not isinstance(tid, int):
-                raise ConfigError(f"tokenizer.json: model.vocab entry {sym!r} is not a byte symbol")
-            byte_ids[byte_of_symbol[sym]] = tid
-        if -1 in byte_ids:
-            raise ConfigError("tokenizer.json: model.vocab must cover all 256 byte symbols")
         specials: dict[str, int] = {}
         for entry in doc.get("added_tokens") or []:
             if isinstance(entry, dict) and isinstance(entry.get("id"), int):
                 specials[str(entry["content"])] = entry["id"]
-        return cls(byte_ids, specials)
+        byte_of_symbol = {sym: b for b, sym in enumerate(byte_symbols())}
+        byte_ids = [-1] * 256
+        merged: dict[int, bytes] = {}
+        for sym, tid in vocab.items():
+            if sym in specials:
+                continue
+            if not isinstance(tid, int) or not sym or any(c not in byte_of_symbol for c in sym):
+                raise ConfigError(f"tokenizer.json: model.vocab entry {sym!r} is not made of byte symbols")
+            if len(sym) == 1:
+                byte_ids[byte_of_symbol[sym]] = tid
+            else:
+                merged[tid] = bytes(byte_of_symbol[c] for c in sym)
+        if -1 in byte_ids:
+            raise ConfigError("tokenizer.json: model.vocab must cover all 256 byte symbols")
+        return cls(byte_ids, specials, merged)
 
     def encode(self, text: str, *, add_bos: bool = False, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``parse_special`` special-token strings become their ids."""
@@ -169,7 +194,9 @@ class ByteTokenizer:
 
     def token_bytes(self, tid: int) -> bytes:
         """The text bytes of one token: special tokens contribute none (they are skipped in text)."""
-        raw = self._bytes_of[tid] if 0 <= tid < self.vocab_size else None
+        if not 0 <= tid < self.vocab_size:
+            return b""
+        raw = self._bytes_of[tid] or self._merged[tid]
         return raw if raw is not None else b""
 
     def byte_of(self, tid: int) -> int | None:

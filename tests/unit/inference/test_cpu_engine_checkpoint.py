@@ -12,9 +12,10 @@ from safetensors import safe_open
 from node.errors import ConfigError
 from services.inference.cpu_engine.chat_template import CHAT_TEMPLATE, render_chat
 from services.inference.cpu_engine.checkpoint import TINY_FILES, create_tiny, load, load_or_synthesize
+from tests.support.pocv2 import TINY_QWEN3
 
 # sha256 of model.safetensors for seed 0: pins "same seed -> same bytes" across machines and versions.
-SEED0_WEIGHTS_SHA256 = "1a061fbb3639d9523d61dcace64e0952c2e4589bf77c83677059e28b9801ef9a"
+SEED0_WEIGHTS_SHA256 = "f5c0b8afdc9646c45ae33125437833d0ddba6871c9cd8a078bd11185a47d3ae6"
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -34,7 +35,7 @@ def test_same_seed_same_bytes_and_exact_file_set(tmp_path: Path) -> None:
 
 
 def test_layout_is_hugging_face_llama(tmp_path: Path) -> None:
-    create_tiny(tmp_path, seed=3, hidden=32, layers=3, heads=4, kv_heads=1, intermediate=48)
+    create_tiny(tmp_path, seed=3, hidden=32, layers=3, heads=4, kv_heads=1, head_dim=8, intermediate=48)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["model_type"] == "llama"
@@ -90,3 +91,35 @@ def test_a_hub_name_gets_a_seeded_stand_in() -> None:
     loaded = load_or_synthesize("Qwen/Qwen2.5-7B-Instruct", "auto", 4096, seed=0)
     assert loaded.max_model_len == 4096
     assert loaded.config.hidden_size == 64
+
+
+def test_default_tiny_models_fit_every_engine(tmp_path: Path) -> None:
+    """vLLM's CPU attention has no kernel below head_dim 32: the defaults must use one it has."""
+    for arch, architecture in (("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM")):
+        create_tiny(tmp_path / arch, seed=0, arch=arch)
+        config = json.loads((tmp_path / arch / "config.json").read_text())
+        assert config["architectures"] == [architecture] and config["model_type"] == arch
+        assert config["head_dim"] in (32, 64, 80, 96, 112, 128)
+    with safe_open(str(tmp_path / "qwen3" / "model.safetensors"), framework="pt") as f:
+        assert tuple(f.get_slice("model.layers.1.self_attn.q_norm.weight").get_shape()) == (32,)
+        assert tuple(f.get_slice("model.layers.1.self_attn.k_norm.weight").get_shape()) == (32,)
+    loaded = load(tmp_path / "qwen3")
+    assert loaded.config.qk_norm and not load(tmp_path / "llama").config.qk_norm
+    with pytest.raises(ConfigError, match="arch"):
+        create_tiny(tmp_path / "x", arch="gpt2")
+
+
+def test_the_golden_qwen3_checkpoint_loads(tmp_path: Path) -> None:
+    loaded = load(TINY_QWEN3)
+    cfg = loaded.config
+    assert (cfg.hidden_size, cfg.head_dim, cfg.rope_theta, cfg.qk_norm) == (64, 32, 1e6, True)
+    tok = loaded.tokenizer
+    assert tok.chatml and tok.eos_ids == frozenset({2}) and tok.bos_id is None
+    prompt = render_chat([{"role": "user", "content": "hi"}], chatml=tok.chatml)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    template = json.loads((TINY_QWEN3 / "tokenizer_config.json").read_text())["chat_template"]
+    jinja2 = pytest.importorskip("jinja2")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
+    assert jinja2.Template(template).render(messages=messages, add_generation_prompt=True) == render_chat(
+        messages, chatml=True
+    )

@@ -371,4 +371,4 @@ def test_load_failure_exits_with_the_reason(tmp_path: Path) -> None:
     finally:
         eng.stop(kill=True)
     log = eng.log.read_text()
-    assert "model_load_failed" in log and "model_type must be 'llama'" in log
+    assert "model_load_failed" in log and "model_type must be one of llama, qwen3" in log

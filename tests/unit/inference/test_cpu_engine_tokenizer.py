@@ -76,12 +76,24 @@ def test_token_text_spells_partial_utf8_uniquely(tok: ByteTokenizer) -> None:
     assert tok.token_bytes(258) == b""
 
 
-def test_refuses_tokenizers_it_cannot_reproduce(tmp_path: Path) -> None:
+def test_merged_vocabularies_stay_byte_level(tmp_path: Path) -> None:
     doc = tokenizer_json(272)
     doc["model"]["merges"] = ["Ġ t"]
+    doc["model"]["vocab"]["Ġt"] = 300
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
-    with pytest.raises(ConfigError, match="merges"):
+    tok = ByteTokenizer.from_file(path)
+    assert tok.encode(" t") == [tok.byte_ids[ord(" ")], tok.byte_ids[ord("t")]]
+    assert tok.decode([300, tok.byte_ids[ord("o")]]) == " to"
+    assert tok.byte_of(300) is None and tok.vocab_size == 301
+
+
+def test_refuses_tokenizers_it_cannot_reproduce(tmp_path: Path) -> None:
+    doc = tokenizer_json(272)
+    doc["model"]["vocab"]["<not bytes>"] = 280
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ConfigError, match="byte symbols"):
         ByteTokenizer.from_file(path)
     doc = tokenizer_json(272)
     del doc["model"]["vocab"]["A"]
