@@ -2,6 +2,7 @@
 
 ``mlnode_engine_iterations_total`` is ours: it moves on every model step, so the inference manager can
 tell a busy engine (counter moving) from a hung one (requests running, counter frozen).
+``mlnode_engine_poc_nonces_total`` counts PoC v2 nonces computed (it moves once per PoC batch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def render_metrics(
     generation_tokens: int,
     finished: Mapping[str, int],
     iterations: int,
+    poc_nonces: int = 0,
 ) -> str:
     """The exposition text (format 0.0.4) for the engine's current counters."""
     name = f'model_name="{_label(model_name)}"'
@@ -44,4 +46,5 @@ def render_metrics(
         [(f'finished_reason="{_label(r)}",{name}', finished.get(r, 0)) for r in reasons],
     )
     metric("mlnode_engine_iterations_total", "counter", "Model steps taken.", [(name, iterations)])
+    metric("mlnode_engine_poc_nonces_total", "counter", "PoC v2 nonces computed.", [(name, poc_nonces)])
     return "\n".join(lines) + "\n"

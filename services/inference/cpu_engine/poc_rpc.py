@@ -57,9 +57,12 @@ class PocWorker:
             dtype=self.model.dtype,
             device=torch.device("cpu"),
             batch_size=BATCH_SIZE,
+            progress=self._count,
         )
-        self.nonces_done += len(req.nonces)
         return result
+
+    def _count(self, nonces: int) -> None:
+        self.nonces_done += nonces
 
     async def answer(self, req: PocRequest) -> dict[str, Any]:
         """vLLM's answer shape: one result per worker; this engine has one worker."""

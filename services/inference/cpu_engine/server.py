@@ -237,6 +237,7 @@ class EngineApp:
             generation_tokens=s.generation_tokens if s else 0,
             finished=dict(s.finished) if s else {},
             iterations=s.iterations if s else 0,
+            poc_nonces=self.poc.nonces_done if self.poc else 0,
         )
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

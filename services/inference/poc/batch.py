@@ -103,8 +103,10 @@ def run(
     dtype: torch.dtype,
     device: torch.device,
     batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, list[Any]]:
-    """Compute every nonce of ``req`` through ``body``, ``batch_size`` sequences per call."""
+    """Compute every nonce of ``req`` through ``body``, ``batch_size`` sequences per call;
+    ``progress(n)`` is told after each batch of ``n`` nonces."""
     hook = Reflections(req.block_hash, layers, hidden, dtype, device)
     found: list[dict[str, int | str]] = []
     dropped: list[int] = []
@@ -114,4 +116,6 @@ def run(
         got, bad = artifacts(last, req.block_hash, req.public_key, chunk, req.k_dim)
         found.extend(got)
         dropped.extend(bad)
+        if progress is not None:
+            progress(len(chunk))
     return {"artifacts": found, "dropped": dropped}
