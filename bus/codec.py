@@ -2,32 +2,41 @@
 
 Decoding is defensive: anything that is not a well-formed envelope of a version we speak raises
 :class:`~node.errors.ProtocolError`, which receivers log and drop — a malformed frame never kills a
-process. Sizes are bounded twice: by ``MAXMSGSIZE`` on the socket and by msgpack's own limits here.
+process. Sizes are bounded twice: by ``MAXMSGSIZE`` on the socket and by the frame check here.
+
+The payload stays undecoded (:class:`msgspec.Raw`) until its reader asks for it with the type it
+expects (:meth:`Envelope.body`): a service handler gets the contract's Struct straight from the msgpack
+bytes, checked by the same definition the gateway used, and nobody decodes a payload twice.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-import msgpack
+import msgspec
 
-from node.errors import MLNodeError, ProtocolError, from_wire
+from contracts.checked import explain
+from node.errors import InvalidRequest, MLNodeError, ProtocolError, from_wire
 
 VERSION = 1
 #: Default per-message limit for control traffic; bulk links (peer tensors) set their own.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+T = TypeVar("T")
+_NIL = msgspec.Raw(b"\xc0")  # msgpack nil
 
 
-@dataclass
-class Envelope:
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Envelope(msgspec.Struct):
     """One bus message. ``deadline`` is an absolute UNIX time after which nobody wants the answer."""
 
     type: str
     payload: Any = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = msgspec.field(default_factory=_new_id)
     deadline: float | None = None
     error: dict[str, Any] | None = None
     v: int = VERSION
@@ -41,55 +50,65 @@ class Envelope:
     def fail(self, error: MLNodeError) -> Envelope:
         return Envelope(type="error", id=self.id, error=error.to_wire())
 
+    def body(self, kind: Any = Any) -> Any:
+        """The payload as ``kind`` (a contract Struct, or Any); a payload that does not fit is refused
+        with :class:`InvalidRequest` worded like the gateway's 400."""
+        payload = self.payload
+        if not isinstance(payload, msgspec.Raw):
+            return payload if kind is Any else _convert(payload, kind)
+        try:
+            return msgspec.msgpack.decode(payload, type=kind)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(explain(exc, msgspec.msgpack.decode(payload), kind)) from None
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"undecodable payload of {self.type!r}: {exc}") from None
+
     def raise_for_error(self) -> Any:
         """The payload of a reply, or the error it carries re-raised as the original kind."""
         if self.type == "error":
             raise from_wire(self.error)
-        return self.payload
+        return self.body()
+
+
+class _Wire(msgspec.Struct):
+    """What a received frame must hold; the payload is kept as bytes for :meth:`Envelope.body`."""
+
+    v: int
+    type: Annotated[str, msgspec.Meta(min_length=1)]
+    id: Annotated[str, msgspec.Meta(min_length=1)]
+    payload: msgspec.Raw = _NIL
+    deadline: float | None = None
+    error: dict[str, Any] | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(_Wire)
 
 
 def encode(env: Envelope) -> bytes:
-    doc: dict[str, Any] = {"v": env.v, "type": env.type, "id": env.id, "payload": env.payload}
-    if env.deadline is not None:
-        doc["deadline"] = env.deadline
-    if env.error is not None:
-        doc["error"] = env.error
     try:
-        return msgpack.packb(doc, use_bin_type=True)
+        return _encoder.encode(env)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode bus message {env.type!r}: {exc}") from None
 
 
-def decode(frame: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+def decode(frame: bytes | memoryview, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        doc = msgpack.unpackb(
-            frame,
-            raw=False,
-            strict_map_key=True,
-        )
-    except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise ProtocolError(f"undecodable frame ({type(exc).__name__})") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("frame is not an envelope map")
-    version = doc.get("v")
-    if version != VERSION:
-        raise ProtocolError(f"unsupported envelope version {version!r}")
-    kind, ident = doc.get("type"), doc.get("id")
-    if not isinstance(kind, str) or not kind or not isinstance(ident, str) or not ident:
-        raise ProtocolError("envelope lacks a type or id")
-    deadline = doc.get("deadline")
-    if deadline is not None and not isinstance(deadline, int | float):
-        raise ProtocolError("envelope deadline is not a number")
-    error = doc.get("error")
-    if error is not None and not isinstance(error, dict):
-        raise ProtocolError("envelope error is not a map")
-    return Envelope(
-        type=kind,
-        id=ident,
-        payload=doc.get("payload"),
-        deadline=float(deadline) if deadline is not None else None,
-        error=error,
-        v=version,
-    )
+        wire = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"malformed envelope ({exc})") from None
+    except msgspec.DecodeError:
+        raise ProtocolError("undecodable frame") from None
+    if wire.v != VERSION:
+        raise ProtocolError(f"unsupported envelope version {wire.v!r}")
+    return Envelope(type=wire.type, payload=wire.payload, id=wire.id, deadline=wire.deadline,
+                    error=wire.error, v=wire.v)
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(explain(exc, value, kind)) from None

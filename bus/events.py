@@ -96,10 +96,11 @@ class Subscriber:
                 continue
             try:
                 env = codec.decode(frames[1], max_bytes=self._max_bytes)
+                payload = env.body()
             except ProtocolError as exc:
                 log.warning("event_frame_dropped", endpoint=self.endpoint, reason=exc.message)
                 continue
-            yield env.type, env.payload
+            yield env.type, payload
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -57,7 +57,7 @@ class RpcServer:
         self._domain = domain
         self._max_bytes = max_bytes
         self._max_inflight = max_inflight
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, tuple[Handler, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.endpoint = endpoint
         self.dropped = 0
@@ -73,8 +73,10 @@ class RpcServer:
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def route(self, kind: str, handler: Handler) -> None:
-        self._handlers[kind] = handler
+    def route(self, kind: str, handler: Handler, body: Any = Any) -> None:
+        """Serve ``kind`` with ``handler``, which receives the payload as ``body`` (a contract Struct:
+        a payload that does not fit is refused with the contract's reason before the handler runs)."""
+        self._handlers[kind] = (handler, body)
 
     async def serve(self) -> None:
         """Receive until cancelled; a bad frame is logged and dropped, never fatal."""
@@ -118,11 +120,12 @@ class RpcServer:
         log.warning("bus_frame_dropped", endpoint=self.endpoint, reason=reason, **fields)
 
     async def _handle(self, ident: bytes, env: codec.Envelope, caller: Caller) -> None:
-        handler = self._handlers.get(env.type)
+        route = self._handlers.get(env.type)
         try:
-            if handler is None:
+            if route is None:
                 raise NotFound(f"unknown request type {env.type!r}")
-            reply = env.reply(await handler(env.payload, caller))
+            handler, body = route
+            reply = env.reply(await handler(env.body(body), caller))
         except MLNodeError as exc:
             reply = env.fail(exc)
         except Exception as exc:

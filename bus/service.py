@@ -42,8 +42,9 @@ class Service:
         self.route("metrics", self._metrics)
         self._shutdown = asyncio.Event()
 
-    def route(self, kind: str, handler: Handler) -> None:
-        self.server.route(kind, handler)
+    def route(self, kind: str, handler: Handler, body: Any = Any) -> None:
+        """Serve ``kind``; ``body`` is the contract the handler receives its payload as."""
+        self.server.route(kind, handler, body)
 
     # -- what subclasses provide ----------------------------------------------------------------
     def is_active(self) -> bool:

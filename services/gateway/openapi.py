@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 description of the management API, built from the tables the gateway runs on.
 
 Service routes come from :data:`~services.gateway.resources.service_routes.ROUTES` (the table that
-creates them), request bodies from :data:`~services.gateway.schemas.REQUEST_BODIES` (the schemas that
-validate them) and node routes from :data:`NODE_ROUTES` here. A unit test compares the document with
+creates them), request bodies from each row's contract (``msgspec.json.schema_components`` of the very
+types that check them) and node routes from :data:`NODE_ROUTES` here. A unit test compares the document with
 the routes of the live Falcon app, so a route added without documentation fails the build.
 
 Not described: the ``/v1/*`` OpenAI routes on this port and every path of the inference port — they
@@ -15,9 +15,11 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway import schemas
+import msgspec
+
+from services.gateway import answers as schemas
+from services.gateway.answers import Schema
 from services.gateway.resources.service_routes import ROUTES, Route
-from services.gateway.schemas import Schema
 
 TEXT_METRICS = "text/plain; version=0.0.4"
 
@@ -120,12 +122,27 @@ def _service_doc(row: Route) -> Doc:
     return Doc(summary, response, errors)
 
 
+def request_bodies() -> dict[tuple[str, str], Schema]:
+    """The ``$ref`` of each route's body contract, and every contract's schema by name."""
+    rows = [row for row in ROUTES if row.body is not None]
+    refs, _components = _contracts()
+    return {(row.method, row.path): refs[row.body] for row in rows if row.body is not None}
+
+
+@functools.lru_cache(maxsize=1)
+def _contracts() -> tuple[dict[Any, Schema], dict[str, Schema]]:
+    kinds = tuple(dict.fromkeys(row.body for row in ROUTES if row.body is not None))
+    refs, components = msgspec.json.schema_components(kinds, ref_template="#/components/schemas/{name}")
+    return dict(zip(kinds, refs, strict=True)), components
+
+
 @functools.lru_cache(maxsize=4)
 def document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once per version; treat it as read-only)."""
+    bodies = request_bodies()
     paths: dict[str, dict[str, Any]] = {}
     for (method, path), doc in sorted(operations().items(), key=lambda item: (item[0][1], item[0][0])):
-        paths.setdefault(path, {})[method.lower()] = _operation(method, path, doc)
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, doc, bodies.get((method, path)))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -138,11 +155,12 @@ def document(version: str) -> dict[str, Any]:
             ),
         },
         "paths": paths,
-        "components": {"schemas": {name: _refs(s, skip=s) for name, s in schemas.NAMED.items()}},
+        "components": {"schemas": {**_contracts()[1],
+                                   **{name: _refs(s, skip=s) for name, s in schemas.NAMED.items()}}},
     }
 
 
-def _operation(method: str, path: str, doc: Doc) -> dict[str, Any]:
+def _operation(method: str, path: str, doc: Doc, body_schema: Schema | None) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_').replace('.', '_')}",
         "summary": doc.summary,
@@ -152,10 +170,10 @@ def _operation(method: str, path: str, doc: Doc) -> dict[str, Any]:
     for status, description in sorted(doc.errors.items()):
         body = doc.response if status in doc.same_shape else schemas.ERROR
         op["responses"][str(status)] = _response(description, body, None)
-    body_schema = schemas.REQUEST_BODIES.get((method, path))
     if body_schema is not None:
+        contract = _contracts()[1][body_schema["$ref"].rsplit("/", 1)[1]]
         op["requestBody"] = {
-            "required": bool(body_schema.get("required")),
+            "required": bool(contract.get("required")),
             "description": "JSON; a missing Content-Type means JSON.",
             "content": {"application/json": {"schema": _refs(body_schema)}},
         }

@@ -29,6 +29,7 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.inference import InferenceUp
 from node.config import Settings
 from node.errors import ConfigError, MLNodeError
 from node.identity import NodeKeys
@@ -36,7 +37,7 @@ from node.logging import get_logger
 from node.mode import STOPPED, ModeStore
 from node.process import bootstrap, fail
 from services.inference.manager import EngineManager
-from services.inference.up_request import parse_up_request
+from services.inference.up_request import UpRequest, parse_up_request
 
 log = get_logger(__name__)
 
@@ -49,7 +50,7 @@ class InferenceService(Service):
         super().__init__(settings, keys)
         self.manager = manager or EngineManager(settings, self._publish_backends)
         self.modes = ModeStore(settings.state_dir)
-        self.route("up_start", self._up_start)
+        self.route("up_start", self._up_start, InferenceUp)
         self.route("up_wait", self._up_wait)
         self.route("up_status", self._up_status)
         self.route("down", self._down)
@@ -77,8 +78,8 @@ class InferenceService(Service):
         await self.manager.close()
 
     # -- bus handlers ----------------------------------------------------------------------------------
-    async def _up_start(self, payload: Any, _caller: Caller) -> dict[str, Any]:
-        result = self.manager.begin(parse_up_request(payload))
+    async def _up_start(self, body: InferenceUp, _caller: Caller) -> dict[str, Any]:
+        result = self.manager.begin(UpRequest.of(body))
         self.publish_state()
         return result
 

@@ -7,52 +7,18 @@ next to the validation, as the single source of truth.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from node.errors import InvalidRequest
-from node.logging import get_logger
+import msgspec
 
-log = get_logger(__name__)
-
-_INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "seq_len")
-_FLOAT_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")
-_BOOL_FIELDS = ("use_scaled_rope",)
-_ALL_FIELDS = (*_INT_FIELDS, *_FLOAT_FIELDS, *_BOOL_FIELDS)
+from contracts import pow as contract
+from contracts.checked import convert
 
 # Spec section 4: the pool is 5 % of all parameters, never fewer than this many values.
 POOL_FRACTION = 0.05
 MIN_POOL_SIZE = 50_000
-
-
-def _int_field(d: Mapping[str, Any], name: str) -> int:
-    value = d[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"params.{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise InvalidRequest(f"params.{name} must be >= 1, got {value}")
-    return value
-
-
-def _float_field(d: Mapping[str, Any], name: str) -> float:
-    value = d[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"params.{name} must be a number, got {value!r}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise InvalidRequest(f"params.{name} must be finite, got {value!r}")
-    if result <= 0.0:
-        raise InvalidRequest(f"params.{name} must be > 0, got {value!r}")
-    return result
-
-
-def _bool_field(d: Mapping[str, Any], name: str) -> bool:
-    value = d[name]
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"params.{name} must be a boolean, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -72,38 +38,13 @@ class PowParams:
     seq_len: int
 
     @classmethod
-    def from_dict(cls, d: Any) -> PowParams:
-        """Validate the client's ``params`` object; raise InvalidRequest naming the bad field."""
-        if not isinstance(d, Mapping):
-            raise InvalidRequest(f"params must be an object, got {type(d).__name__}")
-        missing = [name for name in _ALL_FIELDS if name not in d]
-        if missing:
-            raise InvalidRequest(f"params.{missing[0]} is required")
-        unknown = sorted(str(k) for k in d if k not in _ALL_FIELDS)
-        if unknown:
-            log.warning("pow_params_unknown_fields_ignored", fields=unknown)
-        values: dict[str, Any] = {name: _int_field(d, name) for name in _INT_FIELDS}
-        values.update({name: _float_field(d, name) for name in _FLOAT_FIELDS})
-        values.update({name: _bool_field(d, name) for name in _BOOL_FIELDS})
-        params = cls(**values)
-        params._check_shape()
-        return params
+    def of(cls, shape: contract.PowParams) -> PowParams:
+        return cls(**msgspec.structs.asdict(shape))
 
-    def _check_shape(self) -> None:
-        if self.use_scaled_rope:
-            raise InvalidRequest(
-                "params.use_scaled_rope=true is not supported by PoC v1 (the reference cannot build it)"
-            )
-        if self.dim % self.n_heads:
-            raise InvalidRequest(f"params.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
-            raise InvalidRequest(
-                f"params.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise InvalidRequest(f"params.dim / params.n_heads must be even for rotary, got {self.head_dim}")
-        if self.vocab_size < 2:
-            raise InvalidRequest(f"params.vocab_size must be >= 2, got {self.vocab_size}")
+    @classmethod
+    def from_dict(cls, d: Any) -> PowParams:
+        """The client's ``params`` object checked by the contract; InvalidRequest names the bad field."""
+        return cls.of(convert(d, contract.PowParams, where="params"))
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form (floats as floats), accepted back by :meth:`from_dict`."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from node.errors import Unavailable
@@ -22,7 +23,7 @@ from node.logging import get_logger
 from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
 from services.pow.journal import Journal
 from services.pow.outbox import Outbox
-from services.pow.round import ProofBatch, RoundSpec
+from services.pow.round import ProofBatch, RoundSpec, batch_for
 from services.pow.validation import validated_batch
 
 log = get_logger(__name__)
@@ -90,7 +91,7 @@ class Runner:
     def start(self) -> None:
         for name, doc in self.journal.pending():
             try:
-                self._queue.append((name, ProofBatch.from_body(doc, self.spec)))
+                self._queue.append((name, batch_for(doc, self.spec)))
             except Exception:
                 log.error("journal_batch_unusable", name=name)
                 self.journal.done(name)
@@ -158,7 +159,7 @@ class Runner:
         self._save()
 
     def submit(self, batch: ProofBatch) -> None:
-        name = self.journal.enqueue(batch.to_dict())  # durable before the client hears 200
+        name = self.journal.enqueue(msgspec.to_builtins(batch))  # durable before the client hears 200
         with self._cond:
             self._queue.append((name, batch))
             self._interrupt.set()

@@ -15,6 +15,7 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.pow import InitDto, ProofBatch
 from node.errors import InvalidRequest, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
@@ -22,7 +23,7 @@ from node.process import bootstrap
 from services.pow.delivery import Delivery
 from services.pow.journal import Journal
 from services.pow.outbox import Outbox
-from services.pow.round import ProofBatch, RoundSpec
+from services.pow.round import RoundSpec, batch_for
 from services.pow.runner import GENERATING, IDLE, VALIDATING, Runner
 
 log = get_logger(__name__)
@@ -43,18 +44,14 @@ class PowService(Service):
         self.delivery = Delivery(self.outbox)
         self.runner: Runner | None = None
         self._lock = asyncio.Lock()
-        handlers = {
-            "init": self._init_idle,
-            "init_generate": self._init_generate,
-            "init_validate": self._init_validate,
-            "phase_generate": self._phase_generate,
-            "phase_validate": self._phase_validate,
-            "validate": self._validate,
-            "pow_status": self._pow_status,
-            "pow_stop": self._pow_stop,
-        }
-        for kind, handler in handlers.items():
-            self.route(kind, handler)
+        self.route("init", self._init_idle, InitDto)
+        self.route("init_generate", self._init_generate, InitDto)
+        self.route("init_validate", self._init_validate, InitDto)
+        self.route("phase_generate", self._phase_generate)
+        self.route("phase_validate", self._phase_validate)
+        self.route("validate", self._validate, ProofBatch)
+        self.route("pow_status", self._pow_status)
+        self.route("pow_stop", self._pow_stop)
 
     # -- Service hooks ------------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -170,11 +167,11 @@ class PowService(Service):
                 f"{available / 2**30:.1f} GiB is available on this host"
             )
 
-    async def _init(self, body: Any, phase: str) -> dict[str, Any]:
-        spec = RoundSpec.from_body(body)
+    async def _init(self, init: InitDto, phase: str) -> dict[str, Any]:
+        spec = RoundSpec.of(init)
         self._check_fits(spec)
         async with self._lock:
-            if self.runner is not None and self.runner.spec.raw == spec.raw and not self.runner.error:
+            if self.runner is not None and self.runner.spec.init == init and not self.runner.error:
                 await self._flip(phase)  # identical InitDto: keep the model, flip the phase
                 return self._answer()
             await self._drop_runner()
@@ -194,14 +191,14 @@ class PowService(Service):
         self.publish_state()
 
     # -- handlers -----------------------------------------------------------------------------
-    async def _init_idle(self, body: Any, _caller: Caller) -> dict[str, Any]:
-        return await self._init(body, IDLE)
+    async def _init_idle(self, init: InitDto, _caller: Caller) -> dict[str, Any]:
+        return await self._init(init, IDLE)
 
-    async def _init_generate(self, body: Any, _caller: Caller) -> dict[str, Any]:
-        return await self._init(body, GENERATING)
+    async def _init_generate(self, init: InitDto, _caller: Caller) -> dict[str, Any]:
+        return await self._init(init, GENERATING)
 
-    async def _init_validate(self, body: Any, _caller: Caller) -> dict[str, Any]:
-        return await self._init(body, VALIDATING)
+    async def _init_validate(self, init: InitDto, _caller: Caller) -> dict[str, Any]:
+        return await self._init(init, VALIDATING)
 
     async def _phase_generate(self, _body: Any, _caller: Caller) -> dict[str, Any]:
         async with self._lock:
@@ -213,11 +210,11 @@ class PowService(Service):
             await self._flip(VALIDATING)
         return self._answer()
 
-    async def _validate(self, body: Any, _caller: Caller) -> dict[str, Any]:
+    async def _validate(self, body: ProofBatch, _caller: Caller) -> dict[str, Any]:
         runner = self.runner
         if runner is None:
             raise InvalidRequest(NOT_RUNNING)
-        batch = ProofBatch.from_body(body, runner.spec)
+        batch = batch_for(body, runner.spec)
         await asyncio.to_thread(runner.submit, batch)
         return {"status": "OK", "queued": runner.queued(), "nonces": len(batch.nonces)}
 

@@ -122,7 +122,7 @@ def test_bad_bodies_get_a_reason(node: Node, receiver: Receiver) -> None:
     batch = {"public_key": "k", "block_hash": CASE["block_hash"], "block_height": 1, "nonces": [1, 2],
              "dist": [1.0], "node_id": 0}
     for change, reason in [({}, "nonces has 2 entries but dist has 1"),
-                           ({"block_hash": "0xFF"}, "does not match the loaded round"),
+                           ({"block_hash": "0xFF", "dist": [1.0, 1.0]}, "does not match the loaded round"),
                            ({"dist": [1.0, "x"]}, "dist[1]"),
                            ({"nonces": [1, -2], "dist": [1.0, 1.0]}, "nonces[1]")]:
         resp = node.api("POST", "/api/v1/pow/validate", {**batch, **change})

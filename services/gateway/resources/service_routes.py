@@ -15,9 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import falcon.asgi
+import msgspec
 
-from services.gateway.body import json_body
-from services.gateway.schemas import check_body
+from contracts.checked import decode_json
+from contracts.inference import InferenceUp
+from contracts.pow import InitDto, ProofBatch
+from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
+from node.errors import InvalidRequest
+from services.gateway.body import any_json, raw_body, typed_body
 from services.gateway.services import MODE_OF, Services
 
 
@@ -28,7 +33,13 @@ class Route:
     service: str
     kind: str
     claims: bool = False
-    body: bool = False
+    #: The contract of the request body; None: the route reads no body.
+    body: type[msgspec.Struct] | None = None
+    #: The error a body the contract refuses raises (its kind picks the HTTP status).
+    refuse: type[InvalidRequest] = InvalidRequest
+    #: Send the JSON as received (after the contract accepted it) instead of the typed value, for a
+    #: service that reads fields the contract leaves untyped (train reports ignored fields as notes).
+    as_sent: bool = False
     #: A follow-up request sent after the claim is released, for starts that block until ready.
     wait_kind: str | None = None
     wait_timeout_s: float | None = None
@@ -39,26 +50,29 @@ class Route:
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/v1/pow/init", "pow", "init", claims=True, body=True),
-    Route("POST", "/api/v1/pow/init/generate", "pow", "init_generate", claims=True, body=True),
-    Route("POST", "/api/v1/pow/init/validate", "pow", "init_validate", claims=True, body=True),
+    Route("POST", "/api/v1/pow/init", "pow", "init", claims=True, body=InitDto),
+    Route("POST", "/api/v1/pow/init/generate", "pow", "init_generate", claims=True, body=InitDto),
+    Route("POST", "/api/v1/pow/init/validate", "pow", "init_validate", claims=True, body=InitDto),
     Route("POST", "/api/v1/pow/phase/generate", "pow", "phase_generate"),
     Route("POST", "/api/v1/pow/phase/validate", "pow", "phase_validate"),
-    Route("POST", "/api/v1/pow/validate", "pow", "validate", body=True),
+    Route("POST", "/api/v1/pow/validate", "pow", "validate", body=ProofBatch),
     Route("GET", "/api/v1/pow/status", "pow", "pow_status"),
     Route("POST", "/api/v1/pow/stop", "pow", "pow_stop"),
     # The blocking start answers before the client's 15-minute timeout, success or not.
-    Route("POST", "/api/v1/inference/up", "inference", "up_start", claims=True, body=True,
+    Route("POST", "/api/v1/inference/up", "inference", "up_start", claims=True, body=InferenceUp,
           wait_kind="up_wait", wait_timeout_s=14 * 60),
-    Route("POST", "/api/v1/inference/up/async", "inference", "up_start", claims=True, body=True),
+    Route("POST", "/api/v1/inference/up/async", "inference", "up_start", claims=True, body=InferenceUp),
     Route("GET", "/api/v1/inference/up/status", "inference", "up_status"),
     Route("POST", "/api/v1/inference/down", "inference", "down"),
-    Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=True),
+    Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=TrainStart,
+          as_sent=True),
     Route("POST", "/api/v1/train/stop", "train", "train_stop"),
     Route("GET", "/api/v1/train/status", "train", "train_status"),
-    Route("POST", "/api/v1/train/peers", "train", "train.peers.register", body=True, guarded=False),
+    Route("POST", "/api/v1/train/peers", "train", "train.peers.register", body=TrainPeers,
+          guarded=False, as_sent=True),
     Route("GET", "/api/v1/train/peers", "train", "train.peers.list", guarded=False, query=("task_id",)),
-    Route("POST", "/api/v1/train/peers/remove", "train", "train.peers.remove", body=True, guarded=False),
+    Route("POST", "/api/v1/train/peers/remove", "train", "train.peers.remove",
+          body=TrainPeerRemove, guarded=False, as_sent=True),
 )
 
 
@@ -73,13 +87,15 @@ class ServiceRoute:
 
     async def _respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         row = self.rows[req.method]
-        payload = await json_body(req, required=False) if row.body else None
-        if row.body and payload is None:
-            payload = {}
+        payload: Any = None
+        if row.body is not None and row.as_sent:
+            raw = await raw_body(req)
+            decode_json(raw if raw.strip() else b"{}", row.body, refuse=row.refuse)
+            payload = any_json(raw)
+        elif row.body is not None:
+            payload = await typed_body(req, row.body, refuse=row.refuse)  # 400 before any bus traffic
         if row.query:
             payload = {name: req.get_param(name) for name in row.query if req.get_param(name) is not None}
-        if row.body:
-            check_body(row.method, row.path, payload)  # 400 naming the field, before any bus traffic
         if row.claims:
             # Shielded: once the claim is under way a hang-up must not leave it half done.
             result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))

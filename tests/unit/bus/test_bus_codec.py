@@ -12,7 +12,7 @@ from node.errors import Conflict, ProtocolError
 def test_round_trip_and_error_kinds() -> None:
     env = codec.Envelope(type="status", payload={"a": [1, 2.5, "x", None]}, deadline=123.0)
     back = codec.decode(codec.encode(env))
-    assert (back.type, back.id, back.payload, back.deadline, back.v) == (
+    assert (back.type, back.id, back.body(), back.deadline, back.v) == (
         "status", env.id, env.payload, 123.0, codec.VERSION)
     failed = codec.decode(codec.encode(env.fail(Conflict("busy", mode="POW"))))
     with pytest.raises(Conflict, match="busy") as info:

@@ -1,0 +1,96 @@
+"""PoC v1 request bodies (pow-v1.md): the round (InitDto), its model shape, a batch to validate.
+
+Rules JSON Schema cannot state (divisibility, equal lengths) live in ``__post_init__`` and are spelled
+out in the description, so the published document still tells the client every rule the node applies.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from contracts.fields import INT64_MAX, Count, Finite, HttpUrl, Positive, PositiveNumber, Text
+
+NODE_ID_UNSET = "Node ID and node count must be set"
+MAX_BATCH_NONCES = 100_000
+
+
+class PowParams(msgspec.Struct, kw_only=True):
+    """PoC v1 model shape. Also required: dim divisible by n_heads, n_heads divisible by n_kv_heads,
+    dim / n_heads even. Unknown fields are ignored."""
+
+    dim: Positive
+    n_layers: Positive
+    n_heads: Positive
+    n_kv_heads: Positive
+    vocab_size: Annotated[int, msgspec.Meta(ge=2, le=INT64_MAX)]
+    ffn_dim_multiplier: PositiveNumber
+    multiple_of: Positive
+    norm_eps: PositiveNumber
+    rope_theta: PositiveNumber
+    use_scaled_rope: Annotated[bool, msgspec.Meta(
+        description="Only false is supported by PoC v1.", extra_json_schema={"const": False})]
+    seq_len: Positive
+
+    def __post_init__(self) -> None:
+        if self.use_scaled_rope:
+            raise ValueError(
+                "params.use_scaled_rope=true is not supported by PoC v1 (the reference cannot build it)")
+        if self.dim % self.n_heads:
+            raise ValueError(f"params.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"params.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            head_dim = self.dim // self.n_heads
+            raise ValueError(f"params.dim / params.n_heads must be even for rotary, got {head_dim}")
+
+
+#: node_id/node_count: -1 means "unset" to the client and gets its own message, so the lower bound is
+#: checked in ``__post_init__`` (the schema states it).
+_Slot = Annotated[int, msgspec.Meta(le=INT64_MAX)]
+
+
+class InitDto(msgspec.Struct, kw_only=True):
+    """A PoC round as the Network Node sends it. Unknown fields are ignored."""
+
+    block_hash: Text
+    block_height: Count
+    public_key: Text
+    batch_size: Annotated[Positive, msgspec.Meta(description="A hint; the node picks its own batch size.")]
+    r_target: Annotated[PositiveNumber, msgspec.Meta(description="Distances below this are valid.")]
+    fraud_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)]
+    params: PowParams
+    node_id: Annotated[_Slot, msgspec.Meta(
+        description="Starts at 1, may be >= node_count; -1 (unset) is refused with "
+                    f"'{NODE_ID_UNSET}'.", extra_json_schema={"minimum": 0})]
+    node_count: Annotated[_Slot, msgspec.Meta(
+        description="At least 1; -1 (unset) is refused like node_id.",
+        extra_json_schema={"minimum": 1})]
+    url: Annotated[HttpUrl, msgspec.Meta(
+        description="Callback base: results go to {url}/generated and {url}/validated.")]
+
+    def __post_init__(self) -> None:
+        if self.node_id == -1 or self.node_count == -1:
+            raise ValueError(NODE_ID_UNSET)
+        if self.node_id < 0:
+            raise ValueError(f"node_id must be >= 0, got {self.node_id}")
+        if self.node_count < 1:
+            raise ValueError(f"node_count must be >= 1, got {self.node_count}")
+
+
+class ProofBatch(msgspec.Struct, kw_only=True):
+    """One participant's claimed nonces and distances, checked against the loaded round. nonces and
+    dist have the same number of entries. Unknown fields are ignored."""
+
+    public_key: Text
+    block_hash: Text
+    block_height: Count
+    nonces: Annotated[list[Count], msgspec.Meta(max_length=MAX_BATCH_NONCES)]
+    dist: Annotated[list[Finite], msgspec.Meta(max_length=MAX_BATCH_NONCES)]
+    node_id: Annotated[int, msgspec.Meta(ge=-INT64_MAX, le=INT64_MAX)] = 0
+
+    def __post_init__(self) -> None:
+        if len(self.nonces) != len(self.dist):
+            raise ValueError(f"nonces has {len(self.nonces)} entries but dist has {len(self.dist)}")
