@@ -31,6 +31,12 @@ class InvalidRequest(MLNodeError):
     kind = "invalid"
 
 
+class Unprocessable(InvalidRequest):
+    """A well-formed body whose content a contract refuses where the API answers 422 (PoC v2 params)."""
+
+    kind = "unprocessable"
+
+
 class NotFound(MLNodeError):
     """The thing asked for does not exist."""
 
@@ -78,6 +84,7 @@ _BY_KIND: dict[str, type[MLNodeError]] = {
     for cls in (
         MLNodeError,
         InvalidRequest,
+        Unprocessable,
         NotFound,
         Conflict,
         Unavailable,

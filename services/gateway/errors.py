@@ -18,6 +18,7 @@ log = get_logger(__name__)
 STATUS_BY_KIND: dict[str, int] = {
     "invalid": 400,
     "protocol": 400,
+    "unprocessable": 422,
     "not_found": 404,
     "conflict": 409,
     "unavailable": 503,
