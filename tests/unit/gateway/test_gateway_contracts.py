@@ -156,3 +156,12 @@ def _finite(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
     return True
+
+
+def test_a_route_may_refuse_with_422() -> None:
+    from node.errors import Unprocessable
+    from services.gateway.errors import status_for
+
+    with pytest.raises(Unprocessable) as caught:
+        decode_json(b'{"model": 1}', InferenceUp, refuse=Unprocessable)
+    assert status_for(caught.value) == 422 and caught.value.message == "model must be a string, got integer"
