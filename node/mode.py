@@ -68,6 +68,12 @@ class ModeStore:
             os.replace(tmp, self.path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            if mode == STOPPED:  # a full disk must not keep a claim alive: no file reads as STOPPED
+                try:
+                    self.path.unlink(missing_ok=True)
+                    return
+                except OSError:
+                    pass
             raise Unavailable(
                 f"cannot record the node mode in {self.path.parent}: {exc.strerror or exc}"
             ) from None

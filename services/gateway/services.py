@@ -8,6 +8,7 @@ different gunicorn workers cannot start two services.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from bus.local import SERVICES, LocalBus
 from bus.rpc import RpcClient
 from node.config import Settings
-from node.errors import Conflict, MLNodeError
+from node.errors import Conflict, MLNodeError, Unavailable
 from node.identity import NodeKeys, ensure_node_keys
 from node.logging import get_logger
 from node.mode import MODES, STOPPED, ModeStore
@@ -24,6 +25,10 @@ log = get_logger(__name__)
 MODE_OF = {"pow": "POW", "inference": "INFERENCE", "train": "TRAIN"}
 SERVICE_OF = {mode: service for service, mode in MODE_OF.items()}
 STATUS_TIMEOUT_S = 3.0
+#: A stop answers within 2 s whatever a service is doing: the services get this long to confirm it
+#: (the 409 check of a service's own stop route takes at most STOP_GUARD_S of it).
+STOP_BUDGET_S = 1.6
+STOP_GUARD_S = 0.6
 T = TypeVar("T")
 
 
@@ -95,8 +100,8 @@ class Services:
             return claim  # it is restarting and will resume its persisted job
         return STOPPED
 
-    async def current_mode(self, exclude: str | None = None) -> str:
-        reports = await self.reports()
+    async def current_mode(self, exclude: str | None = None, timeout: float = STATUS_TIMEOUT_S) -> str:
+        reports = await self.reports(timeout)
         if exclude is not None:
             reports = {s: r for s, r in reports.items() if s != exclude}
             claim = self.modes.read()
@@ -127,19 +132,32 @@ class Services:
         finally:
             self.modes.release(fd)
 
-    async def guard(self, service: str) -> None:
+    async def guard(self, service: str, timeout: float = STATUS_TIMEOUT_S) -> None:
         """Raise the contract's 409 when a service other than ``service`` holds the node."""
-        other = await self.current_mode(exclude=service)
+        other = await self.current_mode(exclude=service, timeout=timeout)
         if other != STOPPED:
             raise Conflict(conflict_message(MODE_OF[service], other))
 
+    def release_claim(self, service: str | None = None) -> None:
+        """Record STOPPED (only if the claim names ``service``, when given); never raises.
+
+        Done before the services confirm: a service that is restarting, or too slow to answer, then does
+        not resume its job when it comes back.
+        """
+        try:
+            if service is None or self.modes.read() == MODE_OF[service]:
+                self.modes.write(STOPPED)
+        except MLNodeError as exc:  # ModeStore.write already fell back to removing the claim
+            log.error("mode_not_recorded", reason=exc.message)
+
     async def stop_all(self) -> dict[str, Any]:
+        """Stop every service; answers within ~STOP_TIMEOUT_S and never raises (the contract's
+        client repairs by stopping, so a stop must not fail)."""
         async def stop_everything() -> dict[str, Any]:
+            self.release_claim()
             results = await asyncio.gather(
-                *(self.call(s, "stop", timeout=max(60.0, self.settings.bus_timeout_s)) for s in SERVICES),
-                return_exceptions=True,
+                *(self.call(s, "stop", timeout=STOP_BUDGET_S) for s in SERVICES), return_exceptions=True,
             )
-            self.modes.write(STOPPED)
             pairs = zip(SERVICES, results, strict=True)
             errors = {s: str(r) for s, r in pairs if isinstance(r, BaseException)}
             if errors:
@@ -147,6 +165,23 @@ class Services:
             return errors
 
         return await self.exclusive(stop_everything)
+
+    async def stop_one(self, service: str, kind: str) -> Any:
+        """A service's own stop route (``pow/stop``, ``inference/down``, ``train/stop``): the 409 rule,
+        then the claim is released and the service told; a service that does not confirm in time is
+        not a failure (its job will not resume), the service's own refusals (4xx) are passed on."""
+        async def stop_it() -> Any:
+            began = time.monotonic()
+            await self.guard(service, timeout=STOP_GUARD_S)
+            self.release_claim(service)
+            left = max(0.3, STOP_BUDGET_S - (time.monotonic() - began))
+            try:
+                return await self.call(service, kind, timeout=left)
+            except Unavailable as exc:  # unreachable or too slow (DeadlineExceeded)
+                log.warning("stop_unconfirmed", service=service, reason=exc.message)
+                return {"status": "OK", "detail": f"{service} has not confirmed yet: {exc.message}"}
+
+        return await self.exclusive(stop_it)
 
     def close(self) -> None:
         for client in self._clients.values():

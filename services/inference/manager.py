@@ -5,6 +5,10 @@ Phases: ``idle`` -> ``starting`` -> ``running`` (or ``failed`` / ``cancelled``) 
 can wait for it separately (and give up before the client's 15-minute timeout while the start goes
 on). Whenever the set of healthy instances changes, ``publish`` is called with their base URLs: the
 service turns that into the ``backends`` bus event the gateway's proxy follows.
+
+``down`` answers at once: the instances are detached and torn down in the background (SIGTERM, grace,
+SIGKILL), and the next start waits for that teardown before it launches anything, so two engines never
+share a port or a GPU. ``replace`` (the blocking ``up`` while serving) is a ``down`` then a ``begin``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from services.inference.up_request import UpRequest
 log = get_logger(__name__)
 
 MAX_RESTARTS = 3
+CANCELLED_BY_DOWN = "the inference start was cancelled by a down or stop request"
+CANCELLED_BY_UP = "the inference start was replaced by a later inference/up"
+
 UP_STATUS = {"idle": "not_started", "starting": "in_progress", "running": "completed", "failed": "failed",
              "cancelled": "cancelled", "stopping": "in_progress"}
 STATE = {"idle": "STOPPED", "starting": "STARTING", "running": "RUNNING", "failed": "FAILED",
@@ -64,6 +71,9 @@ class EngineManager:
         self._outcome: asyncio.Future[None] | None = None
         self._published: list[str] | None = None
         self._down_lock = asyncio.Lock()
+        self._retiring: list[Instance] = []  # detached by a down, still being torn down
+        self._teardown: asyncio.Task[None] | None = None
+        self._cancel_reason = CANCELLED_BY_DOWN
 
     # -- queries ---------------------------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -116,12 +126,22 @@ class EngineManager:
         self.request, self.kind, self.error = req, kind, None
         self.instances = []
         self.began, self.ended = time.monotonic(), None
+        self._cancel_reason = CANCELLED_BY_DOWN
         self._outcome = asyncio.get_running_loop().create_future()
         self._remember(req)
         self._start_task = asyncio.get_running_loop().create_task(self._start(req, kind, plans))
         log.info("inference_starting", model=req.model, engine=kind.name, dtype=req.dtype,
                  additional_args=list(req.additional_args))
         return {"status": "starting", "model": req.model, "engine": kind.name}
+
+    async def replace(self, req: UpRequest) -> dict[str, Any]:
+        """The blocking ``up``: whatever serves or starts is stopped, then ``req`` is started."""
+        if self.phase in ("starting", "running", "stopping"):
+            log.info("inference_replacing", model=self.request.model if self.request else None,
+                     new_model=req.model)
+            self._cancel_reason = CANCELLED_BY_UP
+            await self.down()
+        return self.begin(req)
 
     async def wait_up(self) -> dict[str, Any]:
         """Until the start in progress ends: {"status": "OK"}, or Unavailable with the reason."""
@@ -130,19 +150,21 @@ class EngineManager:
         if self.phase == "failed":
             raise Unavailable(self.error or "inference start failed")
         if self.phase == "cancelled":
-            raise Unavailable("the inference start was cancelled by a down or stop request")
+            raise self._cancelled()
         if self.phase != "starting" or self._outcome is None:
             raise InvalidRequest("no inference start is in progress; POST /api/v1/inference/up/async first")
-        outcome = self._outcome
         try:
-            await asyncio.shield(outcome)
-        except asyncio.CancelledError:
-            if outcome.cancelled():
-                raise Unavailable("the inference start was cancelled by a down or stop request") from None
+            await asyncio.shield(self._outcome)
+        except Conflict:  # replaced by a later up
             raise
         except MLNodeError as exc:
             raise Unavailable(exc.message) from None
         return {"status": "OK"}
+
+    def _cancelled(self) -> MLNodeError:
+        if self._cancel_reason == CANCELLED_BY_UP:
+            return Conflict(CANCELLED_BY_UP)
+        return Unavailable(CANCELLED_BY_DOWN)
 
     async def down(self, *, forget: bool = True) -> dict[str, Any]:
         """Stop the start in progress and every engine; idempotent. ``forget=False`` (process shutdown)
@@ -164,11 +186,12 @@ class EngineManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._stop_instances()
+        self._retire_instances()
         if forget:
             self.forget_request()
         if self._outcome is not None and not self._outcome.done():
-            self._outcome.cancel()
+            self._outcome.set_exception(self._cancelled())  # its waiter learns why
+            self._outcome.exception()  # retrieved: nobody may be waiting
         self.phase = "cancelled" if was == "starting" else "idle"
         if self.phase == "idle":
             self.request, self.error, self.began, self.ended = None, None, None, None
@@ -179,12 +202,19 @@ class EngineManager:
 
     async def close(self) -> None:
         await self.down(forget=False)
+        await self.settled()
         await self._prober.close()
+
+    async def settled(self) -> None:
+        """Until every engine a ``down`` detached is gone."""
+        while self._teardown is not None and not self._teardown.done():
+            await asyncio.shield(self._teardown)
 
     # -- internals -------------------------------------------------------------------------------------
     async def _start(self, req: UpRequest, kind: EngineKind, plans: list[InstancePlan] | None) -> None:
         assert self._outcome is not None
         try:
+            await self.settled()  # the previous engines free their ports and GPUs first
             if plans is None:
                 stand_in = None
                 if not Path(req.model).is_dir():
@@ -226,9 +256,27 @@ class EngineManager:
         self.instances = []
         self._changed()
 
+    def _retire_instances(self) -> None:
+        """Detach the instances (no longer served or reported) and stop them in the background."""
+        instances, self.instances = self.instances, []
+        if instances:
+            self._retiring.extend(instances)
+            previous = self._teardown
+
+            async def teardown() -> None:
+                if previous is not None:
+                    await asyncio.gather(previous, return_exceptions=True)
+                await asyncio.gather(*(i.stop() for i in instances), return_exceptions=True)
+                self._retiring = [i for i in self._retiring if i not in instances]
+                self._changed()
+                log.info("inference_engines_stopped", count=len(instances))
+
+            self._teardown = asyncio.get_running_loop().create_task(teardown())
+        self._changed()
+
     def _changed(self) -> None:
         """Called on every instance event: keep the pid file and the published backends current."""
-        live = [i.process.pgid for i in self.instances
+        live = [i.process.pgid for i in [*self.instances, *self._retiring]
                 if i.process is not None and i.process.returncode is None]
         try:
             if live:

@@ -3,7 +3,9 @@
 Bus requests (the gateway maps the HTTP routes onto them):
 
 * ``up_start`` {model, dtype, additional_args} -> {"status": "starting", ...} at once; Conflict while a
-  start or an engine is live; InvalidRequest for a bad body.
+  start or an engine is live; InvalidRequest for a bad body (``up/async``).
+* ``up_replace`` -> the same, but whatever serves or starts is stopped first (the blocking ``up``: the
+  reference node restarts with the requested model); a start it replaces answers its waiter 409.
 * ``up_wait`` -> {"status": "OK"} once serving; Unavailable with the engine's last log lines when the
   start failed; InvalidRequest when nothing is starting or running.
 * ``up_status`` -> {"status": not_started|in_progress|completed|failed|cancelled, "is_starting",
@@ -51,6 +53,7 @@ class InferenceService(Service):
         self.manager = manager or EngineManager(settings, self._publish_backends)
         self.modes = ModeStore(settings.state_dir)
         self.route("up_start", self._up_start, InferenceUp)
+        self.route("up_replace", self._up_replace, InferenceUp)
         self.route("up_wait", self._up_wait)
         self.route("up_status", self._up_status)
         self.route("down", self._down)
@@ -80,6 +83,11 @@ class InferenceService(Service):
     # -- bus handlers ----------------------------------------------------------------------------------
     async def _up_start(self, body: InferenceUp, _caller: Caller) -> dict[str, Any]:
         result = self.manager.begin(UpRequest.of(body))
+        self.publish_state()
+        return result
+
+    async def _up_replace(self, body: InferenceUp, _caller: Caller) -> dict[str, Any]:
+        result = await self.manager.replace(UpRequest.of(body))
         self.publish_state()
         return result
 

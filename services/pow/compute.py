@@ -139,7 +139,7 @@ class ComputeGroup:
     def devices(self) -> list[str]:
         return [str(d) for d in self.model.devices]
 
-    def _launch(self, batch: InputBatch) -> torch.Tensor:
+    def _launch(self, batch: InputBatch, cancel: StopSignal | None) -> torch.Tensor:
         """Queue the forward pass and distances of a batch; returns the (maybe not yet ready) result."""
         x, perms = batch.filled()
         model = self.model
@@ -148,18 +148,21 @@ class ComputeGroup:
         stages = len(model.devices)
         if stages > 1 and x.shape[0] > 1:
             # Micro-batches let GPU i work on one while GPU i+1 works on the previous (kernels are async).
-            logits = torch.cat([model.forward(part) for part in x.chunk(stages)])
+            logits = torch.cat([model.forward(part, cancel) for part in x.chunk(stages)])
         else:
-            logits = model.forward(x)
+            logits = model.forward(x, cancel)
         with torch.inference_mode():
             return batch_distances(logits, perms, self._target)
 
     def generate(self, public_key: str, nonces: Iterator[int], stop: StopSignal,
-                 batch_size: int | None = None) -> Generator[tuple[list[int], np.ndarray], None, None]:
+                 batch_size: int | None = None, cancel: StopSignal | None = None
+                 ) -> Generator[tuple[list[int], np.ndarray], None, None]:
         """Evaluate ``nonces`` in order, yielding (nonces, float64 distances) per batch until ``stop``.
 
         Every computed nonce is yielded, valid or not. Stops within ~0.1 s of ``stop`` plus the batch in
-        progress; the input thread ends when the iterator is closed or exhausted.
+        progress; ``cancel`` also abandons the batch in progress (raises
+        :class:`~services.pow.cancel.Cancelled` at the next layer). The input thread ends when the
+        iterator is closed or exhausted.
         """
         buffers = self._buffer_pool(batch_size or self.batch_size)
         prefetch = Prefetcher(buffers, public_key, nonces, self.prefetch_depth)
@@ -173,7 +176,7 @@ class ComputeGroup:
                 if batch is None:
                     break
                 with self._lock:
-                    result = self._launch(batch)
+                    result = self._launch(batch, cancel)
                 if pending is not None:
                     done, pending = pending, None
                     yield self._collect(buffers, *done)
@@ -197,14 +200,17 @@ class ComputeGroup:
         buffers.release(batch)
         return nonces, dists
 
-    def distances(self, public_key: str, nonces: Sequence[int]) -> np.ndarray:
-        """Distances (float64) of ``nonces`` for ``public_key``, in the given order."""
+    def distances(self, public_key: str, nonces: Sequence[int], cancel: StopSignal | None = None
+                  ) -> np.ndarray:
+        """Distances (float64) of ``nonces`` for ``public_key``, in the given order (``cancel``: as in
+        :meth:`generate`)."""
         wanted = [int(n) for n in nonces]
         out = np.empty(len(wanted), dtype=np.float64)
         if not wanted:
             return out
         pos = 0
-        for got, dists in self.generate(public_key, iter(wanted), threading.Event()):
+        never = threading.Event()
+        for got, dists in self.generate(public_key, iter(wanted), never, cancel=cancel):
             out[pos : pos + len(got)] = dists
             pos += len(got)
         return out
@@ -248,20 +254,22 @@ def shared_input_executor() -> ThreadPoolExecutor:
 
 
 def discover_groups(block_hash: str, params: PowParams, device: str = "auto", *,
-                    batch_size: int | None = None, fused: bool = True, head_multiple: int = GPU_HEAD_MULTIPLE
-                    ) -> list[ComputeGroup]:
+                    batch_size: int | None = None, fused: bool = True, head_multiple: int = GPU_HEAD_MULTIPLE,
+                    cancel: StopSignal | None = None) -> list[ComputeGroup]:
     """Build the round's model on every compute group of this host and return the groups.
 
     ``auto``: every visible CUDA GPU (blocks of several when one cannot hold the model), else the CPU.
     The weight pool is drawn once and shared by all groups. ``fused`` allows the Triton element-wise
     kernels on CUDA (used only if they load and pass their self-check); ``head_multiple`` pads CUDA
-    attention heads to that many features (1: no padding).
+    attention heads to that many features (1: no padding). ``cancel`` abandons the build between pool
+    chunks and layers (raises :class:`~services.pow.cancel.Cancelled`).
     """
     started = time.perf_counter()
     resolved = _resolve_devices(device)
     if resolved is None:
-        pool = generate_pool(block_hash, params.pool_size)
-        model = build_model(pool, block_hash, params, [torch.device("cpu")], torch.float32, CPU_FFN_CHUNK)
+        pool = generate_pool(block_hash, params.pool_size, cancel=cancel)
+        model = build_model(pool, block_hash, params, [torch.device("cpu")], torch.float32, CPU_FFN_CHUNK,
+                            cancel=cancel)
         del pool
         group = ComputeGroup(0, block_hash, model, batch_size or cpu_batch_size(params))
         log.info("pow_groups_ready", groups=1, devices=["cpu"], batch_size=group.batch_size,
@@ -270,7 +278,7 @@ def discover_groups(block_hash: str, params: PowParams, device: str = "auto", *,
     cuda = resolved[0]
     free = [torch.cuda.mem_get_info(d)[0] for d in cuda]
     blocks = plan_gpu_blocks(params, free)
-    pool = generate_pool(block_hash, params.pool_size, pin=True)
+    pool = generate_pool(block_hash, params.pool_size, pin=True, cancel=cancel)
     pool_seconds = time.perf_counter() - started
     executor = shared_input_executor()
     groups = []
@@ -279,7 +287,7 @@ def discover_groups(block_hash: str, params: PowParams, device: str = "auto", *,
         ops = load_fused_ops(params, devices[0], torch.float16) if fused else None
         device_pool = pool.to(devices[0])
         model = build_model(device_pool, block_hash, params, devices, torch.float16, ops=ops,
-                            head_multiple=head_multiple)
+                            head_multiple=head_multiple, cancel=cancel)
         del device_pool
         for d in devices:
             torch.cuda.synchronize(d)

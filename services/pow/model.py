@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.pow.cancel import check
+from services.pow.inputs import StopSignal
 from services.pow.ops import BlockOps, EagerOps, rope_tables
 from services.pow.params import PowParams
 from services.pow.weights import parameter_values
@@ -116,13 +118,17 @@ class PowModel:
         return h + self._feed_forward(h, layer)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (B, vocab) at the last position for inputs x (B, seq_len, dim) of the model dtype."""
+    def forward(self, x: torch.Tensor, cancel: StopSignal | None = None) -> torch.Tensor:
+        """fp32 logits (B, vocab) at the last position for inputs x (B, seq_len, dim) of the model dtype.
+
+        ``cancel`` is checked before each layer, so a stop frees a CPU mid-batch.
+        """
         if x.shape[1:] != (self.params.seq_len, self.params.dim):
             raise ValueError(f"input shape {tuple(x.shape)} does not match (B, seq_len, dim) of the model")
         h = x
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            check(cancel)
             if h.device != layer.device:
                 h = h.to(layer.device, non_blocking=True)
             h = self._block(h, layer, last_only=i == last)
@@ -189,19 +195,20 @@ def layer_devices(n_layers: int, devices: Sequence[torch.device]) -> list[torch.
 
 def build_model(pool: torch.Tensor, block_hash: str, params: PowParams, devices: Sequence[torch.device],
                 dtype: torch.dtype, ffn_chunk: int | None = None, ops: BlockOps | None = None,
-                head_multiple: int = 1) -> PowModel:
+                head_multiple: int = 1, cancel: StopSignal | None = None) -> PowModel:
     """Place every parameter straight into its device tensor, reading windows of ``pool``.
 
     ``pool`` should sit on ``devices[0]`` (or the CPU): windows are copied device to device. The head
     lives with the last layer. ``ffn_chunk`` splits the FFN hidden width so its activations stay in
     cache (CPU); ``None`` keeps it whole (GPU). ``head_multiple`` pads each attention head to a
-    multiple of that many features (8 on CUDA).
+    multiple of that many features (8 on CUDA). ``cancel`` is checked before each layer.
     """
     chunk = params.ffn_hidden if ffn_chunk is None else max(1, min(ffn_chunk, params.ffn_hidden))
     stride = -(-params.head_dim // head_multiple) * head_multiple
     placement = layer_devices(params.n_layers, devices)
     layers = []
     for i, device in enumerate(placement):
+        check(cancel)
         layers.append(_build_layer(pool, block_hash, params, i, device, dtype, chunk, stride))
     last = placement[-1]
     norm = _placed(pool, block_hash, "norm.weight", (params.dim,), last, dtype)

@@ -4,6 +4,11 @@ One worker thread per compute group (a GPU, a block of GPUs, or the CPU). A work
 batches first (validators wait on them), otherwise generates while the phase is GENERATING. Each
 generated batch's valid nonces go to the outbox *before* the group's progress is journaled, so a crash
 can only repeat work (the receiver sees the same nonce with the same distance), never skip it.
+
+Stopping is immediate: :meth:`Runner.cancel` sets the stop signal (the model build and the batch in
+progress unwind at their next layer) and waits only for a result being committed at that moment.
+Every commit (outbox, journal) happens under one lock after re-checking the signal, so once ``cancel``
+returns the round writes nothing more: what was committed before is delivered, nothing after exists.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from node.errors import Unavailable
+from node.errors import InvalidRequest, Unavailable
 from node.logging import get_logger
+from services.pow.cancel import Cancelled
 from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
 from services.pow.journal import Journal
 from services.pow.outbox import Outbox
@@ -30,6 +36,10 @@ log = get_logger(__name__)
 
 IDLE, GENERATING, VALIDATING = "IDLE", "GENERATING", "VALIDATING"
 PHASES = (IDLE, GENERATING, VALIDATING)
+#: How long :meth:`Runner.cancel` waits for a commit in progress (an fsync, normally milliseconds).
+COMMIT_WAIT_S = 1.0
+#: How long a new round waits for the previous round's threads to let go of the device.
+RETIRE_WAIT_S = 120.0
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Runner:
         *,
         progress: dict[str, int] | None = None,
         on_change: Callable[[], None] = lambda: None,
+        after: Runner | None = None,
     ) -> None:
         self.spec = spec
         self.outbox = outbox
@@ -80,6 +91,8 @@ class Runner:
         self._phase = phase
         self._progress: dict[str, int] = dict(progress or {})
         self._stop = threading.Event()
+        self._commit = threading.Lock()  # held while a result is written; see the module docstring
+        self._after = after  # a stopped round whose threads may still be unwinding
         self._interrupt = threading.Event()
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, ProofBatch]] = deque()
@@ -99,9 +112,15 @@ class Runner:
         self._loader.start()
 
     def _load(self) -> None:
+        after, self._after = self._after, None
+        if after is not None:  # never two models on one device: wait until the old round let go
+            after.join(RETIRE_WAIT_S)
         t0 = time.perf_counter()
         try:
-            groups = discover_groups(self.spec.block_hash, self.spec.params, self.device)
+            groups = discover_groups(self.spec.block_hash, self.spec.params, self.device, cancel=self._stop)
+        except Cancelled:
+            log.info("pow_model_build_cancelled", block_height=self.spec.block_height)
+            return
         except Exception as exc:
             self.error = f"model build failed: {type(exc).__name__}: {exc}"[:500]
             log.exception("pow_model_build_failed")
@@ -120,16 +139,29 @@ class Runner:
             thread.start()
         self.on_change()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def cancel(self) -> None:
+        """Stop the round without waiting for its compute: after this returns it commits nothing."""
         self._stop.set()
         self._interrupt.set()
         with self._cond:
             self._cond.notify_all()
+        if self._commit.acquire(timeout=COMMIT_WAIT_S):
+            self._commit.release()
+        else:
+            log.warning("pow_commit_still_running", block_height=self.spec.block_height)
+
+    def join(self, timeout: float) -> None:
+        """Wait (bounded) until the round's threads have ended and its model is released."""
         deadline = time.monotonic() + timeout
         for thread in [self._loader, *self._threads]:
-            if thread.is_alive() and thread is not threading.current_thread():
+            if thread.is_alive() and thread is not threading.current_thread() and thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.groups = []
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel and wait for the threads (process shutdown)."""
+        self.cancel()
+        self.join(timeout)
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -156,10 +188,15 @@ class Runner:
             self._phase = phase
             self._interrupt.set()
             self._cond.notify_all()
-        self._save()
+        with self._commit:
+            if not self._stop.is_set():
+                self._save()
 
     def submit(self, batch: ProofBatch) -> None:
-        name = self.journal.enqueue(msgspec.to_builtins(batch))  # durable before the client hears 200
+        with self._commit:
+            if self._stop.is_set():
+                raise InvalidRequest("PoW is not running")
+            name = self.journal.enqueue(msgspec.to_builtins(batch))  # durable before the client hears 200
         with self._cond:
             self._queue.append((name, batch))
             self._interrupt.set()
@@ -186,6 +223,8 @@ class Runner:
                     with self._cond:
                         if not self._queue and self._phase != GENERATING and not self._stop.is_set():
                             self._cond.wait(1.0)
+        except Cancelled:
+            log.info("pow_group_cancelled", group=gid, block_height=self.spec.block_height)
         except Exception as exc:
             self.error = f"compute group {gid} failed: {type(exc).__name__}: {exc}"[:500]
             log.exception("pow_group_failed", group=gid)
@@ -199,14 +238,18 @@ class Runner:
             return job
 
     def _validate(self, group: ComputeGroup, name: str, batch: ProofBatch) -> None:
-        recomputed = group.distances(batch.public_key, batch.nonces) if batch.nonces else np.zeros(0)
+        recomputed = (group.distances(batch.public_key, batch.nonces, cancel=self._stop) if batch.nonces
+                      else np.zeros(0))
         result = validated_batch(
             public_key=batch.public_key, block_hash=batch.block_hash, block_height=batch.block_height,
             nonces=batch.nonces, received_dist=batch.dist, recomputed_dist=[float(d) for d in recomputed],
             node_id=batch.node_id, r_target=self.spec.r_target, fraud_threshold=self.spec.fraud_threshold,
         )
-        self._store("validated", result)
-        self.journal.done(name)
+        with self._commit:
+            if self._stop.is_set():
+                raise Cancelled
+            self._store("validated", result)
+            self.journal.done(name)
         self.counters.batches_validated += 1
         self.counters.nonces_validated += len(batch.nonces)
         if result["fraud_detected"]:
@@ -222,20 +265,24 @@ class Runner:
         start_k = self._progress.get(str(gid), 0)
         nonces = nonce_sequence(spec.node_id, spec.node_count, gid, n_groups, start_k)
         stop = _Either(self._stop, self._interrupt)
-        for batch_nonces, dists in group.generate(spec.public_key, _until(nonces, stop), stop):
+        batches = group.generate(spec.public_key, _until(nonces, stop), stop, cancel=self._stop)
+        for batch_nonces, dists in batches:
             if not batch_nonces:
                 continue
             mask = dists < spec.r_target  # NaN compares False: never valid
             valid = [int(n) for n, ok in zip(batch_nonces, mask, strict=True) if ok]
-            if valid:
-                self._store("generated", {
-                    "public_key": spec.public_key, "block_hash": spec.block_hash,
-                    "block_height": spec.block_height, "nonces": valid,
-                    "dist": [float(d) for d, ok in zip(dists, mask, strict=True) if ok],
-                    "node_id": spec.node_id,
-                })
-            self._progress[str(gid)] = (max(batch_nonces) - base) // stride + 1
-            self._save()
+            with self._commit:
+                if self._stop.is_set():
+                    raise Cancelled  # finished after the stop: not part of the round any more
+                if valid:
+                    self._store("generated", {
+                        "public_key": spec.public_key, "block_hash": spec.block_hash,
+                        "block_height": spec.block_height, "nonces": valid,
+                        "dist": [float(d) for d, ok in zip(dists, mask, strict=True) if ok],
+                        "node_id": spec.node_id,
+                    })
+                self._progress[str(gid)] = (max(batch_nonces) - base) // stride + 1
+                self._save()
             self.counters.add(len(batch_nonces), len(valid))
             if stop.is_set():
                 break
@@ -257,7 +304,7 @@ class Runner:
                 self.storage_error = exc.message[:500]
                 log.error("pow_outbox_refused", kind=kind, reason=exc.message, retry_in_s=delay)
                 if self._stop.wait(delay):
-                    raise
+                    raise Cancelled from None
                 delay = min(delay * 2, 10.0)
 
 

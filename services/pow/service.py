@@ -5,6 +5,10 @@ Bus requests (the gateway maps the contract's routes onto them): ``init``, ``ini
 plus the common ``status`` and ``stop``. Model building runs in a thread (status ``LOADING``); an
 identical InitDto reuses the loaded model and only flips the phase, any difference reloads. Delivery of
 results keeps running whatever the round does, so a stop never strands a result.
+
+A stop answers at once, whatever the round is doing: it takes no lock that a start or a phase flip
+holds, cancels the runner (see :mod:`services.pow.runner`) and forgets it; the old round's threads
+unwind in the background and the next round's model build waits for them to let go of the device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.pow import InitDto, ProofBatch
-from node.errors import InvalidRequest, Unavailable
+from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
 from node.process import bootstrap
@@ -43,6 +47,8 @@ class PowService(Service):
         self.outbox = Outbox(directory / "outbox.db")
         self.delivery = Delivery(self.outbox)
         self.runner: Runner | None = None
+        self._retired: Runner | None = None  # the last stopped round, maybe still unwinding
+        self._stops = 0  # counts stops, so that a start overtaken by a stop does not go on
         self._lock = asyncio.Lock()
         self.route("init", self._init_idle, InitDto)
         self.route("init_generate", self._init_generate, InitDto)
@@ -62,8 +68,8 @@ class PowService(Service):
                 "ready": self.runner is not None and self.runner.loaded and not self.runner.error}
 
     async def stop(self) -> dict[str, Any]:
-        async with self._lock:
-            await self._drop_runner()
+        self._stops += 1
+        await self._drop_runner()
         return {"status": "OK"}
 
     async def startup(self) -> None:
@@ -132,7 +138,8 @@ class PowService(Service):
 
     def _start_runner(self, spec: RoundSpec, phase: str, progress: dict[str, int] | None = None) -> None:
         self.runner = Runner(spec, phase, self.outbox, self.journal, self.settings.pow_device,
-                             progress=progress, on_change=self._changed)
+                             progress=progress, on_change=self._changed, after=self._retired)
+        self._retired = None
         self.runner.start()
         self.publish_state()
 
@@ -143,10 +150,17 @@ class PowService(Service):
             loop.call_soon_threadsafe(self.publish_state)
 
     async def _drop_runner(self) -> None:
+        """Cancel the round (its threads unwind in the background) and forget it; never raises."""
         runner, self.runner = self.runner, None
         if runner is not None:
-            await asyncio.to_thread(runner.stop)
-        self.journal.clear_round()
+            self._retired = runner
+            await asyncio.to_thread(runner.cancel)
+            log.info("pow_round_stopped", block_height=runner.spec.block_height,
+                     nonces_computed=runner.counters.nonces_computed)
+        try:
+            self.journal.clear_round()
+        except OSError as exc:  # unlinking works on a full disk; anything else must not fail a stop
+            log.error("pow_journal_not_cleared", reason=str(exc))
 
     def _answer(self) -> dict[str, Any]:
         return {"status": "OK", "pow_status": self.pow_status()}
@@ -170,11 +184,14 @@ class PowService(Service):
     async def _init(self, init: InitDto, phase: str) -> dict[str, Any]:
         spec = RoundSpec.of(init)
         self._check_fits(spec)
+        stops = self._stops
         async with self._lock:
             if self.runner is not None and self.runner.spec.init == init and not self.runner.error:
                 await self._flip(phase)  # identical InitDto: keep the model, flip the phase
                 return self._answer()
             await self._drop_runner()
+            if self._stops != stops:
+                raise Conflict("a stop arrived while this PoW round was starting; it was not started")
             self._start_runner(spec, phase)
         log.info("pow_round_started", phase=phase, block_height=spec.block_height, node_id=spec.node_id,
                  node_count=spec.node_count)

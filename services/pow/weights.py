@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from services.pow.cancel import check
+from services.pow.inputs import StopSignal
 from services.pow.rng import WEIGHT_POOL_STD, param_offset, pool_rng
 
 DEFAULT_CHUNK = 1 << 23
@@ -24,11 +26,12 @@ def _round_chunk(draws: np.ndarray, staging: torch.Tensor, dst: torch.Tensor) ->
     dst.copy_(staging)
 
 
-def generate_pool(block_hash: str, size: int, *, chunk: int = DEFAULT_CHUNK, pin: bool = False
-                  ) -> torch.Tensor:
+def generate_pool(block_hash: str, size: int, *, chunk: int = DEFAULT_CHUNK, pin: bool = False,
+                  cancel: StopSignal | None = None) -> torch.Tensor:
     """The fp16 weight pool on the CPU: ``rng(block_hash, 4).normal(0, 0.02, size)`` rounded via float32.
 
-    ``pin`` page-locks it so copies to a GPU run at full bus speed.
+    ``pin`` page-locks it so copies to a GPU run at full bus speed. ``cancel`` is checked per chunk
+    (raises :class:`~services.pow.cancel.Cancelled`).
     """
     if size < 1 or chunk < 1:
         raise ValueError(f"pool size and chunk must be >= 1, got size={size} chunk={chunk}")
@@ -45,6 +48,7 @@ def generate_pool(block_hash: str, size: int, *, chunk: int = DEFAULT_CHUNK, pin
             previous = pending[slot]
             if previous is not None:
                 previous.result()
+            check(cancel)
             rng.standard_normal(out=draws[slot][:n])
             pending[slot] = converter.submit(
                 _round_chunk, draws[slot][:n], staging[slot][:n], pool[start : start + n]

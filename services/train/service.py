@@ -17,6 +17,9 @@ Bus requests (the gateway maps the contract's routes onto them): ``train_start``
   checkpoint while the node mode still says TRAIN, then rejoins the peers with their current state.
 - After a run finishes, its peer group stays open (late peers can still fetch the final state) until
   the next ``train_start`` or a stop.
+- A stop answers at once: the run is told to stop and forgotten (the node reads STOPPED); its thread
+  (which may be writing its last checkpoint) and its peer group wind down in the background, and the
+  next start waits for them before it opens anything.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class TrainService(Service):
         self.notes: list[str] = []
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._winding_down: asyncio.Task[None] | None = None
         handlers = {
             "train_start": self._train_start,
             "train_stop": self._train_stop,
@@ -113,8 +117,7 @@ class TrainService(Service):
         return {"state": self.runner.state if self.runner is not None else "STOPPED", **self.train_status()}
 
     async def stop(self) -> dict[str, Any]:
-        async with self._lock:
-            await self._halt(forget=True)
+        self._release(forget=True)
         return {"status": "OK"}
 
     async def metrics(self) -> dict[str, Any]:
@@ -172,10 +175,9 @@ class TrainService(Service):
         return {**self.train_status(), "status": "Training started"}
 
     async def _train_stop(self, _body: Any, _caller: Caller) -> dict[str, Any]:
-        async with self._lock:
-            if not self.is_active():
-                raise InvalidRequest(NOT_RUNNING)
-            await self._halt(forget=True)
+        if not self.is_active():
+            raise InvalidRequest(NOT_RUNNING)
+        self._release(forget=True)
         return {**self.train_status(), "status": "Training stopped"}
 
     async def _train_status(self, _body: Any, _caller: Caller) -> dict[str, Any]:
@@ -248,18 +250,41 @@ class TrainService(Service):
         return f"tcp://{host}:{port}"
 
     async def _halt(self, *, forget: bool) -> None:
-        """Stop the run (waiting for its thread), close the peer group; ``forget`` drops the journal."""
+        """Stop the run and wait until its thread and peer group are gone."""
+        self._release(forget=forget)
+        await self._wound_down()
+
+    def _release(self, *, forget: bool) -> None:
+        """Stop the run without waiting: forget it at once (``forget`` also drops the journal) and wind
+        its thread and peer group down in the background."""
         runner, group = self.runner, self.group
-        self.group = None
+        self.runner, self.group = None, None
+        if forget:
+            try:
+                self.journal.clear()
+            except (OSError, MLNodeError) as exc:  # a stop must not fail; log and go on
+                log.error("train_journal_not_cleared", reason=str(exc))
+        if runner is None and group is None:
+            return
         if runner is not None:
             runner.request_stop()
-            await asyncio.to_thread(runner.join, 120)
-        if group is not None:
-            await group.aclose()
-        if forget:
-            self.journal.clear()
-        if runner is not None or group is not None:
-            self.publish_state()
+        previous = self._winding_down
+
+        async def wind_down() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            if runner is not None:
+                await asyncio.to_thread(runner.join, 120)
+            if group is not None:
+                await group.aclose()
+            log.info("train_run_wound_down")
+
+        self._winding_down = asyncio.get_running_loop().create_task(wind_down())
+        self.publish_state()
+
+    async def _wound_down(self) -> None:
+        while self._winding_down is not None and not self._winding_down.done():
+            await asyncio.shield(self._winding_down)
 
     def _run_changed(self) -> None:
         """On the loop: a run changed state (from its thread); a run that ended is not resumed."""

@@ -47,6 +47,8 @@ class Route:
     guarded: bool = True
     #: Query parameters passed to the service as the payload (``{name: value}``, only those present).
     query: tuple[str, ...] = ()
+    #: A stop: answers at once and never 5xx (see :meth:`Services.stop_one`).
+    stops: bool = False
 
 
 ROUTES: tuple[Route, ...] = (
@@ -57,16 +59,17 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/pow/phase/validate", "pow", "phase_validate"),
     Route("POST", "/api/v1/pow/validate", "pow", "validate", body=ProofBatch),
     Route("GET", "/api/v1/pow/status", "pow", "pow_status"),
-    Route("POST", "/api/v1/pow/stop", "pow", "pow_stop"),
+    Route("POST", "/api/v1/pow/stop", "pow", "pow_stop", stops=True),
     # The blocking start answers before the client's 15-minute timeout, success or not.
-    Route("POST", "/api/v1/inference/up", "inference", "up_start", claims=True, body=InferenceUp,
+    # The blocking start replaces what serves (stop, then start); up/async keeps the 409.
+    Route("POST", "/api/v1/inference/up", "inference", "up_replace", claims=True, body=InferenceUp,
           wait_kind="up_wait", wait_timeout_s=14 * 60),
     Route("POST", "/api/v1/inference/up/async", "inference", "up_start", claims=True, body=InferenceUp),
     Route("GET", "/api/v1/inference/up/status", "inference", "up_status"),
-    Route("POST", "/api/v1/inference/down", "inference", "down"),
+    Route("POST", "/api/v1/inference/down", "inference", "down", stops=True),
     Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=TrainStart,
           as_sent=True),
-    Route("POST", "/api/v1/train/stop", "train", "train_stop"),
+    Route("POST", "/api/v1/train/stop", "train", "train_stop", stops=True),
     Route("GET", "/api/v1/train/status", "train", "train_status"),
     Route("POST", "/api/v1/train/peers", "train", "train.peers.register", body=TrainPeers,
           guarded=False, as_sent=True),
@@ -99,6 +102,8 @@ class ServiceRoute:
         if row.claims:
             # Shielded: once the claim is under way a hang-up must not leave it half done.
             result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))
+        elif row.stops:
+            result = await asyncio.shield(self.services.stop_one(row.service, row.kind))
         else:
             if row.guarded:
                 await self.services.guard(row.service)
