@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
-from node import z85
 from node.logging import get_logger
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -130,7 +130,7 @@ class Authenticator:
             self.failures[domain] += 1
             log.warning("zap_refused", domain=domain, address=address, reason="not CURVE")
             return [b"1.0", request_id, b"400", b"CURVE required", b"", b""]
-        public = z85.encode(frames[6])
+        public = z85.encode(frames[6]).decode("ascii")
         if self.is_allowed(domain, public):
             self.successes[domain] += 1
             return [b"1.0", request_id, b"200", b"OK", public.encode(), b""]

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.public import PrivateKey
+from zmq.utils import z85  # the encoding ZeroMQ's CURVE options take; no socket is opened here
 
-from node import z85
 from node.errors import KeyFileError
 
 LOCAL_ROLES = ("gateway", "pow", "inference", "train", "cli")
@@ -42,7 +43,7 @@ class KeyPair:
 
     @property
     def public_hex(self) -> str:
-        return z85.decode(self.public).hex()
+        return z85_decode(self.public).hex()
 
     def __repr__(self) -> str:  # never print the secret half
         return f"KeyPair(public={self.public!r})"
@@ -50,7 +51,7 @@ class KeyPair:
     @classmethod
     def generate(cls) -> KeyPair:
         sk = PrivateKey.generate()
-        return cls(public=z85.encode(bytes(sk.public_key)), secret=z85.encode(bytes(sk)))
+        return cls(public=z85_encode(bytes(sk.public_key)), secret=z85_encode(bytes(sk)))
 
 
 def public_from_text(text: str) -> str:
@@ -59,12 +60,25 @@ def public_from_text(text: str) -> str:
     if len(text) == 64:
         raw = bytes.fromhex(text)
     elif len(text) == 40:
-        raw = z85.decode(text)
+        raw = z85_decode(text)
     else:
         raise ValueError("a CURVE public key is 40 Z85 characters or 64 hex characters")
     if len(raw) != 32:
         raise ValueError("a CURVE public key is 32 bytes")
-    return z85.encode(raw)
+    return z85_encode(raw)
+
+
+def z85_encode(data: bytes) -> str:
+    """Z85 text of ``data`` (a multiple of 4 bytes), as key files and APIs print it."""
+    return z85.encode(data).decode("ascii")
+
+
+def z85_decode(text: str) -> bytes:
+    """The bytes of Z85 ``text``; ValueError for anything that is not Z85 (pyzmq raises a zoo)."""
+    try:
+        return z85.decode(text.encode("ascii"))
+    except (KeyError, ValueError, UnicodeError, struct.error) as exc:
+        raise ValueError(f"not Z85 text ({type(exc).__name__})") from None
 
 
 @contextmanager
@@ -94,7 +108,7 @@ def _read(path: Path) -> KeyPair:
         if doc.get("format") != _FORMAT:
             raise ValueError("unknown format")
         public, secret = str(doc["public"]), str(doc["secret"])
-        derived = z85.encode(bytes(PrivateKey(z85.decode(secret)).public_key))
+        derived = z85_encode(bytes(PrivateKey(z85_decode(secret)).public_key))
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise KeyFileError(
             f"key file {path} is corrupt ({type(exc).__name__}); restore it from backup or move it away "

@@ -15,7 +15,6 @@ from typing import Any
 import structlog
 
 _SECRET_MARKERS = ("secret", "private", "password", "token_value", "authorization")
-_configured = False
 
 
 def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -28,7 +27,6 @@ def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Muta
 
 def configure(process: str, level: str = "info", *, stream: Any = None) -> None:
     """Route structlog and stdlib logging to JSON lines tagged with ``process``."""
-    global _configured
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -71,7 +69,6 @@ def configure(process: str, level: str = "info", *, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    _configured = True
 
 
 def get_logger(name: str | None = None, **bound: Any) -> Any:

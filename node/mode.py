@@ -13,11 +13,10 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from node.errors import Unavailable
+from node.files import atomic_write_json
 
 STOPPED = "STOPPED"
 MODES = ("POW", "INFERENCE", "TRAIN")
@@ -44,14 +43,6 @@ class ModeStore:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        fd = self.acquire()
-        try:
-            yield
-        finally:
-            self.release(fd)
-
     def read(self) -> str:
         try:
             mode = json.loads(self.path.read_text("utf-8")).get("mode", STOPPED)
@@ -62,18 +53,13 @@ class ModeStore:
     def write(self, mode: str) -> None:
         if mode != STOPPED and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
-        tmp = self.path.with_name(f".mode.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"mode": mode, "since": time.time()}), "utf-8")
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            atomic_write_json(self.path, {"mode": mode, "since": time.time()})
+        except Unavailable:
             if mode == STOPPED:  # a full disk must not keep a claim alive: no file reads as STOPPED
                 try:
                     self.path.unlink(missing_ok=True)
                     return
                 except OSError:
                     pass
-            raise Unavailable(
-                f"cannot record the node mode in {self.path.parent}: {exc.strerror or exc}"
-            ) from None
+            raise

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import DeadlineExceeded, Unavailable
+from node.files import atomic_write_json
 from node.logging import get_logger
 from node.mode import MODES, STOPPED
 from services.gateway.services import Services
@@ -285,12 +286,10 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(doc, separators=(",", ":")), "utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_json(path, doc, durable=False)
+    except Unavailable as exc:
+        raise OSError(exc.message) from None
 
 
 class MeasuredServices(Services):

@@ -25,6 +25,7 @@ from typing import Any
 from node import gpu
 from node.config import Settings
 from node.errors import Conflict, InvalidRequest, MLNodeError, Unavailable
+from node.files import atomic_write_json
 from node.logging import get_logger
 from services.inference.engine_plan import VLLM, EngineKind, InstancePlan, choose_engine, plan_cpu, plan_vllm
 from services.inference.instance import Instance
@@ -301,12 +302,9 @@ class EngineManager:
     def _remember(self, req: UpRequest) -> None:
         """Persist the request so that an ``inference`` restart (after a crash) resumes serving it."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.request_file.with_name(".serving.tmp")
-            tmp.write_text(json.dumps(req.to_wire()), "utf-8")
-            os.replace(tmp, self.request_file)
-        except OSError as exc:
-            log.warning("request_not_persisted", error=str(exc))
+            atomic_write_json(self.request_file, req.to_wire())
+        except Unavailable as exc:
+            log.warning("request_not_persisted", error=exc.message)
 
     def forget_request(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from node.files import atomic_write_json
 from node.logging import get_logger
 
 log = get_logger(__name__)
@@ -117,10 +118,7 @@ class PidFile:
         self.marker = marker
 
     def write(self, pgids: Iterable[int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"owner_pid": os.getpid(), "pgids": sorted(set(pgids))}), "utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"owner_pid": os.getpid(), "pgids": sorted(set(pgids))})
 
     def read(self) -> list[int]:
         try:

@@ -172,8 +172,6 @@ def test_train_killed_while_running_is_restarted_and_state_stays_truthful(node: 
                              "data": {"seq_length": 16}},
             "train_env": {"TASK_ID": "kill-test", "GLOBAL_WORLD_SIZE": "1", "GLOBAL_RANK": "0"}}
     resp = node.api("POST", "/api/v1/train/start", body, timeout=60)
-    if resp.status == 404 and "unknown request type" in resp.body.decode():
-        pytest.skip("the train service does not serve train_start yet")
     assert resp.status == 200, resp.body
     try:
         assert truthful_state(node) == "TRAIN"

@@ -26,7 +26,8 @@ import falcon.asgi
 
 from bus.local import SERVICES
 from node import __version__
-from node.errors import MLNodeError
+from node.errors import MLNodeError, Unavailable
+from node.files import atomic_write_json
 from node.logging import get_logger
 from services.gateway.metrics import (
     CONTENT_TYPE,
@@ -105,11 +106,9 @@ class Metrics:
         self._memory[service] = snapshot
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self.directory / f".last-{service}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(snapshot, default=str), "utf-8")
-            os.replace(tmp, self.directory / f"last-{service}.json")
+            atomic_write_json(self.directory / f"last-{service}.json", snapshot, durable=False, default=str)
             self._save_failed = False
-        except (OSError, TypeError, ValueError) as exc:
+        except (OSError, Unavailable, TypeError, ValueError) as exc:
             if not self._save_failed:  # once per outage: a full disk must not flood the log
                 log.warning("metrics_snapshot_not_saved", service=service, error=str(exc))
             self._save_failed = True
@@ -203,9 +202,7 @@ def count_restarts(directory: Path, supervisor_pid: int, starts: dict[str, float
                 seen["restarts"] = int(seen.get("restarts", 0)) + 1
                 changed = True
         if changed:
-            tmp = directory / f".restarts.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(doc), "utf-8")
-            os.replace(tmp, path)
+            atomic_write_json(path, doc, durable=False)
         return {name: int(entry.get("restarts", 0)) for name, entry in programs.items()}
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -204,9 +204,6 @@ class ByteTokenizer:
         raw = self._bytes_of[tid] if 0 <= tid < self.vocab_size else None
         return raw[0] if raw is not None else None
 
-    def is_special(self, tid: int) -> bool:
-        return tid in self._special_of
-
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         parts: list[bytes] = []
         for tid in ids:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from node import identity, z85
+from node import identity
 from node.errors import KeyFileError
 
 
@@ -73,4 +73,7 @@ def test_public_key_text_forms() -> None:
     assert identity.public_from_text(pair.public_hex) == pair.public
     with pytest.raises(ValueError):
         identity.public_from_text("short")
-    assert z85.decode(z85.encode(b"\x00\x01\x02\x03")) == b"\x00\x01\x02\x03"
+    assert identity.z85_decode(identity.z85_encode(b"\x00\x01\x02\x03")) == b"\x00\x01\x02\x03"
+    for bad in ("~" * 40, "#" * 40, "abc"):
+        with pytest.raises(ValueError):
+            identity.z85_decode(bad)
