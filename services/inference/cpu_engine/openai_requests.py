@@ -1,7 +1,9 @@
 """Turning OpenAI-style JSON bodies into a prompt, sampling parameters and optional forced tokens.
 
-Every malformed value raises InvalidRequest naming its field (the server answers 400 with it); unknown
-fields are ignored, as validators add their own (``use_deterministic_hash`` ...).
+The body is validated by :mod:`.openai_schema` with vLLM's own coercions and refusals; the checks vLLM
+makes while building its sampling parameters (ranges, the context length) follow here. Every refusal
+is a 400 in vLLM's error shape naming the field (``param``); unknown fields are ignored, as vLLM does
+(validators add their own, e.g. ``use_deterministic_hash``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from node.errors import InvalidRequest
+from pydantic import ValidationError
 
 from .chat_template import render_chat
+from .openai_schema import ChatBody, CompletionBody, OpenAIError, check_raw
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 from .tokenizer import ByteTokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+#: pydantic's names for the branches of a union, which vLLM leaves out of ``param`` too.
+_BRANCH_MARKERS = ("[", "str", "int", "float", "bool", "list", "dict", "none")
 
 
 @dataclass(frozen=True)
@@ -30,75 +35,67 @@ class ParsedRequest:
     top_logprobs: int
 
 
-def _present(body: dict[str, Any], key: str) -> bool:
-    return body.get(key) is not None
+def _refusal(exc: ValidationError) -> OpenAIError:
+    """One pydantic error as vLLM's validation answer: ``param`` is ``body.<field>``."""
+    errors = exc.errors()
+    first = errors[0]
+    parts = [str(p) for p in first["loc"] if isinstance(p, int) or not str(p).startswith(_BRANCH_MARKERS)]
+    loc = ".".join(parts)
+    return OpenAIError(f"{len(errors)} validation error(s): {loc}: {first['msg']}", param=f"body.{loc}",
+                       type="Bad Request")
 
 
-def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    value = body.get(key)
+def _validated(body: Any, *, chat: bool) -> ChatBody | CompletionBody:
+    if not isinstance(body, dict):
+        raise OpenAIError("request body must be a JSON object", param="body", type="Bad Request")
+    check_raw(body, chat=chat)
+    try:
+        return ChatBody.model_validate(body) if chat else CompletionBody.model_validate(body)
+    except ValidationError as exc:
+        raise _refusal(exc) from None
+
+
+def _in_range(value: float | None, default: float, field: str, lo: float, hi: float,
+              lo_open: bool = False) -> float:
+    """vLLM's SamplingParams ranges: temperature in [0, 2], top_p in (0, 1]."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{key} must be an integer, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise InvalidRequest(f"{key} must be {bound}, got {value}")
-    return value
-
-
-def _float(
-    body: dict[str, Any], key: str, default: float, lo: float, hi: float, lo_open: bool = False
-) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be a number")
-    if value > hi or value < lo or (lo_open and value == lo):
-        raise InvalidRequest(f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        opening = "(" if lo_open else "["
+        raise OpenAIError(f"{field} must be in {opening}{lo}, {hi}], got {value}.", param=field)
     return float(value)
 
 
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{key} must be a boolean")
-    return value
-
-
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
-    value = body.get("stop")
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(s for s in value if s)
-    raise InvalidRequest("stop must be a string or a list of strings")
+def _stop(value: str | list[str] | None) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if any(not s for s in stops):
+        raise OpenAIError("stop cannot contain an empty string.", param="stop")
+    return tuple(stops)
 
 
 def _token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise InvalidRequest(f"{field} must be a list of token ids")
+        raise OpenAIError(f"{field} must be a list of token ids", param=field)
     for t in value:
         if not 0 <= t < vocab_size:
-            raise InvalidRequest(f"{field} holds token id {t}, outside [0, {vocab_size})")
+            raise OpenAIError(f"{field} holds token id {t}, outside [0, {vocab_size})", param=field)
     return list(value)
 
 
-def completion_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
-    """The prompt of a completions / tokenize body: a string or token ids (one prompt, n = 1)."""
-    prompt = body.get("prompt")
+def _prompt_ids(prompt: Any, add_bos: bool, tok: ByteTokenizer) -> list[int]:
+    """One prompt (n = 1): a string or token ids, maybe wrapped in a one-element list."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        add_bos = body.get("add_special_tokens", True) is not False
         return tok.encode(prompt, add_bos=add_bos)
     if isinstance(prompt, list) and prompt:
         return _token_ids(prompt, "prompt", tok.vocab_size)
-    raise InvalidRequest("prompt must be a string or a non-empty list of token ids (one prompt)")
+    raise OpenAIError("prompt must be a string or a non-empty list of token ids (one prompt)", param="prompt")
+
+
+def completion_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
+    """The prompt of a ``/tokenize`` body (completions bodies go through :func:`parse`)."""
+    return _prompt_ids(body.get("prompt"), body.get("add_special_tokens", True) is not False, tok)
 
 
 def chat_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
@@ -107,72 +104,79 @@ def chat_prompt(body: dict[str, Any], tok: ByteTokenizer) -> list[int]:
     return tok.encode(text)
 
 
+def _positive(value: int | None, default: int, field: str) -> int:
+    if value is None:
+        return default
+    if value < 1:
+        raise OpenAIError(f"{field} must be at least 1, got {value}.", param=field)
+    return value
+
+
+def _logprobs(value: int, field: str) -> int:
+    """How many alternatives per token: vLLM's default ``max_logprobs`` (20) bounds it; -1 (the whole
+    vocabulary) is beyond that bound too."""
+    if value == -1 or value > MAX_TOP_LOGPROBS:
+        raise OpenAIError(f"Requested {field} of {value}, which is greater than max allowed: "
+                          f"{MAX_TOP_LOGPROBS}", param=field)
+    if value < 0:
+        raise OpenAIError(f"{field} must be non-negative, got {value}.", param=field)
+    return value
+
+
 def parse(body: Any, tok: ByteTokenizer, max_model_len: int, *, chat: bool) -> ParsedRequest:
     """Validate a ``/v1/completions`` (chat=False) or ``/v1/chat/completions`` body."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise InvalidRequest("model must be a string")
-    prompt = chat_prompt(body, tok) if chat else completion_prompt(body, tok)
-    if _int(body, "n", 1, 1, 1) != 1:
-        raise InvalidRequest("n must be 1")
-    if chat:
-        want_logprobs = _bool(body, "logprobs")
-        top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) or 0
-        if top and not want_logprobs:
-            raise InvalidRequest("top_logprobs requires logprobs to be true")
-        key = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
-        default_max = max(1, max_model_len - len(prompt))
+    req = _validated(body, chat=chat)
+    if req.n is not None and req.n < 1:
+        raise OpenAIError(f"n must be at least 1, got {req.n}.", param="n")
+    if req.n not in (None, 1):  # vLLM would answer several choices; this engine answers one
+        raise OpenAIError("n must be 1 on the CPU engine", param="n")
+    if isinstance(req, ChatBody):
+        prompt = chat_prompt(body, tok)
+        want_logprobs = bool(req.logprobs)
+        top = _logprobs(req.top_logprobs, "top_logprobs") if want_logprobs else 0
+        key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = _positive(asked, max(1, max_model_len - len(prompt)), key)
     else:
-        completion_logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        want_logprobs = completion_logprobs is not None
-        top = completion_logprobs or 0
+        prompt = _prompt_ids(req.prompt, req.add_special_tokens, tok)
+        want_logprobs = req.logprobs is not None
+        top = _logprobs(req.logprobs, "logprobs") if req.logprobs is not None else 0
         key = "max_tokens"
         default_max = max(1, min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_model_len - len(prompt)))
-    max_tokens = _int(body, key, default_max, 1)
-    assert max_tokens is not None
-    forced = _forced(body, tok)
+        max_tokens = _positive(req.max_tokens, default_max, key)
+    forced = _forced(req, tok)
     if len(prompt) >= max_model_len:
-        raise InvalidRequest(
-            f"prompt is {len(prompt)} tokens; this model's maximum context length is {max_model_len} tokens"
+        raise OpenAIError(
+            f"prompt is {len(prompt)} tokens; this model's maximum context length is {max_model_len} tokens",
+            param="messages" if chat else "prompt",
         )
     wanted = len(forced) if forced is not None else max_tokens
     if len(prompt) + wanted > max_model_len:
-        field = (
-            ("enforced_tokens" if _present(body, "enforced_tokens") else "enforced_str") if forced else key
-        )
-        raise InvalidRequest(
+        field = ("enforced_tokens" if req.enforced_tokens is not None else "enforced_str") if forced else key
+        raise OpenAIError(
             f"{field}: this model's maximum context length is {max_model_len} tokens, "
             f"but {len(prompt) + wanted} were requested "
-            f"({len(prompt)} in the prompt, {wanted} in the completion)"
+            f"({len(prompt)} in the prompt, {wanted} in the completion)",
+            param=field,
         )
-    stream = _bool(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequest("stream_options must be an object")
-    include_usage = bool(stream and options and _bool(options, "include_usage"))
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidRequest("seed must be an integer")
+    stream = bool(req.stream)
+    include_usage = bool(stream and req.stream_options and req.stream_options.include_usage)
     params = SamplingParams(
-        temperature=_float(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        seed=seed,
+        temperature=_in_range(req.temperature, 1.0, "temperature", 0.0, 2.0),
+        top_p=_in_range(req.top_p, 1.0, "top_p", 0.0, 1.0, lo_open=True),
+        seed=req.seed,
         max_tokens=max_tokens,
-        stop=_stop(body),
+        stop=_stop(req.stop),
         logprobs=want_logprobs,
         top_logprobs=top,
     )
     return ParsedRequest(chat, prompt, params, forced, stream, include_usage, top)
 
 
-def _forced(body: dict[str, Any], tok: ByteTokenizer) -> list[int] | None:
+def _forced(req: ChatBody | CompletionBody, tok: ByteTokenizer) -> list[int] | None:
     """``enforced_tokens`` (exact ids) wins over ``enforced_str`` (plain text, byte tokens only)."""
-    if _present(body, "enforced_tokens"):
-        return _token_ids(body["enforced_tokens"], "enforced_tokens", tok.vocab_size)
-    if _present(body, "enforced_str"):
-        text = body["enforced_str"]
-        if not isinstance(text, str):
-            raise InvalidRequest("enforced_str must be a string")
-        return tok.encode(text, parse_special=False)
+    if req.enforced_tokens is not None:
+        return _token_ids(req.enforced_tokens, "enforced_tokens", tok.vocab_size)
+    if req.enforced_str is not None:
+        return tok.encode(req.enforced_str, parse_special=False)
     return None

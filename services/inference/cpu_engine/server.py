@@ -64,9 +64,9 @@ async def _send_json(send: Send, status: int, obj: Any) -> None:
     await send({"type": "http.response.body", "body": _dumps(obj)})
 
 
-async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
+async def _send_error(send: Send, status: int, message: str, kind: str, param: Any = None) -> None:
     await _send_json(
-        send, status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
+        send, status, {"error": {"message": message, "type": kind, "param": param, "code": status}}
     )
 
 
@@ -137,8 +137,9 @@ class EngineApp:
             await asyncio.Event().wait()
         try:
             await self._route(scope["method"], scope["path"], receive, send)
-        except InvalidRequest as exc:
-            await _send_error(send, 400, exc.message, "invalid_request_error")
+        except InvalidRequest as exc:  # vLLM's shape: {"error": {message, type, param, code}}
+            await _send_error(send, 400, exc.message, str(exc.details.get("type", "BadRequestError")),
+                              exc.details.get("param"))
         except _Disconnected:
             return
 
