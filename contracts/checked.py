@@ -14,6 +14,7 @@ import ast
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,6 +22,8 @@ import msgspec
 from node.errors import InvalidRequest
 
 T = TypeVar("T")
+#: Builds the error a refused input raises (an InvalidRequest subclass, or a function choosing one).
+Refuse = Callable[[str], InvalidRequest]
 
 #: Phrases for the regular expressions contracts use, so a refusal says what was meant, not the regex.
 PATTERN_PHRASES: dict[str, str] = {}
@@ -37,7 +40,7 @@ _JSON_NAMES = {"int": "integer", "float": "number", "str": "string", "bool": "bo
                "object": "object", "array": "array", "bytes": "string"}
 
 
-def decode_json(raw: bytes, kind: type[T], *, refuse: type[InvalidRequest] = InvalidRequest) -> T:
+def decode_json(raw: bytes, kind: type[T], *, refuse: Refuse = InvalidRequest) -> T:
     """The JSON body ``raw`` as a ``kind`` value; ``refuse`` carries the one-line reason otherwise."""
     try:
         return msgspec.json.decode(raw, type=kind, strict=True)
@@ -50,7 +53,7 @@ def decode_json(raw: bytes, kind: type[T], *, refuse: type[InvalidRequest] = Inv
 
 
 def convert(value: Any, kind: type[T], *, where: str = "",
-            refuse: type[InvalidRequest] = InvalidRequest) -> T:
+            refuse: Refuse = InvalidRequest) -> T:
     """``value`` (decoded JSON or msgpack: dicts, lists, numbers) checked into a ``kind`` value.
 
     ``where`` names ``value`` in refusals when it is a part of a body (``params``).

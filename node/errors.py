@@ -55,6 +55,18 @@ class Unavailable(MLNodeError):
     kind = "unavailable"
 
 
+class Overloaded(Unavailable):
+    """A queue is full; the caller should send less or come back later."""
+
+    kind = "overloaded"
+
+
+class UpstreamFailed(MLNodeError):
+    """Every engine we fanned a request out to failed; ``details["detail"]`` says how, per engine."""
+
+    kind = "upstream"
+
+
 class DeadlineExceeded(Unavailable):
     """A bus request got no answer before its deadline."""
 
@@ -88,6 +100,8 @@ _BY_KIND: dict[str, type[MLNodeError]] = {
         NotFound,
         Conflict,
         Unavailable,
+        Overloaded,
+        UpstreamFailed,
         DeadlineExceeded,
         ConfigError,
         KeyFileError,

@@ -28,8 +28,9 @@ NODE_STATE: Schema = {
     "properties": {
         "state": {"enum": ["POW", "INFERENCE", "TRAIN", "STOPPED"]},
         "version": {"type": "string"},
-        "poc_status": {"type": "string"},
-        "inference_healthy": {"type": "boolean"},
+        "poc_status": _text("PoC v2 status of the engines (pow-v2.md §2.7); null outside INFERENCE.",
+                            nullable=True),
+        "inference_healthy": {"type": ["boolean", "null"]},
         "loaded_model": _text(nullable=True),
     },
 }
@@ -86,6 +87,30 @@ POW_STATUS: Schema = {
         "fraud_detected": {"type": "integer"}, "outbox": {"type": "object"},
     },
 }
+POCV2_INIT: Schema = {
+    "type": "object", "required": ["status", "backends", "n_groups", "results"],
+    "properties": {"status": {"type": "string"}, "backends": {"type": "integer"},
+                   "n_groups": {"type": "integer"}, "results": {"type": "array"},
+                   "errors": {"type": ["array", "null"]}},
+}
+POCV2_GENERATE: Schema = {
+    "type": "object", "required": ["status", "request_id"],
+    "description": "queued: request_id is `port:uuid` and queued_count; completed (wait): the result.",
+    "properties": {"status": {"enum": ["queued", "completed"]}, "request_id": {"type": "string"},
+                   "queued_count": {"type": "integer"}},
+}
+POCV2_JOB: Schema = {
+    "type": "object", "required": ["status", "request_id"],
+    "properties": {"status": {"enum": ["queued", "running", "completed", "failed", "cancelled"]},
+                   "request_id": {"type": "string"}, "error": {"type": "string"}},
+}
+POCV2_STATUS: Schema = {
+    "type": "object", "required": ["status", "backends"],
+    "properties": {"status": {"enum": ["GENERATING", "MIXED", "IDLE", "NO_BACKENDS"]},
+                   "backends": {"type": "array"}},
+}
+POCV2_STOP: Schema = {"type": "object", "required": ["status"],
+                      "properties": {"status": {"type": "string"}, "results": {"type": "array"}}}
 POW_ANSWER: Schema = {"type": "object", "required": ["status"],
                       "properties": {"status": {"type": "string"}, "pow_status": POW_STATUS}}
 POW_QUEUED: Schema = {"type": "object", "required": ["status"],

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import falcon.asgi
 
-from contracts.checked import decode_json
+from contracts.checked import Refuse, decode_json
 from node.errors import InvalidRequest
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -30,7 +30,7 @@ async def raw_body(req: falcon.asgi.Request) -> bytes:
 
 
 async def typed_body(req: falcon.asgi.Request, kind: type[T], *,
-                     refuse: type[InvalidRequest] = InvalidRequest) -> T:
+                     refuse: Refuse = InvalidRequest) -> T:
     """The body checked into the contract ``kind`` (an empty body is ``{}``: missing fields are named).
 
     Whatever the Content-Type says (the client sends none), the API speaks only JSON.

@@ -19,6 +19,8 @@ STATUS_BY_KIND: dict[str, int] = {
     "invalid": 400,
     "protocol": 400,
     "unprocessable": 422,
+    "overloaded": 429,
+    "upstream": 502,
     "not_found": 404,
     "conflict": 409,
     "unavailable": 503,
@@ -40,7 +42,8 @@ async def handle_mlnode_error(
     if status >= 500:
         log.warning("request_failed", path=req.path, kind=error.kind, reason=error.message)
     resp.status = status
-    resp.media = {"detail": error.message}
+    # An error may carry a structured detail (the fan-out's per-engine errors); else its message.
+    resp.media = {"detail": error.details.get("detail", error.message)}
 
 
 async def handle_unexpected(

@@ -86,6 +86,19 @@ SERVICE_DOCS: dict[tuple[str, str], tuple[str, Schema]] = {
     ("POST", "/api/v1/inference/up/async"): ("Start the engine(s) and answer at once.", schemas.STATUS),
     ("GET", "/api/v1/inference/up/status"): ("Progress of the last start.", schemas.UP_STATUS),
     ("POST", "/api/v1/inference/down"): ("Stop the engines; idempotent.", schemas.STATUS),
+    ("POST", "/api/v1/inference/pow/init/generate"): (
+        "PoC v2: start a generation loop on every healthy engine (group_id/n_groups by port order); "
+        "artifacts go to {url}/generated.", schemas.POCV2_INIT),
+    ("POST", "/api/v1/inference/pow/generate"): (
+        "PoC v2: artifacts of explicit nonces, or their validation (verdict to {url}/validated); queued "
+        "on one engine round-robin, or answered when done with `wait`.", schemas.POCV2_GENERATE),
+    ("GET", "/api/v1/inference/pow/generate/{request_id}"): (
+        "PoC v2: a queued job by its `port:uuid` id; results are kept 300 s.", schemas.POCV2_JOB),
+    ("GET", "/api/v1/inference/pow/status"): (
+        "PoC v2: per engine IDLE or GENERATING with config and stats, aggregated.", schemas.POCV2_STATUS),
+    ("POST", "/api/v1/inference/pow/stop"): (
+        "PoC v2: stop every loop, drop queued jobs (results already computed are still delivered).",
+        schemas.POCV2_STOP),
     ("POST", "/api/v1/train/start"): ("Start DiLoCo training; answers status 'Training started' and "
                                       "`notes` (400 when already running, on a bad field, or a "
                                       "multi-node run without registered peers).", schemas.TRAIN_STATUS),
@@ -101,7 +114,18 @@ SERVICE_DOCS: dict[tuple[str, str], tuple[str, Schema]] = {
 
 
 #: Statuses some service routes answer beyond :data:`_SERVICE_ERRORS`.
+_UNPROCESSABLE = {422: "Unknown `params` key, or the decode scheme (not supported)."}
+_NOT_SERVED = {409: "Another service holds the node, or `params.model` is not served."}
 SERVICE_EXTRA_ERRORS: dict[tuple[str, str], dict[int, str]] = {
+    ("POST", "/api/v1/inference/pow/init/generate"): {
+        **_UNPROCESSABLE, **_NOT_SERVED,
+        502: "Every engine refused (`detail.errors` per port, e.g. `Already generating`)."},
+    ("POST", "/api/v1/inference/pow/generate"): {
+        **_UNPROCESSABLE, **_NOT_SERVED,
+        429: "Queue full: more than 100000 nonces would be queued on the engine.",
+        503: "No engine serves, or (with `wait`) a chunk of engine work failed or timed out."},
+    ("GET", "/api/v1/inference/pow/generate/{request_id}"): {
+        400: "The id is not `port:uuid`.", 404: "Unknown or expired request id."},
     ("POST", "/api/v1/train/peers/remove"): {404: "That node is not registered for that task."},
 }
 

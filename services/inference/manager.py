@@ -105,6 +105,7 @@ class EngineManager:
             "healthy": serving,
             "ready": serving,
             "model": self.request.model if self.request and self.is_active() else None,
+            "served_models": list(self.request.served_names) if self.request and self.is_active() else [],
             "engine": self.kind.name if self.kind else None,
             "backends": backends,
             "instances": [i.status() for i in self.instances],

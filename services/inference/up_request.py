@@ -26,6 +26,22 @@ class UpRequest:
         args = tuple(body.additional_args or ())
         return cls(model=body.model, dtype=body.dtype or "auto", additional_args=args)
 
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """The names the engine answers to: ``--served-model-name`` values (several allowed), else model."""
+        args = self.additional_args
+        for i, arg in enumerate(args):
+            if arg.startswith("--served-model-name="):
+                return (arg.split("=", 1)[1],)
+            if arg == "--served-model-name":
+                names = []
+                for value in args[i + 1:]:
+                    if value.startswith("--"):
+                        break
+                    names.append(value)
+                return tuple(names) or (self.model,)
+        return (self.model,)
+
     def to_wire(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "additional_args": list(self.additional_args)}
 

@@ -45,6 +45,7 @@ KINDS: tuple[str, ...] = ("generated", "validated")
 SCHEMA_VERSION = 1
 DEFAULT_MAX_MERGED_NONCES = 50_000
 _GENERATED_FIELDS = ("public_key", "block_hash", "block_height", "nonces", "dist", "node_id")
+_V2_KEY_FIELDS = ("public_key", "block_hash", "block_height", "node_id", "request_id")
 _NOT_OURS = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 
 _SCHEMA = """
@@ -110,11 +111,16 @@ def encode_batch(kind: str, url: str, batch: Any) -> tuple[bytes, str | None, in
         raise InvalidRequest(f"url must be an http(s) URL with a host, got {url!r}")
     if not isinstance(batch, dict):
         raise InvalidRequest(f"batch must be a JSON object, got {type(batch).__name__}")
-    nonces = batch.get("nonces", [])
+    v2 = kind == "generated" and "artifacts" in batch
+    nonces = batch.get("artifacts" if v2 else "nonces", [])
     if not isinstance(nonces, list):
         raise InvalidRequest(f"batch.nonces must be a list, got {type(nonces).__name__}")
     merge_key: str | None = None
-    if kind == "generated":
+    if v2:
+        # PoC v2 (pow-v2.md §4.2/4.3): artifacts instead of nonces+dist; a job's batch keeps its own
+        # request_id, so only batches of the same loop (or the same job) fold together.
+        merge_key = json.dumps(["v2", *(batch.get(f) for f in _V2_KEY_FIELDS)])
+    elif kind == "generated":
         _check_generated(batch)
         merge_key = json.dumps(
             [batch["public_key"], batch["block_hash"], batch["block_height"], batch["node_id"]]
@@ -373,8 +379,11 @@ class Outbox:
         merged = json.loads(body)
         for _row_id, row_body in taken:
             part = json.loads(row_body)
-            merged["nonces"].extend(part["nonces"])
-            merged["dist"].extend(part["dist"])
+            if "artifacts" in merged:
+                merged["artifacts"].extend(part["artifacts"])
+            else:
+                merged["nonces"].extend(part["nonces"])
+                merged["dist"].extend(part["dist"])
         conn.execute("DELETE FROM queue WHERE url = ? AND id > ? AND id <= ?", (url, head_id, taken[-1][0]))
         merged_body = json.dumps(merged, separators=(",", ":"), allow_nan=False).encode()
         return merged_body, members, total

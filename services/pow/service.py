@@ -2,8 +2,10 @@
 
 Bus requests (the gateway maps the contract's routes onto them): ``init``, ``init_generate``,
 ``init_validate``, ``phase_generate``, ``phase_validate``, ``validate``, ``pow_status``, ``pow_stop``,
-plus the common ``status`` and ``stop``. Model building runs in a thread (status ``LOADING``); an
-identical InitDto reuses the loaded model and only flips the phase, any difference reloads. Delivery of
+plus the common ``status`` and ``stop``; PoC v2 (``services.pow.v2``) adds ``v2.init_generate``,
+``v2.generate``, ``v2.job``, ``v2.status`` and ``v2.stop``. Model building runs in a thread (status
+``LOADING``); an identical InitDto reuses the loaded model and only flips the phase, any difference
+reloads. Delivery of
 results keeps running whatever the round does, so a stop never strands a result.
 
 A stop answers at once, whatever the round is doing: it takes no lock that a start or a phase flip
@@ -20,6 +22,7 @@ from typing import Any
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.pow import InitDto, ProofBatch
+from contracts.pow_v2 import Generate, InitGenerate, JobQuery
 from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
@@ -29,6 +32,7 @@ from services.pow.journal import Journal
 from services.pow.outbox import Outbox
 from services.pow.round import RoundSpec, batch_for
 from services.pow.runner import GENERATING, IDLE, VALIDATING, Runner
+from services.pow.v2.rounds import PocRounds
 
 log = get_logger(__name__)
 NOT_RUNNING = "PoW is not running"
@@ -49,6 +53,7 @@ class PowService(Service):
         self.runner: Runner | None = None
         self._retired: Runner | None = None  # the last stopped round, maybe still unwinding
         self._stops = 0  # counts stops, so that a start overtaken by a stop does not go on
+        self.v2 = PocRounds(self.outbox, directory / "v2", self.bus.client("inference"))
         self._lock = asyncio.Lock()
         self.route("init", self._init_idle, InitDto)
         self.route("init_generate", self._init_generate, InitDto)
@@ -58,6 +63,12 @@ class PowService(Service):
         self.route("validate", self._validate, ProofBatch)
         self.route("pow_status", self._pow_status)
         self.route("pow_stop", self._pow_stop)
+        v2 = self.v2
+        self.route("v2.init_generate", lambda body, _caller: v2.init_generate(body), InitGenerate)
+        self.route("v2.generate", lambda body, _caller: v2.generate(body), Generate)
+        self.route("v2.job", lambda body, _caller: v2.job_status(body), JobQuery)
+        self.route("v2.status", lambda _body, _caller: v2.status())
+        self.route("v2.stop", lambda _body, _caller: v2.stop())
 
     # -- Service hooks ------------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -65,16 +76,22 @@ class PowService(Service):
 
     async def status(self) -> dict[str, Any]:
         return {**self.pow_status(), "state": self.pow_status()["status"],
-                "ready": self.runner is not None and self.runner.loaded and not self.runner.error}
+                "ready": self.runner is not None and self.runner.loaded and not self.runner.error,
+                "poc_v2": self.v2.summary()}
 
     async def stop(self) -> dict[str, Any]:
         self._stops += 1
         await self._drop_runner()
+        await self.v2.stop_all()
         return {"status": "OK"}
+
+    async def metrics(self) -> dict[str, Any]:
+        return {"poc_v2": self.v2.metrics()}
 
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.delivery.start()
+        await self.v2.resume(ModeStore(self.settings.state_dir).read() == "INFERENCE")
         doc = self.journal.load_round()
         if doc is None:
             return
@@ -97,6 +114,7 @@ class PowService(Service):
         # Keep the journal: a supervisor restart resumes the round. Deliver what we can first.
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        await self.v2.close()
         await asyncio.to_thread(self.delivery.stop, 10.0)
         self.outbox.close()
 

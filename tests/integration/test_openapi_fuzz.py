@@ -249,6 +249,12 @@ def make_safe(path: str, body: Any, receiver_url: str) -> Any:
         # The description's rule JSON Schema cannot state: as many distances as nonces.
         size = min(len(body["nonces"]), len(body["dist"]))
         body["nonces"], body["dist"] = body["nonces"][:size], body["dist"][:size]
+    validation = body.get("validation")
+    if path == "/api/v1/inference/pow/generate" and isinstance(validation, dict) \
+            and isinstance(validation.get("artifacts"), list) and isinstance(body.get("nonces"), list):
+        # The description's rule JSON Schema cannot state: the artifacts name exactly the nonces.
+        body["nonces"] = [a["nonce"] for a in validation["artifacts"] if isinstance(a, dict)
+                          and isinstance(a.get("nonce"), int) and not isinstance(a.get("nonce"), bool)]
     if path.startswith("/api/v1/inference/up") and isinstance(body.get("model"), str):
         body["model"] = "fuzz-" + "".join(c for c in body["model"] if c in string.ascii_letters)[:12]
         body["additional_args"] = []

@@ -6,6 +6,8 @@ other service is active, record the claim, send the start — so racing requests
 cannot leave two services running. Every other service route only checks the 409 rule, except rows
 marked ``guarded=False``: the training peer registry must be writable while the node is STOPPED, in
 TRAIN, or busy with PoW/inference before the next training task (it only stores keys; it runs nothing).
+``guard_as`` names the service whose mode a route belongs to when another process does the work (PoC v2
+routes belong to INFERENCE; pow computes them). Path parameters become the payload (``{name: value}``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import falcon.asgi
 import msgspec
 
-from contracts.checked import decode_json
+from contracts import pow_v2
+from contracts.checked import Refuse, decode_json
 from contracts.inference import InferenceUp
 from contracts.pow import InitDto, ProofBatch
 from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
@@ -36,7 +39,7 @@ class Route:
     #: The contract of the request body; None: the route reads no body.
     body: type[msgspec.Struct] | None = None
     #: The error a body the contract refuses raises (its kind picks the HTTP status).
-    refuse: type[InvalidRequest] = InvalidRequest
+    refuse: Refuse = InvalidRequest
     #: Send the JSON as received (after the contract accepted it) instead of the typed value, for a
     #: service that reads fields the contract leaves untyped (train reports ignored fields as notes).
     as_sent: bool = False
@@ -49,6 +52,10 @@ class Route:
     query: tuple[str, ...] = ()
     #: A stop: answers at once and never 5xx (see :meth:`Services.stop_one`).
     stops: bool = False
+    #: The service whose mode the route belongs to, when it is not ``service``.
+    guard_as: str | None = None
+    #: Bus deadline for the request (default: MLNODE_BUS_TIMEOUT).
+    timeout_s: float | None = None
 
 
 ROUTES: tuple[Route, ...] = (
@@ -67,6 +74,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/inference/up/async", "inference", "up_start", claims=True, body=InferenceUp),
     Route("GET", "/api/v1/inference/up/status", "inference", "up_status"),
     Route("POST", "/api/v1/inference/down", "inference", "down", stops=True),
+    # PoC v2 (pow-v2.md §2): INFERENCE routes, computed by pow over the engines.
+    Route("POST", "/api/v1/inference/pow/init/generate", "pow", "v2.init_generate",
+          body=pow_v2.InitGenerate, refuse=pow_v2.refused, guard_as="inference"),
+    # ``wait: true`` blocks until the job is done: answer before the client's 15-minute timeout.
+    Route("POST", "/api/v1/inference/pow/generate", "pow", "v2.generate", body=pow_v2.Generate,
+          refuse=pow_v2.refused, guard_as="inference", timeout_s=14 * 60),
+    Route("GET", "/api/v1/inference/pow/generate/{request_id}", "pow", "v2.job", guard_as="inference"),
+    Route("GET", "/api/v1/inference/pow/status", "pow", "v2.status", guard_as="inference"),
+    Route("POST", "/api/v1/inference/pow/stop", "pow", "v2.stop", body=pow_v2.Stop, refuse=pow_v2.refused,
+          guard_as="inference", timeout_s=60),
     Route("POST", "/api/v1/train/start", "train", "train_start", claims=True, body=TrainStart,
           as_sent=True),
     Route("POST", "/api/v1/train/stop", "train", "train_stop", stops=True),
@@ -88,7 +105,7 @@ class ServiceRoute:
         for method in self.rows:
             setattr(self, f"on_{method.lower()}", self._respond)
 
-    async def _respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+    async def _respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **params: str) -> None:
         row = self.rows[req.method]
         payload: Any = None
         if row.body is not None and row.as_sent:
@@ -99,6 +116,8 @@ class ServiceRoute:
             payload = await typed_body(req, row.body, refuse=row.refuse)  # 400 before any bus traffic
         if row.query:
             payload = {name: req.get_param(name) for name in row.query if req.get_param(name) is not None}
+        if params:
+            payload = dict(params)
         if row.claims:
             # Shielded: once the claim is under way a hang-up must not leave it half done.
             result = await asyncio.shield(self.services.exclusive(lambda: self._claim(row, payload)))
@@ -106,8 +125,8 @@ class ServiceRoute:
             result = await asyncio.shield(self.services.stop_one(row.service, row.kind))
         else:
             if row.guarded:
-                await self.services.guard(row.service)
-            result = await self.services.call(row.service, row.kind, payload)
+                await self.services.guard(row.guard_as or row.service)
+            result = await self.services.call(row.service, row.kind, payload, timeout=row.timeout_s)
         if row.wait_kind is not None:
             result = await self.services.call(row.service, row.wait_kind, payload, timeout=row.wait_timeout_s)
         resp.media = result

@@ -43,3 +43,11 @@ def test_bad_bodies_name_the_field(body: Any, field: str) -> None:
     with pytest.raises(InvalidRequest, match=field) as info:
         parse_up_request(body)
     assert "\n" not in info.value.message
+
+
+def test_served_names_follow_the_served_model_name_flag() -> None:
+    assert parse_up_request({"model": "/m"}).served_names == ("/m",)
+    args = ["--served-model-name", "a", "b", "--dtype", "x"]
+    assert parse_up_request({"model": "/m", "additional_args": args}).served_names == ("a", "b")
+    up = parse_up_request({"model": "/m", "additional_args": ["--served-model-name=c"]})
+    assert up.served_names == ("c",)
