@@ -38,6 +38,25 @@ class ModeStore:
             raise
         return fd
 
+    def try_acquire(self, timeout: float) -> int | None:
+        """The mode lock if it can be had within ``timeout`` seconds, else None (stops must not wait
+        behind a start that is slow to answer)."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.02)
+            except BaseException:
+                os.close(fd)
+                raise
+
     @staticmethod
     def release(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -27,8 +27,9 @@ SERVICE_OF = {mode: service for service, mode in MODE_OF.items()}
 STATUS_TIMEOUT_S = 3.0
 #: A stop answers within 2 s whatever a service is doing: the services get this long to confirm it
 #: (the 409 check of a service's own stop route takes at most STOP_GUARD_S of it).
-STOP_BUDGET_S = 1.6
-STOP_GUARD_S = 0.6
+STOP_BUDGET_S = 1.3
+STOP_GUARD_S = 0.5
+STOP_LOCK_WAIT_S = 0.3
 T = TypeVar("T")
 
 
@@ -132,6 +133,19 @@ class Services:
         finally:
             self.modes.release(fd)
 
+    async def for_stop(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run a stop under the mode lock if it is free within STOP_LOCK_WAIT_S, else without it: a
+        start holding the lock (a phase flip flushing results, a slow service) must not delay a stop.
+        A start that loses this race is refused by its service or sees its job stopped."""
+        fd = await asyncio.get_running_loop().run_in_executor(None, self.modes.try_acquire, STOP_LOCK_WAIT_S)
+        if fd is None:
+            log.warning("stop_without_mode_lock", waited_s=STOP_LOCK_WAIT_S)
+        try:
+            return await fn()
+        finally:
+            if fd is not None:
+                self.modes.release(fd)
+
     async def guard(self, service: str, timeout: float = STATUS_TIMEOUT_S) -> None:
         """Raise the contract's 409 when a service other than ``service`` holds the node."""
         other = await self.current_mode(exclude=service, timeout=timeout)
@@ -151,8 +165,8 @@ class Services:
             log.error("mode_not_recorded", reason=exc.message)
 
     async def stop_all(self) -> dict[str, Any]:
-        """Stop every service; answers within ~STOP_TIMEOUT_S and never raises (the contract's
-        client repairs by stopping, so a stop must not fail)."""
+        """Stop every service; answers within about STOP_LOCK_WAIT_S + STOP_BUDGET_S and never raises
+        (the contract's client repairs by stopping, so a stop must not fail)."""
         async def stop_everything() -> dict[str, Any]:
             self.release_claim()
             results = await asyncio.gather(
@@ -164,7 +178,7 @@ class Services:
                 log.warning("stop_incomplete", errors=errors)
             return errors
 
-        return await self.exclusive(stop_everything)
+        return await self.for_stop(stop_everything)
 
     async def stop_one(self, service: str, kind: str) -> Any:
         """A service's own stop route (``pow/stop``, ``inference/down``, ``train/stop``): the 409 rule,
@@ -181,7 +195,7 @@ class Services:
                 log.warning("stop_unconfirmed", service=service, reason=exc.message)
                 return {"status": "OK", "detail": f"{service} has not confirmed yet: {exc.message}"}
 
-        return await self.exclusive(stop_it)
+        return await self.for_stop(stop_it)
 
     def close(self) -> None:
         for client in self._clients.values():
