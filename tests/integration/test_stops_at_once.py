@@ -136,3 +136,14 @@ TRAIN_BODY: dict[str, Any] = {
     },
     "train_env": {"TASK_ID": "stops", "GLOBAL_RANK": "0", "GLOBAL_WORLD_SIZE": "1"},
 }
+
+
+def test_a_stop_answers_even_with_a_service_down(node: Node) -> None:
+    node.ctl("stop", "pow")
+    try:
+        assert stop_now(node, "/api/v1/stop").json() == {"status": "OK"}
+        assert stop_now(node, "/api/v1/pow/stop").status == 200  # unconfirmed, but not a failure
+    finally:
+        node.ctl("start", "pow")
+    node.wait_services()
+    assert state(node) == "STOPPED"
