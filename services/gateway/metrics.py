@@ -372,6 +372,7 @@ def render(view: NodeView) -> str:
     pow_view, inference_view, train_view = (view.services.get(s) for s in ("pow", "inference", "train"))
     if pow_view is not None:
         _pow(out, pow_view.status)
+        _pocv2(out, pow_view.metrics)
     if inference_view is not None:
         _inference(out, inference_view)
     if train_view is not None:
@@ -449,6 +450,38 @@ def _pow(out: Exposition, status: dict[str, Any]) -> None:
         for key, name, kind, help_text in _OUTBOX:
             if _is_number(outbox.get(key)):
                 out.add(name, kind, help_text, outbox[key])
+
+
+_POCV2 = (
+    ("generating", "mlnode_pocv2_generating", "gauge", "1 while the engine's PoC v2 generation loop runs."),
+    ("nonces_per_second", "mlnode_pocv2_nonces_per_second", "gauge",
+     "Nonce rate of the engine's current PoC v2 loop."),
+    ("nonces_generated_total", "mlnode_pocv2_nonces_generated_total", "counter",
+     "PoC v2 artifacts the generation loop produced (since pow started)."),
+    ("nonces_dropped_total", "mlnode_pocv2_nonces_dropped_total", "counter",
+     "PoC v2 nonces the engine dropped as non-finite."),
+    ("jobs_completed_total", "mlnode_pocv2_jobs_completed_total", "counter", "PoC v2 /generate jobs done."),
+    ("jobs_failed_total", "mlnode_pocv2_jobs_failed_total", "counter", "PoC v2 /generate jobs that failed."),
+    ("validations_total", "mlnode_pocv2_validations_total", "counter", "PoC v2 verdicts computed."),
+    ("fraud_detected_total", "mlnode_pocv2_fraud_detected_total", "counter",
+     "PoC v2 verdicts with fraud_detected."),
+    ("jobs_queued", "mlnode_pocv2_jobs_queued", "gauge", "PoC v2 jobs waiting for the engine."),
+    ("queued_nonces", "mlnode_pocv2_queued_nonces", "gauge",
+     "Nonces of the PoC v2 jobs waiting (429 above 100000)."),
+)
+
+
+def _pocv2(out: Exposition, metrics: dict[str, Any]) -> None:
+    """Per engine port, from the pow service's own metrics report."""
+    values = metrics.get("values")
+    pocv2 = values.get("poc_v2") if isinstance(values, dict) else None
+    engines = pocv2.get("engines") if isinstance(pocv2, dict) else None
+    if not isinstance(engines, dict):
+        return
+    for key, name, kind, help_text in _POCV2:
+        for port, counters in sorted(engines.items()):
+            if isinstance(counters, dict) and _is_number(counters.get(key)):
+                out.add(name, kind, help_text, counters[key], {"engine_port": str(port)})
 
 
 def _inference(out: Exposition, view: ServiceView) -> None:

@@ -97,6 +97,9 @@ def test_generation_reaches_the_double_escaped_url(node: Node, receiver: Receive
                message=f"artifacts of nonces 0..39 not delivered: {sorted(generated_nonces(receiver))[:50]}")
     stats = node.api("GET", "/api/v1/inference/pow/status").json()["backends"][0]["stats"]
     assert stats["total_processed"] >= 40 and stats["nonces_per_second"] > 0
+    scrape = node.api("GET", "/metrics").body.decode()
+    assert f'mlnode_pocv2_generating{{engine_port="{port}"}} 1' in scrape
+    assert f'mlnode_pocv2_nonces_generated_total{{engine_port="{port}"}}' in scrape
     resp = node.api("POST", "/api/v1/inference/pow/stop", {})
     assert resp.json() == {"status": "OK", "results": [{"port": port, "status": "stopped"}], "errors": None}
     assert node.api("GET", "/api/v1/inference/pow/status").json()["status"] == "IDLE"
