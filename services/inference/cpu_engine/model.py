@@ -136,8 +136,12 @@ class LlamaModel:
         self.scale = self.hd**-0.5
         # Rotary tables in the HF "rotate half" layout; sin carries the sign of the rotated half so the
         # rotation is x * cos + swap_halves(x) * sin.
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # On the weights' device (the GPU benchmark script builds this model on CUDA).
+        dev = self.embed.device
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=dev) / self.hd)
+        )
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=dev), inv_freq)
         self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
         self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
 

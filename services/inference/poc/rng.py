@@ -7,6 +7,7 @@ split so that no intermediate exceeds 2**63 (signed overflow is never relied on)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,11 +23,12 @@ TWO_POW_M32 = 2.0**-32
 def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
     """``a * c mod 2**32`` for int64 tensors holding uint32 values and a uint32 constant."""
     lo, hi = c & 0xFFFF, c >> 16
-    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & MASK32
+    high = (a * hi).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return high.add_(a * lo).bitwise_and_(MASK32)
 
 
 def _rotl(a: torch.Tensor, r: int) -> torch.Tensor:
-    return ((a << r) & MASK32) | (a >> (32 - r))
+    return (a << r).bitwise_and_(MASK32).bitwise_or_(a >> (32 - r))
 
 
 def _key_mix(keys: torch.Tensor) -> torch.Tensor:
@@ -34,14 +36,20 @@ def _key_mix(keys: torch.Tensor) -> torch.Tensor:
     return _mul32(_rotl(_mul32(keys, C1), 15), C2)
 
 
+@functools.lru_cache(maxsize=4)
+def _key_mix_range(count: int, device: torch.device) -> torch.Tensor:
+    """``_key_mix(0..count-1)``: the same for every seed, so made once per stream length and device."""
+    return _key_mix(torch.arange(count, dtype=torch.int64, device=device))
+
+
 def _finish(seeds: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     h = _rotl(seeds ^ k, 13)
-    h = (h * 5 + N1) & MASK32
-    h = h ^ (h >> 16)
+    h.mul_(5).add_(N1).bitwise_and_(MASK32)
+    h.bitwise_xor_(h >> 16)
     h = _mul32(h, F1)
-    h = h ^ (h >> 13)
+    h.bitwise_xor_(h >> 13)
     h = _mul32(h, F2)
-    return h ^ (h >> 16)
+    return h.bitwise_xor_(h >> 16)
 
 
 def mm3(keys: torch.Tensor, seeds: torch.Tensor | int) -> torch.Tensor:
@@ -54,9 +62,8 @@ def gauss(seeds: Sequence[int], m: int, device: torch.device | str = "cpu") -> t
     """``[len(seeds), m]`` float32: one Box-Muller stream per seed, cosines first then sines (§5.1)."""
     p = (m + 1) // 2
     dev = torch.device(device)
-    keys = torch.arange(2 * p, dtype=torch.int64, device=dev)
     seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev).unsqueeze(1)
-    u = _finish(seed_t, _key_mix(keys).unsqueeze(0)).to(torch.float32) * TWO_POW_M32
+    u = _finish(seed_t, _key_mix_range(2 * p, dev).unsqueeze(0)).to(torch.float32).mul_(TWO_POW_M32)
     u1 = u[:, :p].clamp_min(U1_FLOOR)
     angle = u[:, p:] * TWO_PI_F32
     radius = torch.sqrt(-2.0 * torch.log(u1))
