@@ -194,13 +194,15 @@ def test_a_full_state_dir_holds_results_back_with_a_clear_error_and_loses_nothin
 
 
 def test_stop_and_starts_on_a_full_state_dir_answer_a_clear_error(disk_node: Node, small_disk: Path) -> None:
-    """Promise: with no space left to record the mode claim, stop and starts answer 503 with a reason
-    naming the state dir — never a bare 500 — and work again once space returns."""
+    """Promise: with no space left to record the mode claim, a start answers 503 with a reason naming the
+    state dir (never a bare 500), while a stop still answers at once with OK and leaves the node STOPPED
+    (the client repairs by stopping); both work normally once space returns."""
     node = disk_node
     with disk_full(small_disk):
-        for method, path, body in (("POST", "/api/v1/stop", None),
-                                   ("POST", "/api/v1/inference/up/async", {"model": "m"})):
-            resp = node.api(method, path, body)
-            assert resp.status == 503, (path, resp.status, resp.body)
-            assert str(node.state_dir) in resp.json()["detail"]
+        resp = node.api("POST", "/api/v1/inference/up/async", {"model": "m"})
+        assert resp.status == 503, (resp.status, resp.body)
+        assert str(node.state_dir) in resp.json()["detail"]
+        resp = node.api("POST", "/api/v1/stop", timeout=2.0)
+        assert resp.status == 200 and resp.json() == {"status": "OK"}, resp.body
+        assert node.api("GET", "/api/v1/state").json()["state"] == "STOPPED"
     assert node.api("POST", "/api/v1/stop").status == 200
