@@ -195,6 +195,32 @@ def test_nothing_is_lost_across_kill_9_of_pow_and_a_receiver_outage(node: Node, 
     assert node.api("POST", "/api/v1/inference/pow/stop", {}).status == 200
 
 
+def test_an_engine_killed_mid_loop_costs_no_nonce(node: Node, receiver: Receiver) -> None:
+    assert node.api("POST", "/api/v1/inference/pow/init/generate",
+                    init_body(callbacks_url(receiver), block_height=3000)).status == 200
+
+    def processed() -> int:
+        backends = node.api("GET", "/api/v1/inference/pow/status").json()["backends"]
+        return int((backends[0].get("stats") or {}).get("total_processed", 0)) if backends else 0
+
+    wait_until(lambda: processed() >= 16, 120, 0.3, message="the loop made no progress")
+    engines = node.engine_pids()
+    assert engines
+    for pid in engines:
+        os.kill(pid, signal.SIGKILL)
+    # The inference service restarts the engine on the same port; the loop waits for it and goes on.
+    wait_until(lambda: set(node.engine_pids()) - set(engines), 120, 0.3, message="engine not restarted")
+    wait_until(lambda: processed() >= 64, 180, 0.5, message=f"the loop did not go on: {node.logs('pow')}")
+
+    def delivered_3000() -> set[int]:
+        return {a["nonce"] for b in received(receiver, "generated") if b["block_height"] == 3000
+                for a in b["artifacts"]}
+
+    wait_until(lambda: set(range(64)) <= delivered_3000(), 120, 0.5,
+               message=f"nonces lost: {sorted(set(range(64)) - delivered_3000())[:20]}")
+    assert node.api("POST", "/api/v1/inference/pow/stop", {}).status == 200
+
+
 def test_inference_routes_are_409_in_pow_mode(node: Node) -> None:
     assert node.api("POST", "/api/v1/stop").status == 200
     from tests.support.pow import init_dict
