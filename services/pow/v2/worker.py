@@ -1,9 +1,10 @@
 """One engine instance's PoC v2 work: its generation loop and its queue of ``/generate`` jobs.
 
-A single task per engine drives both, so the engine never gets two PoC calls at once and the order is
-the reference's: while the loop is on, it takes the next ``batch_size`` nonces of its dense sequence;
-queued jobs run once it is off (§2.3). Results go to the durable outbox before progress is recorded,
-so a crash can only repeat a batch (the receiver de-duplicates), never lose one.
+A single task per engine drives both, in the reference's order: while the loop is on, it takes the
+next ``batch_size`` nonces of its dense sequence; queued jobs run once it is off (§2.3). The loop asks
+for batch k+1 before it writes batch k down, so the engine never idles while pow does bookkeeping.
+Results go to the durable outbox before progress is recorded, so a crash can only repeat a batch (the
+receiver de-duplicates), never lose one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contracts.pow_v2 import Generate, InitGenerate
 from node.errors import Conflict, MLNodeError, Overloaded, Unavailable
 from node.logging import get_logger
 from services.pow.outbox import Kind, Outbox
-from services.pow.v2.engine import EngineClient, EngineRefused, Seed
+from services.pow.v2.engine import Computed, EngineClient, EngineRefused, Seed
 from services.pow.v2.journal import V2Journal
 from services.pow.v2.nonces import NonceSequence
 from services.pow.v2.verdict import StatParams, judge
@@ -139,6 +140,8 @@ class EngineWorker:
         self.counters = Counters()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The next batch's engine call, already under way: (its first sequence index, the call).
+        self._ahead: tuple[int, asyncio.Future[Computed]] | None = None
         self._log = log.bind(port=port)
 
     # -- commands -------------------------------------------------------------------------------
@@ -180,6 +183,7 @@ class EngineWorker:
                 pass
             except Exception:  # the drive task never ends by itself; be loud if it did
                 self._log.exception("pocv2_worker_crashed")
+        self._drop_ahead()
         if self.loop is not None:
             self._log.info("pocv2_loop_stopped", processed=self.loop.processed, next_x=self.loop.next_x)
         self.loop = None
@@ -191,6 +195,7 @@ class EngineWorker:
     async def close(self) -> None:
         """Process shutdown: stop computing but keep the journal, so the next pow resumes."""
         task, self._task = self._task, None
+        self._drop_ahead()
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):  # shutting down: nothing more to do with it
@@ -239,11 +244,28 @@ class EngineWorker:
                 continue
             await self._wake.wait()
 
+    def _call(self, loop: Loop, start: int) -> asyncio.Future[Computed]:
+        nonces = loop.sequence.batch(start, loop.init.batch_size)
+        return asyncio.ensure_future(self.client.artifacts(self.port, seed_of(loop.init), nonces))
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+            ahead[1].add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+
     async def _generate_once(self, loop: Loop, failures: int) -> bool:
         init = loop.init
-        nonces = loop.sequence.batch(loop.next_x, init.batch_size)
+        start = loop.next_x
+        nonces = loop.sequence.batch(start, init.batch_size)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] != start:
+            self._ahead = ahead
+            self._drop_ahead()
+            ahead = None
+        call = ahead[1] if ahead is not None else self._call(loop, start)
         try:
-            computed = await self.client.artifacts(self.port, seed_of(init), nonces)
+            computed = await call
         except EngineRefused as exc:
             await self._end_loop(loop, exc.message)
             return False
@@ -255,6 +277,7 @@ class EngineWorker:
                 return False
             await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 6)))
             return False
+        self._ahead = (start + len(nonces), self._call(loop, start + len(nonces)))
         artifacts = [{"nonce": n, "vector_b64": computed.vectors[n]} for n in nonces if n in computed.vectors]
         if init.url and artifacts:
             payload = {"public_key": init.public_key, "block_hash": init.block_hash,
@@ -265,6 +288,7 @@ class EngineWorker:
             except MLNodeError as exc:  # the disk: keep the batch's place in the sequence and retry
                 loop.error = exc.message
                 self._log.error("pocv2_outbox_refused", error=exc.message)
+                self._drop_ahead()
                 await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 6)))
                 return False
         loop.next_x += len(nonces)
@@ -282,6 +306,7 @@ class EngineWorker:
 
     async def _end_loop(self, loop: Loop, reason: str) -> None:
         self._log.error("pocv2_loop_ended", reason=reason, processed=loop.processed)
+        self._drop_ahead()
         if self.loop is loop:
             self.loop, self.last_error = None, reason
             await asyncio.to_thread(self.journal.clear_loop, self.port)
