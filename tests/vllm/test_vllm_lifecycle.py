@@ -1,0 +1,48 @@
+"""The engine's life under the node: crash -> restart, failed start -> 503 with its words, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.support.node import wait_until
+from tests.vllm.conftest import PROMPT_FOR_PROBE, UP_BODY, Served
+
+
+def test_a_crashed_engine_is_restarted_and_serves_again(vllm_serving: Served) -> None:
+    node = vllm_serving.node
+    before = vllm_serving.instance()
+    os.killpg(before["pid"], signal.SIGKILL)  # the whole engine: API server and its workers
+    wait_until(lambda: vllm_serving.instance()["restarts"] >= 1, 120, 0.5, "no restart was recorded")
+    wait_until(lambda: vllm_serving.instance()["healthy"], 900, 1.0, "the restarted engine never served")
+    after = vllm_serving.instance()
+    assert after["pid"] != before["pid"] and after["last_exit"]["reason"] == "crashed"
+    assert vllm_serving.chat(PROMPT_FOR_PROBE, max_tokens=2).status == 200
+    assert node.api("GET", "/api/v1/inference/up/status").json()["status"] == "completed"
+
+
+def test_down_leaves_no_engine_process_and_a_failed_start_answers_503_with_the_engines_words(
+        vllm_serving: Served) -> None:
+    node = vllm_serving.node
+    pids = node.engine_pids()
+    assert len(pids) >= 2  # vLLM's API server and its engine core at least
+    assert node.api("POST", "/api/v1/inference/down", timeout=120).status == 200
+    assert node.engine_pids() == []
+    assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in pids)
+    assert node.inference("GET", "/v1/models").status == 503
+
+    bad = {**UP_BODY, "additional_args": [*UP_BODY["additional_args"], "--no-such-vllm-flag"]}
+    resp = node.api("POST", "/api/v1/inference/up", bad, timeout=600)
+    assert resp.status == 503
+    detail = resp.json()["detail"]
+    assert "before serving; last log lines:" in detail and "--no-such-vllm-flag" in detail
+    assert node.engine_pids() == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
