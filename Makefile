@@ -41,13 +41,14 @@ VLLM_WHEEL_EXISTS := $(filter Linux-x86_64,$(VLLM_PLATFORM))
 # never use them.
 VLLM_CUDA_LINKED := torchvision torchaudio torchcodec
 
-.PHONY: help setup setup-dev-env setup-envs run stop status test tests tests-local \
+.PHONY: help setup setup-dev-env setup-envs run run-vllm stop status test tests tests-local \
         unit-tests unit-tests-local unit-tests-gpu unit-tests-gpu-local \
         integration-tests integration-tests-local vllm-env vllm-tests-local bench lint typecheck clean \
         check-version build-release push-release push-latest release release-latest
 
 help:
 	@echo "make run                start the node (sets up .venv first);  make stop / make status"
+	@echo "make run-vllm           the same, serving through stock vLLM on CPU (builds .venv-vllm first)"
 	@echo "make test               every test tier this machine can run (the CI entry)"
 	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | vllm-tests-local | tests-local"
 	@echo "make unit-tests | unit-tests-gpu | integration-tests | tests   (inside the image; needs Docker)"
@@ -95,6 +96,10 @@ setup-envs: $(STAMP)
 run: $(STAMP)
 	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" MLNODE_INFERENCE_AUTOSTART="$${MLNODE_INFERENCE_AUTOSTART-$(MLNODE_STATE_DIR)/models/tiny}" \
 		$(BIN)/mlnode up --tiny-model-if-missing
+
+# The same node serving through stock vLLM on CPU instead of the built-in engine.
+run-vllm: $(STAMP) vllm-env
+	@MLNODE_ENGINE=vllm MLNODE_VLLM_PYTHON="$(CURDIR)/$(VLLM_BIN)/python" $(MAKE) --no-print-directory run
 
 stop: $(STAMP)
 	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" $(BIN)/mlnode down

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from services.inference.liveness import PROGRESS_COUNTERS, RUNNING_GAUGE, parse_metrics
 from tests.support.node import request, wait_until
 from tests.vllm.conftest import SERVED_NAME, Served
 
@@ -70,7 +71,7 @@ def test_enforced_output_is_exactly_the_forced_tokens_with_the_models_own_logpro
     assert len(logprobs["token_logprobs"]) >= len(ids)
     for lp, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=False):
         assert lp < 0.0  # the model's probability of the forced token, never the processor's 0
-        assert max(top.values()) <= 0.0 and len(top) >= 5
+        assert max(top.values()) <= 0.0 and len(top) >= 2  # tokens with equal text share a key
 
 
 @pytest.mark.parametrize("bad", [{"enforced_tokens": [1, "x"]}, {"enforced_tokens": "12"},
@@ -111,8 +112,11 @@ def test_engine_internals_answer_404_through_both_ports(vllm_serving: Served) ->
 
 def test_engine_counters_reach_the_node_metrics(vllm_serving: Served) -> None:
     assert vllm_serving.chat(PROMPT, max_tokens=3).status == 200
-    engine = vllm_serving.engine("GET", "/metrics").body.decode()
-    assert "vllm:generation_tokens_total" in engine and "vllm:num_requests_running" in engine
+    engine = parse_metrics(vllm_serving.engine("GET", "/metrics").body.decode())
+    # Liveness judges progress by these; each must be a real counter of this vLLM, and moving.
+    for name in (*[c for c in PROGRESS_COUNTERS if c.startswith("vllm:")], RUNNING_GAUGE):
+        assert name in engine, name
+    assert engine["vllm:generation_tokens_total"] > 0 and engine["vllm:request_success_total"] > 0
 
     def node_metrics() -> str:
         text = vllm_serving.node.api("GET", "/metrics").body.decode()

@@ -1,4 +1,7 @@
-"""The engine's life under the node: crash -> restart, failed start -> 503 with its words, no leftovers."""
+"""The engine's life under the node: down and a failed start leave nothing behind (by pid), a failed
+start answers 503 with the engine's own words, a crash is answered by a restart. Runs last in the tier
+(it stops the engine); the session fixture's teardown then checks that stopping the node (``make stop``)
+with a serving engine leaves no engine process."""
 
 from __future__ import annotations
 
@@ -7,6 +10,34 @@ import signal
 
 from tests.support.node import wait_until
 from tests.vllm.conftest import PROMPT_FOR_PROBE, UP_BODY, Served
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
+
+
+def test_down_leaves_no_engine_process_and_a_failed_start_answers_503_with_the_engines_words(
+        vllm_serving: Served) -> None:
+    node = vllm_serving.node
+    pids = node.engine_pids()
+    assert len(pids) >= 2  # vLLM's API server and its engine core at least
+    assert node.api("POST", "/api/v1/inference/down", timeout=120).status == 200
+    # A stop answers at once and tears the engine down behind it: wait for the outcome.
+    wait_until(lambda: node.engine_pids() == [] and all(_gone(pid) for pid in pids), 60, 0.5,
+               f"engine processes outlived the down: {node.engine_pids()}")
+    assert node.inference("GET", "/v1/models").status == 503
+
+    bad = {**UP_BODY, "additional_args": [*UP_BODY["additional_args"], "--no-such-vllm-flag"]}
+    resp = node.api("POST", "/api/v1/inference/up", bad, timeout=600)
+    assert resp.status == 503
+    detail = resp.json()["detail"]
+    assert "before serving; last log lines:" in detail and "--no-such-vllm-flag" in detail
+    wait_until(lambda: node.engine_pids() == [], 60, 0.5, "a failed start left engine processes")
 
 
 def test_a_crashed_engine_is_restarted_and_serves_again(vllm_serving: Served) -> None:
@@ -19,30 +50,3 @@ def test_a_crashed_engine_is_restarted_and_serves_again(vllm_serving: Served) ->
     assert after["pid"] != before["pid"] and after["last_exit"]["reason"] == "crashed"
     assert vllm_serving.chat(PROMPT_FOR_PROBE, max_tokens=2).status == 200
     assert node.api("GET", "/api/v1/inference/up/status").json()["status"] == "completed"
-
-
-def test_down_leaves_no_engine_process_and_a_failed_start_answers_503_with_the_engines_words(
-        vllm_serving: Served) -> None:
-    node = vllm_serving.node
-    pids = node.engine_pids()
-    assert len(pids) >= 2  # vLLM's API server and its engine core at least
-    assert node.api("POST", "/api/v1/inference/down", timeout=120).status == 200
-    assert node.engine_pids() == []
-    assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in pids)
-    assert node.inference("GET", "/v1/models").status == 503
-
-    bad = {**UP_BODY, "additional_args": [*UP_BODY["additional_args"], "--no-such-vllm-flag"]}
-    resp = node.api("POST", "/api/v1/inference/up", bad, timeout=600)
-    assert resp.status == 503
-    detail = resp.json()["detail"]
-    assert "before serving; last log lines:" in detail and "--no-such-vllm-flag" in detail
-    assert node.engine_pids() == []
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
