@@ -1,4 +1,4 @@
-"""Peer links: CURVE-authenticated ZeroMQ over TCP between the MLNodes of one training task.
+"""Peer links: CURVE-authenticated ZeroMQ over TCP between cooperating MLNodes (e.g. one training task).
 
 Each node listens on one ROUTER (its long-term identity key is the CURVE server key, ZAP domain
 ``peers``) and opens one DEALER to every registered peer; all traffic flows DEALER → ROUTER, so the
@@ -9,7 +9,7 @@ arrival, so a key that is removed stops being heard at once, even on a connectio
 A message is a msgpack header frame plus an optional raw payload frame. Bulk payloads are *credited*:
 each peer may have at most ``window`` credited messages outstanding, and the receiver returns a credit
 (:meth:`PeerLink.ack`) only after it has consumed the payload. A slow receiver therefore throttles its
-senders instead of making them queue a whole model in ZeroMQ's buffers. Header keys starting with ``_``
+senders instead of making them queue a whole payload in ZeroMQ's buffers. Header keys starting with ``_``
 belong to the link: ``_i`` the sender's incarnation (a restart resets credits), ``_g`` the credit
 generation of a credited message, ``_a`` an ack.
 
@@ -37,7 +37,6 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus.auth import Authenticator
 from bus.sockets import make_client, make_server, user_id
-from bus.tensors import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 from node.errors import DeadlineExceeded, ProtocolError, Unavailable
 from node.identity import KeyPair
 from node.logging import get_logger
@@ -45,8 +44,10 @@ from node.logging import get_logger
 log = get_logger(__name__)
 
 DOMAIN = "peers"
-#: Largest header frame a peer may send (tensor-stream headers list shapes and names).
+#: Largest header frame a peer may send (headers of bulk streams may list shapes and names).
 HEADER_LIMIT = 1 << 20
+#: Default largest payload frame; the layer above cuts bulk data into frames at most this big.
+DEFAULT_MAX_PAYLOAD = 1 << 20
 _SEND_HWM = 4096
 _RETRY_MIN, _RETRY_MAX = 0.1, 2.0
 _HANDSHAKE_EVENTS = (
@@ -114,15 +115,17 @@ class PeerLink:
         endpoint: str,
         handler: Handler,
         *,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         window: int = 8,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
+        if max_payload < 1:
+            raise ValueError("max_payload must be >= 1")
         self.keypair = keypair
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.max_payload = max_payload
         self.window = window
-        self.max_bytes = max(chunk_bytes, HEADER_LIMIT) + 4096
+        self.max_bytes = max(max_payload, HEADER_LIMIT) + 4096
         self.incarnation = int.from_bytes(os.urandom(6), "big")
         self.dropped = 0
         self.bytes_sent = 0

@@ -114,14 +114,6 @@ class Fields:
             raise InvalidRequest(f"{self.name(key)} must be a string")
         return value
 
-    def optional_string(self, key: str) -> str | None:
-        value = self._get(key)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, str):
-            raise InvalidRequest(f"{self.name(key)} must be a string")
-        return value
-
     def strings(self, key: str) -> list[str]:
         """One string or a list of strings; missing reads as an empty list."""
         value = self._get(key)

@@ -4,16 +4,15 @@ The client's ``train_env`` names ranks and a meeting host but carries no keys, s
 run the operators register each task's peers with this node (``{task_id, peers: [{node_id,
 public_key, address, rank?}]}``); the peer listener then admits exactly the keys of the running task.
 Every field is validated here, once, and a bad one is an :class:`~node.errors.InvalidRequest` that
-names it. :func:`peer_handlers` exposes the registry as bus request types for the gateway's routes.
+names it.
 
-:func:`open_group` builds the :class:`~bus.group.PeerGroup` of a task with the fixed-rank-order mean
-of :mod:`services.train.diloco`, and :func:`diloco_reduce` turns it into the synchronous ``reduce``
-hook :meth:`DiLoCoWorker.outer_step` calls from the training thread.
+:func:`open_group` builds the :class:`~services.train.collective.group.PeerGroup` of a task with the
+fixed-rank-order mean of :mod:`services.train.diloco`, and :func:`follow` keeps its members equal to
+the task's registered peers for as long as the run lasts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -21,31 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq.asyncio
-from torch import Tensor
 
 from bus.auth import Authenticator
-from bus.group import Excluded, Member, PeerGroup
-from bus.rpc import Caller, Handler
 from node.errors import InvalidRequest, NotFound
 from node.identity import KeyPair, public_from_text
 from node.logging import get_logger
+from services.train.collective.group import Member, PeerGroup
 from services.train.config import EnvConfig
-from services.train.diloco import Contributors, Reduce, fixed_order_mean
+from services.train.diloco import fixed_order_mean
 
 log = get_logger(__name__)
 
-__all__ = [
-    "Excluded",
-    "PeerGroup",
-    "PeerInfo",
-    "PeerRegistry",
-    "diloco_reduce",
-    "follow",
-    "listen_endpoint",
-    "open_group",
-    "own_entry",
-    "peer_handlers",
-]
+__all__ = ["PeerInfo", "PeerRegistry", "bind_endpoint", "follow", "listen_port", "open_group"]
 
 MAX_PEERS = 4096
 _ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -143,8 +129,15 @@ class PeerRegistry:
         self._tasks: dict[str, dict[str, PeerInfo]] = {}
         self._listeners: list[Callable[[str, list[PeerInfo]], None]] = []
 
-    def subscribe(self, listener: Callable[[str, list[PeerInfo]], None]) -> None:
+    def subscribe(self, listener: Callable[[str, list[PeerInfo]], None]) -> Callable[[], None]:
+        """Call ``listener`` on every change; returns the function that stops that."""
         self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def peers(self, task_id: str) -> list[PeerInfo]:
         return _ordered(self._tasks.get(task_id, {}))
@@ -212,41 +205,29 @@ def _ordered(peers: dict[str, PeerInfo]) -> list[PeerInfo]:
     return sorted(peers.values(), key=lambda p: (p.rank is None, p.rank or 0, p.node_id))
 
 
-def peer_handlers(registry: PeerRegistry) -> dict[str, Handler]:
-    """Bus request types for the train service: ``train.peers.register|remove|list``."""
-
-    async def register(payload: Any, _caller: Caller) -> Any:
-        return registry.register(payload)
-
-    async def remove(payload: Any, _caller: Caller) -> Any:
-        return registry.remove(payload)
-
-    async def list_(payload: Any, _caller: Caller) -> Any:
-        return registry.list_peers(payload)
-
-    return {"train.peers.register": register, "train.peers.remove": remove, "train.peers.list": list_}
-
-
-def listen_endpoint(env: EnvConfig, own: PeerInfo | None) -> str:
-    """Where this node's peer listener binds (all interfaces).
+def listen_port(env: EnvConfig, own: PeerInfo | None) -> int:
+    """The port this node's peer listener binds.
 
     The port of this node's own registry entry wins (that is what the peers will dial); otherwise
     rank 0 listens on ``GLOBAL_PORT`` (the meeting point the client names) and other ranks on
     ``BASE_PORT``.
     """
     if own is not None:
-        return f"tcp://*:{own.address.rpartition(':')[2]}"
+        return int(own.address.rpartition(":")[2])
     port = env.global_port if env.rank == 0 and env.global_port else env.base_port
     if port is None:
         raise InvalidRequest(
             f"train_env.BASE_PORT is required for rank {env.rank}: the registry has no entry for this node"
         )
-    return f"tcp://*:{port}"
+    return port
 
 
-def own_entry(registry: PeerRegistry, task_id: str, identity: KeyPair) -> PeerInfo | None:
-    """This node's entry among the task's peers (matched by its identity key), if registered."""
-    return next((p for p in registry.peers(task_id) if p.public_key == identity.public), None)
+def bind_endpoint(host: str, port: int, env: EnvConfig, peers: Iterable[PeerInfo], me: str) -> str:
+    """The listener's endpoint on ``host``: ``port`` when set (explicit local config wins), else
+    :func:`listen_port` of this node's entry among ``peers`` (``me`` is this node's public key)."""
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    own = next((p for p in peers if p.public_key == me), None)
+    return f"tcp://{host}:{port or listen_port(env, own)}"
 
 
 def open_group(
@@ -257,42 +238,23 @@ def open_group(
     *,
     rank: int,
     world_size: int,
-    registry: PeerRegistry | None = None,
-    task_id: str | None = None,
     **options: Any,
 ) -> PeerGroup:
-    """A started-later group reducing with :func:`fixed_order_mean`; follows ``registry``'s task if given."""
-    group = PeerGroup(
+    """A group reducing with :func:`fixed_order_mean`, not yet started and without members."""
+    return PeerGroup(
         context, auth, identity, bind, rank=rank, world_size=world_size, reduce_fn=fixed_order_mean, **options
     )
-    if registry is not None and task_id is not None:
-        follow(group, registry, task_id)
-    return group
 
 
-def follow(group: PeerGroup, registry: PeerRegistry, task_id: str) -> None:
-    """Keep ``group``'s members (and so the listener's allowlist) equal to the task's registered peers."""
+def follow(group: PeerGroup, registry: PeerRegistry, task_id: str) -> Callable[[], None]:
+    """Keep ``group``'s members (and so the listener's allowlist) equal to the task's registered peers.
+
+    Returns the function that stops following (call it before closing the group).
+    """
 
     def apply(changed: str, peers: Iterable[PeerInfo]) -> None:
         if changed == task_id:
             group.set_members([p.member() for p in peers])
 
-    registry.subscribe(apply)
     apply(task_id, registry.peers(task_id))
-
-
-def diloco_reduce(group: PeerGroup, loop: asyncio.AbstractEventLoop) -> Reduce:
-    """The ``reduce`` hook for :meth:`DiLoCoWorker.outer_step`, called from a thread other than ``loop``'s.
-
-    Raises :class:`bus.group.Excluded` when the peers finished the step without this rank.
-    """
-
-    def reduce(pseudo_grads: list[Tensor], contributors: Contributors) -> list[Tensor]:
-        future = asyncio.run_coroutine_threadsafe(
-            group.all_reduce(contributors.outer_step, pseudo_grads), loop
-        )
-        out = future.result()
-        contributors.ranks = list(out.ranks)
-        return out.tensors
-
-    return reduce
+    return registry.subscribe(apply)

@@ -6,8 +6,9 @@ within about one inner step even while an all-reduce waits for a silent peer.
 
 Joining a run already under way (a restart, a second ``train/start``, or a rank left out of a step)
 always goes the same way: fetch the outer weights and momentum a peer publishes after each outer step,
-load them, announce :meth:`~bus.group.PeerGroup.rejoin` for the next step, carry on. Outer weights
-are then the same bits on every rank, whatever happened to the inner loop of the one that rejoined.
+load them, announce :meth:`~services.train.collective.group.PeerGroup.rejoin` for the next step,
+carry on. Outer weights are then the same bits on every rank, whatever happened to the inner loop of
+the one that rejoined.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from bus.group import Excluded, PeerGroup
 from node.errors import MLNodeError, Unavailable
 from node.logging import get_logger
 from services.train.checkpoint import checkpoint_due, resume, save_checkpoint
+from services.train.collective.group import Excluded, PeerGroup
 from services.train.config import TrainPlan
 from services.train.diloco import Contributors, DiLoCoWorker, Progress, Reduce, solo_reduce
 from services.train.model import enable_determinism

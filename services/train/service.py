@@ -27,18 +27,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
-from bus.group import PeerGroup
 from bus.rpc import Caller
 from bus.service import Service
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
 from node.process import bootstrap
+from services.train.collective.group import PeerGroup
 from services.train.config import TrainPlan
 from services.train.journal import PeerStore, RunJournal
-from services.train.peers import PeerInfo, PeerRegistry, listen_endpoint, open_group
+from services.train.peers import PeerRegistry, bind_endpoint, follow, open_group
 from services.train.runner import FAILED, FINISHED, Runner
 
 log = get_logger(__name__)
@@ -91,9 +92,9 @@ class TrainService(Service):
         self.peer_store = PeerStore(self.dir)
         self.registry = PeerRegistry()
         self._restore_peers()
-        self.registry.subscribe(self._peers_changed)
         self.runner: Runner | None = None
         self.group: PeerGroup | None = None
+        self._unfollow: Callable[[], None] | None = None
         self.notes: list[str] = []
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,7 +225,9 @@ class TrainService(Service):
                 f"train_env.GLOBAL_WORLD_SIZE is {env.world_size} but no peers are registered for "
                 f"task {env.task_id!r}: register them with POST /api/v1/train/peers first"
             )
-        bind = self._bind_endpoint(plan, peers)
+        bind = bind_endpoint(
+            self.settings.peer_host, self.settings.peer_port, env, peers, self.keys.identity.public
+        )
         try:
             group = open_group(self.bus.context, self.bus.auth, self.keys.identity, bind, rank=env.rank,
                                world_size=env.world_size, timeout=peer_timeout)
@@ -233,21 +236,18 @@ class TrainService(Service):
         except Exception as exc:  # the socket layer's own errors (port in use, bad address)
             raise Unavailable(f"cannot listen for training peers on {bind}: {exc}") from None
         try:
-            group.set_members([p.member() for p in peers])
+            self._unfollow = follow(group, self.registry, env.task_id)
             group.start()
         except BaseException:
+            self._stop_following()
             group.link.close()
             raise
         return group
 
-    def _bind_endpoint(self, plan: TrainPlan, peers: list[PeerInfo]) -> str:
-        host = self.settings.peer_host
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        if self.settings.peer_port:
-            return f"tcp://{host}:{self.settings.peer_port}"
-        own = next((p for p in peers if p.public_key == self.keys.identity.public), None)
-        port = listen_endpoint(plan.env, own).rpartition(":")[2]
-        return f"tcp://{host}:{port}"
+    def _stop_following(self) -> None:
+        unfollow, self._unfollow = self._unfollow, None
+        if unfollow is not None:
+            unfollow()
 
     async def _halt(self, *, forget: bool) -> None:
         """Stop the run and wait until its thread and peer group are gone."""
@@ -259,6 +259,7 @@ class TrainService(Service):
         its thread and peer group down in the background."""
         runner, group = self.runner, self.group
         self.runner, self.group = None, None
+        self._stop_following()
         if forget:
             try:
                 self.journal.clear()
@@ -304,11 +305,6 @@ class TrainService(Service):
             except MLNodeError as exc:
                 log.error("train_peers_not_restored", task_id=str(task.get("task_id"))[:64],
                           reason=exc.message)
-
-    def _peers_changed(self, task_id: str, peers: list[PeerInfo]) -> None:
-        runner, group = self.runner, self.group
-        if runner is not None and group is not None and task_id == runner.plan.env.task_id:
-            group.set_members([p.member() for p in peers])
 
     async def _peers_register(self, payload: Any, _caller: Caller) -> dict[str, Any]:
         result = self.registry.register(payload)

@@ -78,7 +78,7 @@ def _peer_worker(rank: int, ports: list[int], keys: list[Any], topology: str, ou
     import zmq.asyncio
 
     from bus.auth import Authenticator
-    from bus.group import Member
+    from services.train.collective.group import Member
     from services.train.peers import open_group
 
     async def main() -> None:

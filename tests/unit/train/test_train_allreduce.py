@@ -20,23 +20,16 @@ import torch
 import zmq.asyncio
 
 from bus.auth import Authenticator
-from bus.group import Excluded, Member, PeerGroup, Reduced
 from bus.peers import DOMAIN, PeerMessage
 from node.errors import InvalidRequest, NotFound, ProtocolError
 from node.identity import KeyPair
+from services.train.collective.group import Excluded, Member, PeerGroup, Reduced
 from services.train.config import DiLoCoConfig, EnvConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
-from services.train.diloco import DiLoCoWorker, fixed_order_mean
-from services.train.peers import (
-    PeerRegistry,
-    diloco_reduce,
-    follow,
-    listen_endpoint,
-    open_group,
-    own_entry,
-    peer_handlers,
-)
+from services.train.diloco import fixed_order_mean
+from services.train.peers import PeerRegistry, bind_endpoint, follow, listen_port, open_group
+from services.train.runner import FINISHED, Runner, weights_digest
 from services.train.simulate import simulate
 
 pytestmark = pytest.mark.timeout(60)
@@ -348,31 +341,28 @@ PLAN = TrainPlan(
 PLAN = dataclasses.replace(PLAN, data=dataclasses.replace(PLAN.data, seq_length=32))
 
 
-def test_diloco_workers_over_peer_links_match_the_one_process_simulation(three: list[Rank]) -> None:
+def test_runners_over_peer_links_match_the_one_process_simulation(three: list[Rank], tmp_path: Any) -> None:
+    """The production run thread (Runner) of three ranks, each on its rank's group and loop."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        workers = [DiLoCoWorker(PLAN.with_rank(r, 3), tokens=TOKENS) for r in range(3)]
-        errors: list[BaseException] = []
-
-        def train(rank: Rank, worker: DiLoCoWorker) -> None:
-            try:
-                reduce = diloco_reduce(rank.group, rank.loop)
-                while not worker.finished:
-                    worker.run_round(reduce)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=train, args=(r, w)) for r, w in zip(three, workers, strict=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(45)
-        assert not errors and not any(t.is_alive() for t in threads)
-        expected = simulate(PLAN, 3, 2, tokens=TOKENS)
-        for worker in workers:
-            assert worker.outer_steps_done == 2 and worker.progress().contributors == [0, 1, 2]
-            assert bits(worker.global_weights()) == bits(expected)
+        runners = []
+        for rank in three:
+            plan = PLAN.with_rank(rank.rank, 3)
+            ckpt = dataclasses.replace(plan.ckpt, path=str(tmp_path / f"ckpt-{rank.rank}"), interval=None)
+            plan = dataclasses.replace(plan, ckpt=ckpt)
+            runner = Runner(plan, loop=rank.loop, group=rank.group, resume=False, on_change=lambda: None)
+            runners.append(runner)
+        for runner in runners:
+            runner.start()
+        for runner in runners:
+            runner.join(45)
+        assert [r.state for r in runners] == [FINISHED] * 3, [r.error for r in runners]
+        expected = simulate(PLAN, 3, 2)
+        for runner in runners:
+            status = runner.status()
+            assert status["outer_step"] == 2 and status["contributors"] == [0, 1, 2]
+            assert status["weights_digest"] == weights_digest(expected)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -453,34 +443,19 @@ def test_registry_registers_updates_lists_and_removes() -> None:
     assert seen == [("7", 2), ("7", 2), ("8", 1), ("7", 1)]
 
 
-async def test_bus_handlers_wrap_the_registry() -> None:
-    from bus.rpc import Caller
-
-    registry = PeerRegistry()
-    handlers = peer_handlers(registry)
-    caller = Caller("cli")
-    await handlers["train.peers.register"]({"task_id": "7", "peers": [peer("n1", KEY_A)]}, caller)
-    listed = await handlers["train.peers.list"]({"task_id": "7"}, caller)
-    assert listed["peers"][0]["node_id"] == "n1"
-    with pytest.raises(InvalidRequest):
-        await handlers["train.peers.register"]({"task_id": "7", "peers": [{"node_id": "x"}]}, caller)
-    await handlers["train.peers.remove"]({"task_id": "7", "node_id": "n1"}, caller)
-    assert (await handlers["train.peers.list"]({"task_id": "7"}, caller))["peers"] == []
-
-
 def test_the_listener_binds_where_the_registry_says_this_node_listens() -> None:
     registry = PeerRegistry()
     me = KeyPair.generate()
     env = EnvConfig(
         task_id="7", rank=1, world_size=3, global_addr="10.0.0.5", global_port=5565, base_port=10001
     )
-    assert own_entry(registry, "7", me) is None
-    assert listen_endpoint(env, None) == "tcp://*:10001"
-    assert listen_endpoint(dataclasses.replace(env, rank=0), None) == "tcp://*:5565"
+    assert bind_endpoint("0.0.0.0", 0, env, registry.peers("7"), me.public) == "tcp://0.0.0.0:10001"
+    assert listen_port(dataclasses.replace(env, rank=0), None) == 5565
     with pytest.raises(InvalidRequest, match="BASE_PORT"):
-        listen_endpoint(dataclasses.replace(env, base_port=None), None)
+        listen_port(dataclasses.replace(env, base_port=None), None)
     registry.register({"task_id": "7", "peers": [peer("me", me, "10.0.0.7:7001", rank=1)]})
-    assert listen_endpoint(env, own_entry(registry, "7", me)) == "tcp://*:7001"
+    assert bind_endpoint("::", 0, env, registry.peers("7"), me.public) == "tcp://[::]:7001"
+    assert bind_endpoint("::", 9000, env, registry.peers("7"), me.public) == "tcp://[::]:9000"  # local wins
 
 
 def test_the_listener_admits_exactly_the_running_tasks_registered_keys() -> None:
@@ -495,7 +470,7 @@ def test_the_listener_admits_exactly_the_running_tasks_registered_keys() -> None
                 "peers": [peer("me", me, "127.0.0.1:2", rank=0), peer("a", KEY_A, "127.0.0.1:3", rank=1)],
             }
         )
-        rank.do(lambda: follow(rank.group, registry, "7"))
+        unfollow = rank.do(lambda: follow(rank.group, registry, "7"))
         assert rank.auth.allowed(DOMAIN) == {KEY_A.public}  # not our own key, not another task's
         rank.do(
             lambda: registry.register({"task_id": "7", "peers": [peer("b", KEY_B, "127.0.0.1:4", rank=2)]})
@@ -509,5 +484,8 @@ def test_the_listener_admits_exactly_the_running_tasks_registered_keys() -> None
                 lambda: registry.register({"task_id": "7", "peers": [peer("me", me, "127.0.0.1:2", rank=1)]})
             )
         assert [p.rank for p in registry.peers("7") if p.node_id == "me"] == [0]  # refused: nothing changed
+        unfollow()  # the run ended: later registrations no longer touch its (closed) group
+        rank.do(lambda: registry.register({"task_id": "7", "peers": [peer("c", KEY_C, "127.0.0.1:5")]}))
+        assert rank.auth.allowed(DOMAIN) == {KEY_B.public}
     finally:
         rank.close()

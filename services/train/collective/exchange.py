@@ -24,9 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bus.tensors import ChunkHeader, byte_view, check_chunk_bytes, check_fits, chunk_spans
 from node.errors import MLNodeError, ProtocolError
 from node.logging import get_logger
+from services.train.collective.tensors import (
+    ChunkHeader,
+    byte_view,
+    check_chunk_bytes,
+    check_fits,
+    chunk_spans,
+)
 
 log = get_logger(__name__)
 

@@ -1,16 +1,16 @@
 """A rank's membership in a training group: all-reduce per outer step, and state transfer for rejoins.
 
 :class:`PeerGroup` ties the pieces together on one asyncio loop: the :class:`~bus.peers.PeerLink`
-(authenticated transport), a :class:`~bus.agreement.StepAgreement` per step (who takes part), an
-:class:`~bus.allreduce.Exchange` per attempt (moving and reducing the data), plus heartbeats so that a
+(authenticated transport), a :class:`~.agreement.StepAgreement` per step (who takes part), an
+:class:`~.exchange.Exchange` per attempt (moving and reducing the data), plus heartbeats so that a
 peer busy with its inner steps is told apart from a dead one. Ranks come from the registry, or, for a
 registered key without one, from the rank the peer states in every message (first claim wins).
 
-State transfer is a second use of the same link: :meth:`PeerGroup.serve_state` publishes a snapshot
-(a msgpack header plus flat tensors) and :meth:`PeerGroup.fetch_state` pulls one from a peer in
-credited chunks. A rank left out of a step gets :class:`Excluded` and resynchronises that way. A rank
-done with a step still answers late questions about it (with the decision, or that it left): its
-peers see it heartbeat, so silence would leave them waiting on it for good.
+State transfer (:mod:`.state`) is a second use of the same link: :meth:`PeerGroup.serve_state`
+publishes a snapshot and :meth:`PeerGroup.fetch_state` pulls one from a peer. A rank left out of a
+step gets :class:`Excluded` and resynchronises that way. A rank done with a step still answers late
+questions about it (with the decision, or that it left): its peers see it heartbeat, so silence would
+leave them waiting on it for good.
 
 Each rank also keeps a *lineage*, a digest of every decision its state went through. It rides on the
 ``ready`` message, the coordinator averages only ranks of its own lineage, and a fetched snapshot
@@ -25,17 +25,20 @@ import contextlib
 import hashlib
 import math
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import torch
 import zmq.asyncio
 from torch import Tensor
 
-from bus.agreement import (
+from bus.auth import Authenticator
+from bus.peers import PeerLink, PeerMessage
+from node.errors import Conflict, InvalidRequest, MLNodeError, ProtocolError, Unavailable
+from node.identity import KeyPair
+from node.logging import get_logger
+from services.train.collective.agreement import (
     MESSAGE_TYPES,
     Ballot,
     Decision,
@@ -46,26 +49,13 @@ from bus.agreement import (
     ballot_key,
     parse_ballot,
 )
-from bus.allreduce import Exchange, ReduceFn
-from bus.auth import Authenticator
-from bus.peers import PeerLink, PeerMessage
-from bus.tensors import (
-    DEFAULT_CHUNK_BYTES,
-    ChunkHeader,
-    TensorAssembler,
-    check_chunk_bytes,
-    dtype_name,
-    iter_chunks,
-    parse_dtype,
-    parse_shape,
-)
-from node.errors import Conflict, InvalidRequest, MLNodeError, ProtocolError, Unavailable
-from node.identity import KeyPair
-from node.logging import get_logger
+from services.train.collective.exchange import Exchange, ReduceFn
+from services.train.collective.state import KINDS as STATE_KINDS
+from services.train.collective.state import StateTransfer, non_negative
+from services.train.collective.tensors import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 
 log = get_logger(__name__)
 
-_STATE_KINDS = ("state_req", "state_hdr", "state_chunk", "state_end", "state_err")
 _MAX_BUFFERED = 4096
 _KEEP_DECISIONS = 16
 GENESIS = "genesis"
@@ -93,24 +83,6 @@ class Reduced:
     step: int
     tensors: list[Tensor]
     ranks: tuple[int, ...]
-
-
-@dataclass
-class _Fetch:
-    rank: int
-    heard: float
-    header: dict[str, Any] | None = None
-    assembler: TensorAssembler | None = None
-    result: tuple[dict[str, Any], list[Tensor]] | None = None
-    error: str | None = None
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _int_field(header: Mapping[str, Any], name: str) -> int:
-    value = header.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"field {name!r} must be a non-negative integer")
-    return value
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -175,7 +147,7 @@ class _Round:
             view=view,
             me=group.rank,
             flat=self.flat,
-            chunk_bytes=group.link.chunk_bytes,
+            chunk_bytes=group.chunk_bytes,
             topology=group.topology,
             reduce_fn=group.reduce_fn,
             send=group._send_credited,
@@ -273,14 +245,9 @@ class PeerGroup:
         self.identity = identity
         #: Digest of every decision this rank's state went through; only equal lineages are averaged.
         self.lineage = GENESIS
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.link = PeerLink(
-            context,
-            auth,
-            identity,
-            bind,
-            self._on_message,
-            chunk_bytes=check_chunk_bytes(chunk_bytes),
-            window=window,
+            context, auth, identity, bind, self._on_message, max_payload=self.chunk_bytes, window=window
         )
         self._registered: dict[str, int | None] = {}
         self._rank_by_key: dict[str, int] = {}
@@ -294,9 +261,7 @@ class PeerGroup:
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
-        self._snapshot: tuple[dict[str, Any], list[Tensor]] | None = None
-        self._fetches: dict[str, _Fetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of)
         self._heartbeat: asyncio.Task[None] | None = None
 
     @property
@@ -326,6 +291,9 @@ class PeerGroup:
         self.link.set_peers(endpoints)
         for key in endpoints:
             self.link.send(key, {"t": "hb", "r": self.rank})
+
+    def _key_of(self, rank: int) -> str | None:
+        return self._key_by_rank.get(rank)
 
     def ranks(self) -> dict[int, str]:
         """Known peer ranks and their keys."""
@@ -433,132 +401,23 @@ class PeerGroup:
 
     # -- state transfer -----------------------------------------------------------------------
     def serve_state(self, header: Mapping[str, Any], tensors: Sequence[Tensor]) -> None:
-        """Publish the snapshot peers get from :meth:`fetch_state` (replaces the previous one)."""
-        try:
-            msgpack.packb(dict(header), use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidRequest(f"state header is not msgpack-serialisable: {exc}") from None
-        stamped = {**header, LINEAGE_KEY: self.lineage}
-        self._snapshot = (stamped, [t.detach().to("cpu").contiguous() for t in tensors])
+        """Publish the snapshot peers get from :meth:`fetch_state`, stamped with this rank's lineage."""
+        self.state.publish({**header, LINEAGE_KEY: self.lineage}, tensors)
 
     async def fetch_state(
         self, *, rank: int | None = None, timeout: float | None = None
     ) -> tuple[dict[str, Any], list[Tensor]]:
-        """A peer's published snapshot: tries ``rank``, or every known peer in rank order."""
+        """A peer's published snapshot: tries ``rank``, or every known peer in rank order.
+
+        This rank then holds (and must load) the peer's state, so it takes on the peer's lineage.
+        """
         limit = timeout if timeout is not None else self.timeout
         candidates = [rank] if rank is not None else sorted(r for r in self._key_by_rank if r != self.rank)
-        reasons = []
-        for candidate in candidates * 2:  # a second pass covers a request lost to a reconnect
-            key = self._key_by_rank.get(candidate)
-            if key is None:
-                reasons.append(f"rank {candidate}: unknown")
-                continue
-            req = uuid.uuid4().hex
-            fetch = self._fetches[req] = _Fetch(candidate, time.monotonic())
-            try:
-                self.link.send(key, {"t": "state_req", "id": req, "r": self.rank})
-                while fetch.result is None and fetch.error is None:
-                    fetch.event.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(fetch.event.wait(), min(limit / 4, 0.25))
-                    if fetch.result is None and time.monotonic() - fetch.heard > limit:
-                        fetch.error = f"no state arrived for {limit:g} s"
-                if fetch.result is not None:
-                    header, tensors = fetch.result
-                    lineage = header.pop(LINEAGE_KEY, None)
-                    if isinstance(lineage, str):
-                        self.lineage = lineage  # this rank now holds (and must load) the peer's state
-                    log.info("state_fetched", peer=candidate, tensors=len(tensors))
-                    return header, tensors
-                reasons.append(f"rank {candidate}: {fetch.error}")
-            finally:
-                self._fetches.pop(req, None)
-        raise Unavailable(f"no peer served the training state ({'; '.join(reasons) or 'no peers'})")
-
-    def _on_state(self, rank: int, msg: PeerMessage) -> None:
-        header = msg.header
-        kind = header["t"]
-        req = header.get("id")
-        if not isinstance(req, str) or len(req) > 64:
-            raise ProtocolError("state message lacks a valid 'id'")
-        if kind == "state_req":
-            task = asyncio.get_running_loop().create_task(self._serve(msg.key, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        fetch = self._fetches.get(req)
-        if fetch is None or fetch.rank != rank or fetch.result is not None or fetch.error is not None:
-            self.link.ack(msg)
-            return
-        fetch.heard = time.monotonic()
-        try:
-            self._take_state(fetch, kind, header, msg)
-        except ProtocolError as exc:
-            fetch.error = exc.message
-        finally:
-            self.link.ack(msg)
-            fetch.event.set()
-
-    def _take_state(self, fetch: _Fetch, kind: str, header: Mapping[str, Any], msg: PeerMessage) -> None:
-        if kind == "state_err":
-            fetch.error = str(header.get("reason", "refused"))[:200]
-        elif kind == "state_hdr":
-            dtypes, shapes = header.get("dtypes"), header.get("shapes")
-            if (
-                not isinstance(dtypes, list)
-                or not isinstance(shapes, list)
-                or not isinstance(header.get("header"), dict)
-            ):
-                raise ProtocolError("state header lacks 'header', 'dtypes' or 'shapes'")
-            chunk = _int_field(header, "chunk_bytes")
-            if chunk > self.link.chunk_bytes * 64:
-                raise ProtocolError(f"state chunk size {chunk} is implausible")
-            fetch.header = header["header"]
-            fetch.assembler = TensorAssembler(
-                [parse_dtype(d) for d in dtypes], [parse_shape(s) for s in shapes], check_chunk_bytes(chunk)
-            )
-        elif kind == "state_chunk":
-            if fetch.assembler is None:
-                raise ProtocolError("state chunk before the state header")
-            fetch.assembler.add(ChunkHeader.from_wire(header), msg.payload or memoryview(b""))
-        elif kind == "state_end":
-            if fetch.assembler is None or fetch.header is None or not fetch.assembler.complete:
-                raise ProtocolError("state stream ended before every tensor arrived")
-            fetch.result = (fetch.header, fetch.assembler.tensors)
-
-    async def _serve(self, key: str, req: str) -> None:
-        snapshot = self._snapshot
-        if snapshot is None:
-            self.link.send(
-                key, {"t": "state_err", "id": req, "r": self.rank, "reason": "no state published yet"}
-            )
-            return
-        header, tensors = snapshot
-        chunk = self.link.chunk_bytes
-        base = {"id": req, "r": self.rank}
-        try:
-            # The whole stream is credited: ordered, bounded, and held back (not dropped) while the
-            # connection to the requester is being re-opened.
-            await self.link.send_credited(
-                key,
-                {
-                    "t": "state_hdr",
-                    **base,
-                    "header": header,
-                    "dtypes": [dtype_name(t.dtype) for t in tensors],
-                    "shapes": [list(t.shape) for t in tensors],
-                    "chunk_bytes": chunk,
-                },
-                timeout=self.timeout,
-            )
-            for head, payload in iter_chunks(tensors, chunk, step=0, rank=self.rank):
-                body = {"t": "state_chunk", **base, **head.to_wire()}
-                await self.link.send_credited(key, body, payload, timeout=self.timeout)
-            await self.link.send_credited(key, {"t": "state_end", **base}, timeout=self.timeout)
-        except MLNodeError as exc:
-            log.warning("state_serve_stopped", peer=key[:8], error=exc.message)
-            return
-        log.info("state_served", peer=key[:8], tensors=len(tensors))
+        _served_by, (header, tensors) = await self.state.fetch(candidates, limit)
+        lineage = header.pop(LINEAGE_KEY, None)
+        if isinstance(lineage, str):
+            self.lineage = lineage
+        return header, tensors
 
     # -- dispatch -----------------------------------------------------------------------------
     def _send_rank(self, rank: int, header: dict[str, Any]) -> None:
@@ -593,16 +452,16 @@ class PeerGroup:
         rank = self._sender_rank(msg.key, header.get("r"))
         if kind == "hb":
             return
-        if kind in _STATE_KINDS:
-            self._on_state(rank, msg)
+        if kind in STATE_KINDS:
+            self.state.handle(rank, msg)
             return
         if kind == "rejoin":
             self.link.ack(msg)
-            self._rejoiners.setdefault(_int_field(header, "step"), set()).add(rank)
+            self._rejoiners.setdefault(non_negative(header, "step"), set()).add(rank)
             return
         if kind != "chunk" and kind != "refuse" and kind not in MESSAGE_TYPES:
             raise ProtocolError(f"unknown peer message type {kind!r}"[:100])
-        step = _int_field(header, "step")
+        step = non_negative(header, "step")
         rnd = self._round
         if rnd is not None and step == rnd.step and not rnd.finished:
             if kind == "refuse":
@@ -646,8 +505,7 @@ class PeerGroup:
     async def aclose(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        self.state.close()
         await self.link.aclose()
 
 

@@ -1,0 +1,57 @@
+"""Tensors as chunk frames: exact reassembly, and refusal of every chunk that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.errors import ProtocolError
+from services.train.collective.tensors import ChunkHeader, TensorAssembler, chunk_spans, iter_chunks
+
+CHUNK = 4096
+
+
+def test_tensor_chunks_reassemble_exactly() -> None:
+    tensors = [torch.randn(3, 1000), torch.arange(7, dtype=torch.int64), torch.zeros(0), torch.tensor(2.5)]
+    chunks = list(iter_chunks(tensors, CHUNK, step=1, rank=0))
+    assert len([h for h, _ in chunks if h.tensor == 0]) == len(chunk_spans(12000, CHUNK)) == 3
+    asm = TensorAssembler([t.dtype for t in tensors], [t.shape for t in tensors], CHUNK)
+    for head, payload in reversed(chunks):  # any order
+        asm.add(ChunkHeader.from_wire(head.to_wire()), bytes(payload))
+    assert asm.complete
+    assert all(torch.equal(x, y) for x, y in zip(asm.tensors, tensors, strict=True))
+
+
+def test_assembler_refuses_chunks_that_do_not_fit() -> None:
+    asm = TensorAssembler([torch.float32], [(3000,)], CHUNK)
+    good = ChunkHeader(0, 0, 0, 1, CHUNK, "float32", (3000,), CHUNK)
+    bad = [
+        (ChunkHeader(0, 0, 1, 0, 0, "float32", (3000,), CHUNK), CHUNK),  # no tensor 1
+        (ChunkHeader(0, 0, 0, 0, 0, "float16", (3000,), CHUNK), CHUNK),  # wrong dtype
+        (ChunkHeader(0, 0, 0, 0, 0, "float32", (3001,), CHUNK), CHUNK),  # wrong shape
+        (ChunkHeader(0, 0, 0, 0, 8, "float32", (3000,), CHUNK), CHUNK),  # off the grid
+        (ChunkHeader(0, 0, 0, 5, 5 * CHUNK, "float32", (3000,), CHUNK), CHUNK),  # past the end
+        (ChunkHeader(0, 0, 0, 0, 0, "float32", (3000,), CHUNK), CHUNK - 4),  # payload too short
+    ]
+    for head, size in bad:
+        with pytest.raises(ProtocolError):
+            asm.add(head, bytes(size))
+    asm.add(good, bytes(good.nbytes))
+    with pytest.raises(ProtocolError, match="twice"):
+        asm.add(good, bytes(good.nbytes))
+    assert not asm.complete
+    for doc in (
+        {"step": -1},
+        {
+            "step": 0,
+            "rank": 0,
+            "tensor": 0,
+            "chunk": 0,
+            "offset": 0,
+            "nbytes": 0,
+            "dtype": "complex64",
+            "shape": [1],
+        },
+    ):
+        with pytest.raises(ProtocolError):
+            ChunkHeader.from_wire(doc)
