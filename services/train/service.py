@@ -17,9 +17,10 @@ Bus requests (the gateway maps the contract's routes onto them): ``train_start``
   checkpoint while the node mode still says TRAIN, then rejoins the peers with their current state.
 - After a run finishes, its peer group stays open (late peers can still fetch the final state) until
   the next ``train_start`` or a stop.
-- A stop answers at once: the run is told to stop and forgotten (the node reads STOPPED); its thread
-  (which may be writing its last checkpoint) and its peer group wind down in the background, and the
-  next start waits for them before it opens anything.
+- A stop answers at once: the run is told to stop and no longer counts as active (the node reads
+  STOPPED; ``train_status`` says ``STOPPING`` until the thread, which may be finishing a step or writing
+  its last checkpoint, has ended). The thread and the peer group wind down in the background; the next
+  start is validated at once, then waits up to START_WAIT_S for them (503 "still stopping" after that).
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ from node.process import bootstrap
 from services.train.collective.group import PeerGroup
 from services.train.config import TrainPlan
 from services.train.journal import PeerStore, RunJournal
-from services.train.peers import PeerRegistry, bind_endpoint, follow, open_group
+from services.train.peers import PeerInfo, PeerRegistry, bind_endpoint, follow, open_group
 from services.train.runner import FAILED, FINISHED, Runner
 
 log = get_logger(__name__)
 
 DEFAULT_PEER_TIMEOUT_S = 30.0
+#: How long a start waits for a stopped run to wind down (inside the gateway's 10 s bus deadline).
+START_WAIT_S = 7.0
 ALREADY_RUNNING = "Training is already running"
 NOT_RUNNING = "Training is not running"
 
@@ -99,6 +102,7 @@ class TrainService(Service):
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._winding_down: asyncio.Task[None] | None = None
+        self._stopped: Runner | None = None  # released by a stop, maybe still winding down
         handlers = {
             "train_start": self._train_start,
             "train_stop": self._train_stop,
@@ -112,7 +116,7 @@ class TrainService(Service):
 
     # -- Service hooks ------------------------------------------------------------------------
     def is_active(self) -> bool:
-        return self.runner is not None and self.runner.running
+        return self.runner is not None and self.runner is not self._stopped and self.runner.running
 
     async def status(self) -> dict[str, Any]:
         return {"state": self.runner.state if self.runner is not None else "STOPPED", **self.train_status()}
@@ -155,6 +159,10 @@ class TrainService(Service):
         if runner is None:
             return {"status": False, "state": "STOPPED"}
         body: dict[str, Any] = {"status": runner.running, **runner.status(), "notes": list(self.notes)}
+        if runner is self._stopped:
+            body["status"] = False
+            if runner.running:
+                body["state"] = "STOPPING"
         task = runner.plan.env.task_id
         body["peers"] = [p.to_dict() for p in self.registry.peers(task)]
         group = self.group
@@ -188,7 +196,14 @@ class TrainService(Service):
         """Validate, open the peer group, journal the request and start the run thread."""
         clean, peer_timeout = split_run_options(body)
         plan, notes = TrainPlan.from_request(clean, state_dir=self.dir)
-        await self._halt(forget=False)
+        if plan.env.world_size > 1:
+            self._registered_peers(plan)  # a 400 now, not after waiting for the previous run
+        self._release(forget=False)
+        try:
+            await asyncio.wait_for(self._wound_down(), START_WAIT_S)
+        except TimeoutError:
+            raise Unavailable("the previous training run is still stopping (finishing its step or "
+                              "checkpoint); retry in a few seconds") from None
         group = self._open_group(plan, peer_timeout) if plan.env.world_size > 1 else None
         loop = asyncio.get_running_loop()
 
@@ -218,13 +233,7 @@ class TrainService(Service):
 
     def _open_group(self, plan: TrainPlan, peer_timeout: float) -> PeerGroup:
         env = plan.env
-        peers = self.registry.peers(env.task_id)
-        me = self.keys.identity.public
-        if not [p for p in peers if p.public_key != me]:
-            raise InvalidRequest(
-                f"train_env.GLOBAL_WORLD_SIZE is {env.world_size} but no peers are registered for "
-                f"task {env.task_id!r}: register them with POST /api/v1/train/peers first"
-            )
+        peers = self._registered_peers(plan)
         bind = bind_endpoint(
             self.settings.peer_host, self.settings.peer_port, env, peers, self.keys.identity.public
         )
@@ -249,16 +258,30 @@ class TrainService(Service):
         if unfollow is not None:
             unfollow()
 
+    def _registered_peers(self, plan: TrainPlan) -> list[PeerInfo]:
+        env = plan.env
+        peers = self.registry.peers(env.task_id)
+        me = self.keys.identity.public
+        if not [p for p in peers if p.public_key != me]:
+            raise InvalidRequest(
+                f"train_env.GLOBAL_WORLD_SIZE is {env.world_size} but no peers are registered for "
+                f"task {env.task_id!r}: register them with POST /api/v1/train/peers first"
+            )
+        return peers
+
     async def _halt(self, *, forget: bool) -> None:
         """Stop the run and wait until its thread and peer group are gone."""
         self._release(forget=forget)
         await self._wound_down()
 
     def _release(self, *, forget: bool) -> None:
-        """Stop the run without waiting: forget it at once (``forget`` also drops the journal) and wind
-        its thread and peer group down in the background."""
+        """Stop the run without waiting: it stops counting as active at once (``forget`` also drops the
+        journal), its thread and peer group wind down in the background."""
         runner, group = self.runner, self.group
-        self.runner, self.group = None, None
+        self.group = None
+        if runner is self._stopped:
+            runner = None  # already released; only the journal may still need forgetting
+        self._stopped = self.runner
         self._stop_following()
         if forget:
             try:
