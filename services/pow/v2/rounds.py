@@ -74,10 +74,13 @@ class PocRounds:
         served = status.get("served_models") or ([status["model"]] if status.get("model") else [])
         return Engines(healthy, known, tuple(str(s) for s in served))
 
-    async def _alive(self, port: int) -> bool:
-        """Is the engine on ``port`` still one of ours (perhaps restarting)? Unknown counts as yes."""
+    async def _alive(self, port: int, model: str) -> bool:
+        """Is the engine on ``port`` still ours (perhaps restarting) and serving ``model``? An
+        unreachable inference service (restarting) counts as yes; a replaced model as no."""
         engines = await self.engines()
-        return not engines.reachable or port in engines.known
+        if not engines.reachable:
+            return True
+        return port in engines.known and (not engines.served or model in engines.served)
 
     def worker(self, port: int) -> EngineWorker:
         if port not in self.workers:

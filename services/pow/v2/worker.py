@@ -127,7 +127,7 @@ class Counters:
 
 class EngineWorker:
     def __init__(self, port: int, client: EngineClient, outbox: Outbox, journal: V2Journal,
-                 alive: Callable[[int], Awaitable[bool]]) -> None:
+                 alive: Callable[[int, str], Awaitable[bool]]) -> None:
         self.port = port
         self.client = client
         self.outbox = outbox
@@ -272,8 +272,9 @@ class EngineWorker:
         except MLNodeError as exc:
             loop.error = exc.message
             self._log.warning("pocv2_engine_call_failed", error=exc.message, attempt=failures + 1)
-            if not await self.alive(self.port):
-                await self._end_loop(loop, f"engine {self.port} is gone: {exc.message}")
+            if not await self.alive(self.port, init.params.model):
+                gone = f"engine {self.port} is gone or serves another model"
+                await self._end_loop(loop, f"{gone}: {exc.message}")
                 return False
             await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 6)))
             return False
@@ -351,7 +352,8 @@ class EngineWorker:
                     raise
                 except MLNodeError as exc:
                     failures += 1
-                    if not job.durable or failures > JOB_RETRIES or not await self.alive(self.port):
+                    if not job.durable or failures > JOB_RETRIES \
+                            or not await self.alive(self.port, body.params.model):
                         raise Unavailable(exc.message) from None
                     self._log.warning("pocv2_job_retry", request_id=job.id, error=exc.message,
                                       attempt=failures)

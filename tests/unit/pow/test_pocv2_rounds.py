@@ -276,3 +276,18 @@ def test_engine_answers_are_checked() -> None:
     for bad in (b'{"results": [null, null]}', two, unasked, b"[]", b"{"):
         with pytest.raises(Unavailable):
             parse_answer(bad, 1, [3])
+
+
+async def test_a_loop_ends_when_its_engine_goes_away_or_changes_model(
+        rounds: PocRounds, engines: list[FakeEngine]) -> None:
+    await rounds.init_generate(init(INIT))
+    await until(lambda: all(processed(rounds, e.port) >= 4 for e in engines), "loops running")
+    inference = rounds.inference
+    inference.ports = [engines[0].port]  # type: ignore[attr-defined]  # engine 1: inference/down
+    engines[1].refuse = 503
+    await until(lambda: rounds.workers[engines[1].port].loop is None, "the loop of the gone engine ended")
+    assert rounds.workers[engines[0].port].loop is not None
+    inference.served = ["another-model"]  # type: ignore[attr-defined]  # up replaced the model
+    engines[0].refuse = 503
+    await until(lambda: rounds.workers[engines[0].port].loop is None, "the loop of the replaced model ended")
+    assert "another model" in (await rounds.status())["backends"][0]["error"]
