@@ -117,6 +117,7 @@ class Runner:
             "resumed_from": self.resumed_from,
             "last_checkpoint": self.last_checkpoint,
             "rejoins": self.rejoins,
+            "waiting_for_quorum": self.group is not None and self.group.waiting_for_quorum,
             "error": self.error,
             "elapsed_s": round(time.time() - self.started_at, 3),
         }
@@ -178,11 +179,6 @@ class Runner:
             log.warning("train_excluded", outer_step=step, reason=exc.message)
             self._resync(worker, beyond=step)
             return
-        # Alone: either every peer is gone, or this rank fell so far behind that nobody answered its
-        # step. Peers that are alive and at least as far win: take their state.
-        alone = worker.last_contributors == [self.plan.env.rank] and self.plan.env.world_size > 1
-        if alone and self._join_running(worker, at_least=step + 1):
-            return
         self._after_outer(worker)
         if checkpoint_due(worker):
             self._checkpoint(worker)
@@ -216,15 +212,13 @@ class Runner:
         group = self.group
         self.loop.call_soon_threadsafe(group.serve_state, header, tensors)
 
-    def _join_running(self, worker: DiLoCoWorker, *, at_least: int | None = None) -> bool:
-        """If a peer we can hear is past our step (or at ``at_least``), take its state and rejoin.
-
-        Used at start (a restart, a second ``train_start``) and after an outer step this rank took
-        alone; returns True when a peer's state was loaded.
-        """
+    def _join_running(self, worker: DiLoCoWorker) -> bool:
+        """At start (a restart, a second ``train_start``): if a peer we hear is past our step, take its
+        state and rejoin; returns True when a peer's state was loaded. Later on, the group itself tells
+        a late or excluded rank (:class:`Excluded`), and :meth:`_resync` takes over."""
         group = self._require_group()
-        floor = worker.outer_steps_done + 1 if at_least is None else at_least
-        heard = self._heard_ranks(wait_s=min(group.timeout, 2.0) if at_least is None else 0.0)
+        floor = worker.outer_steps_done + 1
+        heard = self._heard_ranks(wait_s=min(group.timeout, 2.0))
         for rank in heard:
 
             def fetch(r: int = rank) -> Coroutine[Any, Any, tuple[dict[str, Any], list[Tensor]]]:

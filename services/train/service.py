@@ -127,9 +127,10 @@ class TrainService(Service):
 
     async def metrics(self) -> dict[str, Any]:
         status = self.train_status()
-        keys = ("outer_step", "inner_step", "loss", "bytes_sent", "bytes_received")
+        keys = ("outer_step", "inner_step", "loss", "bytes_sent", "bytes_received", "waiting_for_quorum")
         values = {k: status.get(k) for k in keys}
         values["running"] = int(bool(status["status"]))
+        values["waiting_for_quorum"] = int(bool(status.get("waiting_for_quorum")))
         return {k: v for k, v in values.items() if isinstance(v, int | float)}
 
     async def startup(self) -> None:

@@ -31,9 +31,17 @@ a rank that left the step (see :func:`answer_after`; the caller answers for fini
 ballot it follows. A rank never follows a coordinator it has already given up on for longer than
 ``timeout + join_timeout``; then it takes over (or hands over to the lowest rank it still trusts).
 
+**Quorum.** A coordinator proposes only a view that holds a majority of the registered world
+(``quorum``). Two views of one step therefore always share a rank, and the promise of that rank carries
+what it applied or reported done, so a partition can never decide one step twice with different
+contents: the majority side goes on, a minority side decides nothing and keeps knocking (``ready`` to
+every peer) until the link heals; then a peer answers with the decision (or ``behind``, see
+:meth:`StepAgreement.behind`) and the rank resynchronises from the majority's state. Where we go further
+than hivemind/OpenDiLoCo, whose averaging groups simply proceed with whoever answers: their partitions
+diverge silently. The price: without a majority (a two-node run with one node lost) nothing is decided.
+
 Limits, by design: failure detection is by timeout, so a rank that is merely slow beyond ``timeout``
-is treated as failed (it then resynchronises); a partition lets each side go on, and when it heals the
-lower-ranked coordinator's lineage wins and the others resynchronise rather than mix states.
+is treated as failed (it then resynchronises).
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ log = get_logger(__name__)
 Ballot = tuple[int, int]
 """``(epoch, proposer rank)``; compared by :func:`ballot_key`."""
 
-MESSAGE_TYPES = ("ready", "prepare", "promise", "nack", "start", "done", "commit", "suspect", "leave", "ask")
+MESSAGE_TYPES = (
+    "ready", "prepare", "promise", "nack", "start", "done", "commit", "suspect", "leave", "ask", "behind"
+)
 #: Messages a peer sends while it waits for this rank; a rank that finished the step still answers them.
 QUESTIONS = ("ready", "prepare", "start", "done", "suspect", "ask")
 
@@ -156,8 +166,14 @@ class StepAgreement:
         timeout: float,
         join_timeout: float,
         lineage: str = "",
+        quorum: int = 1,
     ) -> None:
         self.step = step
+        #: Ranks a view needs before this rank proposes it: a majority of the registered world, so two
+        #: sides of a partition can never both decide (see the module doc).
+        self.quorum = quorum
+        #: Clock time since which this rank reaches too few peers to propose (None: it does not).
+        self.no_quorum_since: float | None = None
         self.lineage = lineage
         self.lineages: dict[int, str] = {}
         self.me = me
@@ -202,6 +218,11 @@ class StepAgreement:
     def included(self) -> bool:
         """True when a decision was reached that averages this rank's data with the decided ranks."""
         return self.excluded_reason is None and self.decision is not None
+
+    @property
+    def waiting_for_quorum(self) -> bool:
+        """True while this rank reaches too few ranks to propose and follows nobody."""
+        return self.no_quorum_since is not None and self.proposal is None and self.coordinator == self.me
 
     def begin(self, extra: Mapping[str, Any] | None = None) -> None:
         """Announce readiness to every peer (``extra`` rides along, e.g. the payload size)."""
@@ -248,6 +269,9 @@ class StepAgreement:
         elif kind == "ask":
             theirs = header.get("ballot")
             self._on_ask(sender, None if theirs is None else parse_ballot(theirs))
+        elif kind == "behind":
+            at = header.get("at")
+            self.behind(at if isinstance(at, int) and not isinstance(at, bool) else self.step + 1)
         else:
             raise ProtocolError(f"unknown agreement message type {kind!r}"[:120])
 
@@ -284,6 +308,11 @@ class StepAgreement:
         resend = now - self._announced > self.timeout / 4
         if resend:
             self._announced = now
+        if self.waiting_for_quorum:
+            if resend:  # keep knocking: a healed link answers (a commit, a start, or a ready to retry with)
+                for rank in sorted(self.peers):
+                    self._send(rank, "ready", **self._ready_extra)
+            return
         if self.gathering:
             if resend:
                 for rank in sorted(self.expected - self.ready - self.gave_up):
@@ -365,9 +394,13 @@ class StepAgreement:
         if strangers:
             log.warning("peers_diverged", step=self.step, ranks=sorted(strangers))
             members = members - strangers
+        view = tuple(sorted(members | {self.me}))
+        if len(view) < self.quorum:
+            self._lose_quorum(view)
+            return
+        self._regain_quorum()
         self.max_epoch += 1
         ballot = (self.max_epoch, self.me)
-        view = tuple(sorted(members | {self.me}))
         self.promised, self.view, self.coordinator = ballot, view, self.me
         self.proposal = _Proposal(ballot, view, self.hooks.clock(), promises={self.me})
         log.info("step_proposed", step=self.step, ballot=list(ballot), view=list(view))
@@ -375,6 +408,25 @@ class StepAgreement:
             if rank != self.me:
                 self._send(rank, "prepare", ballot=list(ballot), view=list(view))
         self._check_promises()
+
+    def _lose_quorum(self, view: tuple[int, ...]) -> None:
+        """Too few ranks reachable to decide: decide nothing, keep asking until the partition heals."""
+        self.proposal = None
+        self.coordinator = self.me
+        if self.no_quorum_since is None:
+            self.no_quorum_since = self.hooks.clock()
+            log.warning("quorum_lost", step=self.step, reachable=list(view), quorum=self.quorum)
+
+    def _regain_quorum(self) -> None:
+        if self.no_quorum_since is not None:
+            waited = round(self.hooks.clock() - self.no_quorum_since, 3)
+            log.info("quorum_regained", step=self.step, waited_s=waited)
+            self.no_quorum_since = None
+
+    def behind(self, at: int) -> None:
+        """A peer says the group already went past this step (its oldest remembered decision is ``at``)."""
+        if not self.finished:
+            self._exclude(f"the group is past step {self.step} (it remembers steps from {at} on)")
 
     def _check_promises(self) -> None:
         proposal = self.proposal
@@ -520,6 +572,7 @@ class StepAgreement:
         self.view = view
         self.coordinator = sender
         self.gathering = False
+        self._regain_quorum()
         self.waiting_since = self.hooks.clock()
         if self.proposal is not None and self.proposal.ballot != ballot:
             self.proposal = None
@@ -534,6 +587,9 @@ class StepAgreement:
             self._send(sender, "start", ballot=list(proposal.ballot), view=list(proposal.view))
         if self.gathering:
             self.tick()
+        elif self.waiting_for_quorum:
+            self.suspected.discard(sender)  # it is back: try again with it
+            self._reelect()
 
     def _on_prepare(self, sender: int, ballot: Ballot, view: tuple[int, ...]) -> None:
         if not self._accepts(ballot):
@@ -666,6 +722,11 @@ def answer_after(
     if kind in QUESTIONS:
         return {"t": "commit", "step": step, "decision": decision.to_wire()}
     return None
+
+
+def answer_behind(step: int, oldest: int, header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How a rank answers a question about a step older than every decision it still remembers."""
+    return {"t": "behind", "step": step, "at": oldest} if header.get("t") in QUESTIONS else None
 
 
 def answer_left(step: int, header: Mapping[str, Any]) -> dict[str, Any] | None:

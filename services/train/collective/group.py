@@ -45,6 +45,7 @@ from services.train.collective.agreement import (
     Hooks,
     StepAgreement,
     answer_after,
+    answer_behind,
     answer_left,
     ballot_key,
     parse_ballot,
@@ -122,6 +123,7 @@ class _Round:
             timeout=group.timeout,
             join_timeout=group.join_timeout,
             lineage=group.lineage,
+            quorum=group.quorum,
         )
 
     @property
@@ -238,6 +240,8 @@ class PeerGroup:
             raise InvalidRequest(f"timeout must be positive, got {timeout}")
         self.rank = rank
         self.world_size = world_size
+        #: A majority of the registered world: the fewest ranks that may decide an outer step.
+        self.quorum = world_size // 2 + 1
         self.reduce_fn = reduce_fn
         self.timeout = timeout
         self.join_timeout = join_timeout if join_timeout is not None else 4 * timeout
@@ -371,6 +375,12 @@ class PeerGroup:
                 for key in self.link.peer_keys():
                     self.link.send(key, {"t": "leave", "step": step, "r": self.rank})
 
+    @property
+    def waiting_for_quorum(self) -> bool:
+        """True while the running step cannot be decided: too few ranks reachable (a partition)."""
+        rnd = self._round
+        return rnd is not None and not rnd.finished and rnd.agreement.waiting_for_quorum
+
     def rejoining(self, step: int) -> set[int]:
         """Ranks that announced they will take part again at ``step``."""
         return set(self._rejoiners.get(step, ()))
@@ -479,11 +489,19 @@ class PeerGroup:
                 self._send_rank(
                     rank, reply if refused is None else {"t": "refuse", "step": step, "n": refused}
                 )
-        elif (rnd is None or step > rnd.step) and kind not in ("chunk", "refuse"):
+        elif (rnd is None or step > rnd.step) and kind not in ("chunk", "refuse") and not self._past(step):
             if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
                 self._future.setdefault(step, []).append((rank, msg))
         else:
             self.link.ack(msg)
+            reply = answer_behind(step, min(self._decided), msg.header) if self._past(step) else None
+            if reply is not None:
+                # Older than all we remember: say so, or the late rank waits on us for good.
+                self._send_rank(rank, reply)
+
+    def _past(self, step: int) -> bool:
+        """True if ``step`` is older than every decision this rank still remembers."""
+        return bool(self._decided) and step < min(self._decided)
 
     def _answer_decided(self, step: int, rank: int, msg: PeerMessage) -> None:
         self.link.ack(msg)
