@@ -72,6 +72,10 @@ def request_head(scope: Scope, authority: bytes, body_length: int) -> bytes:
         if lowered in _REQUEST_DROP or lowered in extra:
             continue
         lines += (name, b": ", value, b"\r\n")
+    if body_length and not any(name.lower() == b"content-type" for name, _ in headers):
+        # The network's client sends JSON without a Content-Type; vLLM's server refuses such a body
+        # (400 "Only 'application/json' is allowed"), so say what the contract means by its absence.
+        lines += (b"content-type: application/json\r\n",)
     if body_length or scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         lines += (b"content-length: ", str(body_length).encode(), b"\r\n")
     lines.append(b"\r\n")

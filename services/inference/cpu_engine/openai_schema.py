@@ -76,14 +76,13 @@ def check_raw(data: dict[str, Any], *, chat: bool) -> None:
     """vLLM's checks on the raw body (before its models coerce anything)."""
     if data.get("stream_options") and not data.get("stream"):
         raise OpenAIError("Stream options can only be defined when `stream=True`.", param="stream_options")
-    if not chat:
-        return
-    top = data.get("top_logprobs")
+    name = "top_logprobs" if chat else "logprobs"  # numbers only here: no strings, unlike elsewhere
+    top = data.get(name)
     if top is None:
         return
-    if isinstance(top, bool) or not isinstance(top, int | float):
-        raise OpenAIError("`top_logprobs` must be an integer.", param="top_logprobs")
+    if not isinstance(top, int | float):
+        raise OpenAIError(f"`{name}` must be an integer.", param=name)
     if top < 0 and top != -1:
-        raise OpenAIError("`top_logprobs` must be a positive value or -1.", param="top_logprobs")
-    if (top == -1 or top > 0) and not data.get("logprobs"):
+        raise OpenAIError(f"`{name}` must be a positive value or -1.", param=name)
+    if chat and (top == -1 or top > 0) and not data.get("logprobs"):
         raise OpenAIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")

@@ -126,7 +126,8 @@ async def test_body_is_forwarded_byte_for_byte_and_headers_kept_minus_hop_by_hop
     seen = engine.seen[0]
     assert seen["body"] == raw and seen["query"] == b"a=1&b=%2F"
     names = [k for k, _ in seen["headers"]]
-    assert "content-type" not in names  # none sent, none invented
+    # None sent: the contract reads that as JSON, and vLLM refuses a body without saying so.
+    assert dict(seen["headers"])["content-type"] == "application/json" and names.count("content-type") == 1
     assert ("x-trace", "t1") in seen["headers"] and "x-drop" not in names and "connection" not in names
     assert dict(seen["headers"])["content-length"] == str(len(raw))
     assert resp.headers["x-engine"] == "a" and resp.headers["content-type"] == "application/json"
@@ -237,8 +238,11 @@ def test_request_head_and_backend_payloads() -> None:
              "headers": [(b"host", b"client"), (b"content-length", b"999"), (b"x-a", b"1"),
                          (b"transfer-encoding", b"chunked"), (b"expect", b"100-continue")]}
     head = request_head(scope, b"127.0.0.1:5001", 12)
+    # No Content-Type from the client (the network's never sends one): the engine is told it is JSON.
     assert head == (b"POST /v1/x%20y?q=1 HTTP/1.1\r\nhost: 127.0.0.1:5001\r\nx-a: 1\r\n"
-                    b"content-length: 12\r\n\r\n")
+                    b"content-type: application/json\r\ncontent-length: 12\r\n\r\n")
+    typed = request_head({**scope, "headers": [(b"Content-Type", b"text/plain")]}, b"h:1", 3)
+    assert typed.count(b"ontent-") == 2 and b"Content-Type: text/plain" in typed
     get = request_head({"method": "GET", "path": "/health", "query_string": b"", "headers": []}, b"h:1", 0)
     assert get == b"GET /health HTTP/1.1\r\nhost: h:1\r\n\r\n"
     assert backend_urls(["http://a:1"]) == ["http://a:1"]
