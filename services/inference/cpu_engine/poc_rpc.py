@@ -48,18 +48,19 @@ class PocWorker:
         return self.model.body(embeds, hook)[:, -1]
 
     def compute(self, req: PocRequest) -> dict[str, list[Any]]:
-        torch.set_grad_enabled(False)
-        result = batch.run(
-            req,
-            self._last_hidden,
-            layers=self.model.cfg.num_hidden_layers,
-            hidden=self.model.cfg.hidden_size,
-            dtype=self.model.dtype,
-            device=torch.device("cpu"),
-            batch_size=BATCH_SIZE,
-            progress=self._count,
-        )
-        return result
+        # Scoped, not torch.set_grad_enabled(False): the caller's thread (a test's main thread) keeps its
+        # autograd state.
+        with torch.inference_mode():
+            return batch.run(
+                req,
+                self._last_hidden,
+                layers=self.model.cfg.num_hidden_layers,
+                hidden=self.model.cfg.hidden_size,
+                dtype=self.model.dtype,
+                device=torch.device("cpu"),
+                batch_size=BATCH_SIZE,
+                progress=self._count,
+            )
 
     def _count(self, nonces: int) -> None:
         self.nonces_done += nonces
