@@ -131,7 +131,7 @@ TRAIN_STATUS: Schema = {
     "properties": {
         "status": {"type": ["boolean", "string"],
                    "description": "train/status: whether training runs; start/stop: the outcome."},
-        "state": {"enum": ["STARTING", "RUNNING", "FINISHED", "STOPPED", "FAILED"]},
+        "state": {"enum": ["STARTING", "RUNNING", "STOPPING", "FINISHED", "STOPPED", "FAILED"]},
         "notes": {"type": "array", "items": {"type": "string"},
                   "description": "Request fields accepted but not honoured."},
         "task_id": {"type": "string"}, "rank": {"type": "integer"}, "world_size": {"type": "integer"},
