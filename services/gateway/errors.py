@@ -42,6 +42,8 @@ async def handle_mlnode_error(
     if status >= 500:
         log.warning("request_failed", path=req.path, kind=error.kind, reason=error.message)
     resp.status = status
+    # A resource may have set its own type (``/metrics``: text) before failing: the answer is JSON.
+    resp.content_type = falcon.MEDIA_JSON
     # An error may carry a structured detail (the fan-out's per-engine errors); else its message.
     resp.media = {"detail": error.details.get("detail", error.message)}
 
@@ -53,6 +55,7 @@ async def handle_unexpected(
         raise error
     log.exception("request_crashed", path=req.path)
     resp.status = 500
+    resp.content_type = falcon.MEDIA_JSON
     resp.media = {"detail": f"internal error: {type(error).__name__}"}
 
 

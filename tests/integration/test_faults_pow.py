@@ -41,7 +41,10 @@ def delivered(receiver: Receiver) -> list[tuple[int, float]]:
 
 
 def metric(node: Node, name: str) -> float:
-    for line in node.api("GET", "/metrics", timeout=5).body.decode().splitlines():
+    """The sample's value, 0.0 when the series is absent; a scrape that fails is a failure, not 0."""
+    resp = node.api("GET", "/metrics", timeout=5)
+    assert resp.status == 200, (resp.status, resp.body[:500])
+    for line in resp.body.decode().splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.split()[-1])
     return 0.0

@@ -202,7 +202,10 @@ def count_restarts(directory: Path, supervisor_pid: int, starts: dict[str, float
                 seen["restarts"] = int(seen.get("restarts", 0)) + 1
                 changed = True
         if changed:
-            atomic_write_json(path, doc, durable=False)
+            try:
+                atomic_write_json(path, doc, durable=False)
+            except Unavailable as exc:  # a full disk: the counts are still right, the next scrape
+                log.warning("metrics_restarts_not_saved", error=exc.message)  # counts the change again
         return {name: int(entry.get("restarts", 0)) for name, entry in programs.items()}
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
