@@ -1,7 +1,9 @@
-"""``mlnode``: start and stop the node, talk to supervisord, show identity and status.
+"""The node's commands of ``mlnode``: start and stop the node, talk to supervisord, identity, status.
 
-Every command reads the same ``MLNODE_*`` settings as the processes (and ``.env`` through the Makefile),
-so ``mlnode ctl status`` always talks to the supervisord of the node those settings name.
+They need nothing from a service; the ``mlnode`` console script itself is ``services.cli``, which adds
+the commands that do (the model command) on top of this parser. Every command reads the same
+``MLNODE_*`` settings as the processes (and ``.env`` through the Makefile), so ``mlnode ctl status``
+always talks to the supervisord of the node those settings name.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from node.identity import ensure_node_keys
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _settings() -> Settings:
+def load_settings() -> Settings:
     try:
         settings = config.load()
         config.ensure_dirs(settings)
@@ -83,14 +85,8 @@ def _local_url(settings: Settings, port: int) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     ensure_node_keys(settings.keys_dir)
-    model = settings.inference_autostart
-    if args.tiny_model_if_missing and model is not None and not (model / "config.json").exists():
-        from services.inference.cpu_engine.checkpoint import create_tiny
-
-        create_tiny(model, seed=0)
-        print(f"mlnode: created a tiny CPU model at {model} for the inference engine")
     if _supervisord_running(settings):
         print(f"mlnode: already running (state dir {settings.state_dir}); `mlnode ctl status` shows it")
         return 0
@@ -119,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     if not _supervisord_running(settings):
         print("mlnode: not running")
         return 0
@@ -138,14 +134,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     command = [_tool("supervisorctl"), "-c", str(supervisor_conf()), *args.args]
     os.execve(command[0], command, _env(settings))
     return 0  # not reached
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     keys = ensure_node_keys(settings.keys_dir)
     doc = {"public_key": keys.identity.public, "public_key_hex": keys.identity.public_hex,
            "key_file": str(settings.keys_dir / "node.key")}
@@ -173,7 +169,7 @@ async def _statuses(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     services = asyncio.run(_statuses(settings))
     try:
         code, state = _http_json(f"{_local_url(settings, settings.api_port)}/api/v1/state")
@@ -195,14 +191,6 @@ def cmd_env_template(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_create_tiny(args: argparse.Namespace) -> int:
-    from services.inference.cpu_engine.checkpoint import create_tiny
-
-    create_tiny(Path(args.directory), seed=args.seed, arch=args.arch)
-    print(f"tiny {args.arch} model written to {Path(args.directory).resolve()}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlnode", description="MLNode: the GPU worker of the network")
     parser.add_argument("--version", action="version", version=f"mlnode {__version__}")
@@ -210,8 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start supervisord with the four programs")
     up.add_argument("--foreground", action="store_true", help="run supervisord in the foreground (Docker)")
     up.add_argument("--wait", type=float, default=90.0, help="seconds to wait for the API")
-    up.add_argument("--tiny-model-if-missing", action="store_true",
-                    help="create a tiny CPU model at MLNODE_INFERENCE_AUTOSTART when none is there")
     up.set_defaults(fn=cmd_up)
     down = sub.add_parser("down", help="stop every program and supervisord")
     down.add_argument("--wait", type=float, default=60.0)
@@ -227,20 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(fn=cmd_status)
     env = sub.add_parser("env-template", help="print a commented .env with every variable and default")
     env.set_defaults(fn=cmd_env_template)
-    model = sub.add_parser("model", help="model utilities")
-    model_sub = model.add_subparsers(dest="model_command", required=True)
-    tiny = model_sub.add_parser(
-        "create-tiny", help="write a deterministic tiny Llama or Qwen3 (HF layout, head_dim 32: every engine)"
-    )
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
-    tiny.set_defaults(fn=cmd_create_tiny)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse with ``parser`` (default: the node's commands), apply ``.env``, run the command."""
+    args = (parser or build_parser()).parse_args(argv)
     env_file = Path(os.environ.get("MLNODE_ENV_FILE", Path.cwd() / ".env"))
     try:
         envfile.apply(env_file)
