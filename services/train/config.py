@@ -17,6 +17,7 @@ from typing import Any
 
 from node import config as node_config
 from node.errors import InvalidRequest
+from services.train.compression import COMPRESSIONS
 from services.train.fields import Fields
 from services.train.vocab import VOCAB_SIZE
 
@@ -67,12 +68,17 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DiLoCoConfig:
-    """H inner steps per round, then one outer SGD step on the averaged pseudo-gradient."""
+    """H inner steps per round, then one outer SGD step on the averaged pseudo-gradient.
+
+    ``compression`` is the wire format of the pseudo-gradients (``none`` = float32, ``fp16``, ``int8``);
+    it changes the averaged values, so it is part of what the simulation must be given too.
+    """
 
     inner_steps: int = 50
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
+    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -264,11 +270,17 @@ def _parse_diloco(f: Fields, optim: OptimConfig) -> DiLoCoConfig:
     nesterov = f.boolean("nesterov", d.nesterov and momentum > 0)
     if nesterov and momentum == 0:
         raise InvalidRequest(f"{f.name('nesterov')} needs {f.name('outer_momentum')} > 0")
+    compression = f.string("compression", d.compression)
+    if compression not in COMPRESSIONS:
+        raise InvalidRequest(
+            f"{f.name('compression')} must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"[:200]
+        )
     diloco = DiLoCoConfig(
         inner_steps=f.integer("inner_steps", min(d.inner_steps, optim.total_steps), minimum=1),
         outer_lr=f.number("outer_lr", d.outer_lr, above=0.0),
         outer_momentum=momentum,
         nesterov=nesterov,
+        compression=compression,
     )
     f.finish()
     return diloco

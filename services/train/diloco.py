@@ -24,6 +24,8 @@ from torch import Tensor
 
 from node.errors import InvalidRequest, ProtocolError
 from node.logging import get_logger
+from services.train.compression import Codec, compressed_mean
+from services.train.compression import fixed_order_mean as fixed_order_mean  # its old home
 from services.train.config import ModelConfig, TrainPlan
 from services.train.data import ShardedSamples, load_tokens
 from services.train.model import build_model, parameter_shapes
@@ -49,41 +51,13 @@ class Contributors:
 Reduce = Callable[[list[Tensor], Contributors], list[Tensor]]
 
 
-def fixed_order_mean(tensors_by_rank: Mapping[int, Sequence[Tensor]]) -> list[Tensor]:
-    """Element-wise float32 mean, summed in ascending rank order.
-
-    Float addition is not associative, so nodes that summed in arrival order would drift apart;
-    a fixed order makes every node that holds the same inputs compute the same bits.
-    """
-    if not tensors_by_rank:
-        raise InvalidRequest("nothing to average: no rank contributed")
-    ranks = sorted(tensors_by_rank)
-    reference = tensors_by_rank[ranks[0]]
-    for rank in ranks[1:]:
-        tensors = tensors_by_rank[rank]
-        if len(tensors) != len(reference):
-            raise ProtocolError(
-                f"rank {rank} sent {len(tensors)} pseudo-gradients, rank {ranks[0]} sent {len(reference)}"
-            )
-        for i, (tensor, ref) in enumerate(zip(tensors, reference, strict=True)):
-            if tensor.shape != ref.shape:
-                raise ProtocolError(
-                    f"pseudo-gradient {i} from rank {rank} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(ref.shape)}"
-                )
-    out = []
-    for i, ref in enumerate(reference):
-        acc = torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
-        for rank in ranks:
-            acc.add_(tensors_by_rank[rank][i].to(device=acc.device, dtype=torch.float32))
-        out.append(acc.div_(len(ranks)))
-    return out
-
-
-def solo_reduce(pseudo_grads: list[Tensor], contributors: Contributors) -> list[Tensor]:
-    """The reduce of a one-node run: the average over this rank alone."""
+def solo_reduce(
+    pseudo_grads: list[Tensor], contributors: Contributors, compression: str = "none"
+) -> list[Tensor]:
+    """The reduce of a one-node run: the average over this rank alone, through the run's wire format
+    (so a one-node run equals its one-rank simulation)."""
     contributors.ranks = [contributors.rank]
-    return fixed_order_mean({contributors.rank: pseudo_grads})
+    return compressed_mean({contributors.rank: pseudo_grads}, Codec(compression))
 
 
 def example_pseudo_gradients(cfg: ModelConfig, *, seed: int = 0, scale: float = 1e-3) -> list[Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import threading
 import time
@@ -136,7 +137,11 @@ class Runner:
                 self._join_running(worker)
             self.state = RUNNING
             self.on_change()
-            reduce = self._group_reduce if self.group is not None else solo_reduce
+            reduce: Reduce = (
+                self._group_reduce
+                if self.group is not None
+                else functools.partial(solo_reduce, compression=self.plan.diloco.compression)
+            )
             while not worker.finished and not self._stop.is_set():
                 worker.run_inner(should_stop=self._stop.is_set, on_step=lambda p: self._stepped(worker, p))
                 if self._stop.is_set():

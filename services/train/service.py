@@ -230,6 +230,7 @@ class TrainService(Service):
         log.info("train_started", task_id=plan.env.task_id, rank=plan.env.rank,
                  world_size=plan.env.world_size, total_steps=plan.optim.total_steps,
                  inner_steps=plan.diloco.inner_steps, peer_timeout_s=peer_timeout,
+                 compression=plan.diloco.compression,
                  listen=group.endpoint if group else None, notes=len(notes))
 
     def _open_group(self, plan: TrainPlan, peer_timeout: float) -> PeerGroup:
@@ -240,7 +241,8 @@ class TrainService(Service):
         )
         try:
             group = open_group(self.bus.context, self.bus.auth, self.keys.identity, bind, rank=env.rank,
-                               world_size=env.world_size, timeout=peer_timeout)
+                               world_size=env.world_size, timeout=peer_timeout,
+                               compression=plan.diloco.compression)
         except MLNodeError:
             raise
         except Exception as exc:  # the socket layer's own errors (port in use, bad address)

@@ -1,7 +1,8 @@
 """A whole DiLoCo run in one process: the reference a networked run must match bit for bit.
 
-Every rank is a real :class:`DiLoCoWorker`; the reduce is :func:`fixed_order_mean` over all ranks,
-which is exactly what each node computes once peer exchange delivers the same tensors. A networked
+Every rank is a real :class:`DiLoCoWorker`; the reduce is :func:`compressed_mean` over all ranks in
+the plan's ``diloco.compression`` (:func:`fixed_order_mean` for ``none``), which is exactly what each
+node computes once peer exchange delivers the same encoded tensors. A networked
 run with the same plan, world size and thread count therefore ends with these weights.
 """
 
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from services.train.compression import Codec, compressed_mean
 from services.train.config import TrainPlan
 from services.train.data import load_tokens
-from services.train.diloco import DiLoCoWorker, fixed_order_mean
+from services.train.diloco import DiLoCoWorker
 
 
 def _as_plan(plan_or_config: TrainPlan | Mapping[str, Any]) -> TrainPlan:
@@ -39,12 +41,13 @@ def simulate_workers(
     workers = [
         DiLoCoWorker(plan.with_rank(r, world_size), tokens=stream, device=device) for r in range(world_size)
     ]
+    codec = Codec(plan.diloco.compression)
     for _ in range(outer_steps):
         if workers[0].finished:
             break
         for worker in workers:
             worker.run_inner()
-        averaged = fixed_order_mean({w.plan.env.rank: w.pseudo_gradients() for w in workers})
+        averaged = compressed_mean({w.plan.env.rank: w.pseudo_gradients() for w in workers}, codec)
         for worker in workers:
             worker.apply_outer(averaged, range(world_size))
     return workers

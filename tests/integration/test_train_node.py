@@ -138,6 +138,7 @@ def test_the_clients_payload_starts_reports_and_stops(node: Node) -> None:
         ({"train_config": {"optim": {"lr": "fast"}}}, "train_config.optim.lr"),
         ({"train_env": {"GLOBAL_RANK": "x"}}, "GLOBAL_RANK"),
         ({"train_config": {"diloco": {"peer_timeout_s": -1}}}, "peer_timeout_s"),
+        ({"train_config": {"diloco": {"compression": "zstd"}}}, "train_config.diloco.compression"),
         ({"train_config": "nope"}, "train_config"),
     ],
 )

@@ -56,14 +56,17 @@ def register(node: Node, task: str, peers: list[dict[str, Any]]) -> None:
     assert [p["node_id"] for p in resp.json()["peers"]] == [p["node_id"] for p in peers]
 
 
-def body(task: str, rank: int, ports: list[int], *, total: int, inner: int, timeout: float) -> dict[str, Any]:
+def body(
+    task: str, rank: int, ports: list[int], *, total: int, inner: int, timeout: float,
+    compression: str = "none",
+) -> dict[str, Any]:
     return {
         "train_config": {
             "model": {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "seed": 5},
             "train": {"micro_bs": 2},
             "data": {"seq_length": 32},
             "optim": {"batch_size": 4, "total_steps": total, "lr": 3e-3, "warmup_steps": 2},
-            "diloco": {"inner_steps": inner, "peer_timeout_s": timeout},
+            "diloco": {"inner_steps": inner, "peer_timeout_s": timeout, "compression": compression},
             "ckpt": {"interval": inner, "path": f"ckpt/{task}"},
         },
         "train_env": {
@@ -141,6 +144,25 @@ def test_three_nodes_match_the_simulation_and_refuse_a_stranger(
         assert node_state(nodes[0]) == "STOPPED"  # a finished run holds the node no longer
     finally:
         stranger.stop()
+
+
+def test_three_nodes_exchanging_int8_end_identical_to_the_int8_simulation(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    task = "q3"
+    ports = free_ports(3)
+    for node in nodes:
+        register(node, task, [entry(n, rank, ports[rank]) for rank, n in enumerate(nodes)])
+    start_all(nodes, task, ports, total=20, inner=5, timeout=10, compression="int8")
+    done = [wait_finished(node) for node in nodes]
+    plan: dict[str, Any] = {"total": 20, "inner": 5, "timeout": 10}
+    int8 = expected_digest(body(task, 0, ports, **plan, compression="int8"), 3, tmp_path)
+    fp32 = expected_digest(body(task, 0, ports, **plan), 3, tmp_path)
+    assert int8 != fp32
+    for st in done:
+        assert st["outer_step"] == 4 and st["contributors"] == [0, 1, 2], st
+        assert st["weights_digest"] == int8
+        assert st["loss"] < st["loss_first"], "the loss went down"
 
 
 def node_state(node: Node) -> str:

@@ -11,6 +11,13 @@ caller's ``reduce_fn`` over ``{rank: [chunk]}`` — the training side passes its
 whose element-wise float32 arithmetic gives the same bits for a slice as for the whole tensor. So the
 result is bit-identical on every node and to the one-process reference, whatever the arrival order.
 Received chunks stay unacknowledged until they are consumed, which is what bounds memory per sender.
+
+With a compressing :class:`~services.train.compression.Codec` (``fp16``, ``int8``) every chunk
+travels encoded, both ways: a contributor encodes its own chunks (and reduces its own share from the
+decoded form, exactly what the others receive), and a reducer encodes the mean before gathering it
+and keeps the decoded form itself. Shards and chunks are cut on the codec's block grid, so each chunk
+encodes exactly as the matching slice of the whole payload would: the result equals
+:func:`~services.train.compression.compressed_mean` whatever the view.
 """
 
 from __future__ import annotations
@@ -26,13 +33,8 @@ from torch import Tensor
 
 from node.errors import MLNodeError, ProtocolError
 from node.logging import get_logger
-from services.train.collective.tensors import (
-    ChunkHeader,
-    byte_view,
-    check_chunk_bytes,
-    check_fits,
-    chunk_spans,
-)
+from services.train.collective.tensors import ChunkHeader, byte_view, check_chunk_bytes, chunk_spans
+from services.train.compression import BLOCK, Codec
 
 log = get_logger(__name__)
 
@@ -42,9 +44,17 @@ ReduceFn = Callable[[Mapping[int, Sequence[Tensor]]], list[Tensor]]
 SendFn = Callable[[int, dict[str, Any], memoryview], Awaitable[None]]
 
 
-def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous element ranges covering ``[0, numel)``, sizes differing by at most one."""
-    return list(itertools.pairwise(numel * j // parts for j in range(parts + 1)))
+def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``parts`` contiguous element ranges covering ``[0, numel)``, starting on multiples of ``align``,
+    sizes differing by at most ``align``."""
+    units = -(-numel // align)
+    return list(itertools.pairwise(min(numel, units * j // parts * align) for j in range(parts + 1)))
+
+
+def chunk_elements(chunk_bytes: int, codec: Codec) -> int:
+    """Elements per chunk: as many as a float32 chunk holds, on the codec's block grid."""
+    elements = chunk_bytes // 4
+    return max(BLOCK, elements // BLOCK * BLOCK) if codec.align > 1 else elements
 
 
 class Exchange:
@@ -64,6 +74,7 @@ class Exchange:
         send: SendFn,
         ack: Callable[[Any], None],
         on_complete: Callable[[], None],
+        codec: Codec | None = None,
     ) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
@@ -73,15 +84,20 @@ class Exchange:
         self.flat = flat
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.topology = topology
+        self.codec = codec if codec is not None else Codec("none")
         self.result = torch.empty_like(flat)
         self.complete = False
         self._reduce_fn = reduce_fn
         self._send = send
         self._ack = ack
         self._on_complete = on_complete
-        self._bounds = shard_bounds(flat.numel(), len(view))
-        self._spans = [chunk_spans((hi - lo) * 4, self.chunk_bytes) for lo, hi in self._bounds]
-        self._pending: dict[tuple[int, int], dict[int, tuple[Tensor, Any]]] = {}
+        self._bounds = shard_bounds(flat.numel(), len(view), self.codec.align)
+        per_chunk = chunk_elements(self.chunk_bytes, self.codec)
+        # (element offset in the shard, element count) of every chunk of every shard
+        self._spans = [chunk_spans(hi - lo, per_chunk) for lo, hi in self._bounds]
+        #: This rank's own contribution to the chunks it reduces, as the others would decode it.
+        self._own: dict[tuple[int, int], Tensor] = {}
+        self._pending: dict[tuple[int, int], dict[int, tuple[memoryview, Any]]] = {}
         self._reduced: set[tuple[int, int]] = set()
         self._gathered: set[tuple[int, int]] = set()
         self._expect: Counter[int] = Counter()
@@ -111,20 +127,26 @@ class Exchange:
             if rank != self.me:
                 self._queues[rank] = asyncio.Queue()
                 self._tasks.append(loop.create_task(self._pump(rank)))
+        codec = self.codec
         for j, spans in enumerate(self._spans):
-            view = byte_view(self.shard(self.flat, j))
+            mine = self.me in self.owners(j)
             for k, (off, length) in enumerate(spans):
+                lo = self._bounds[j][0] + off
+                wire = codec.encode(self.flat[lo : lo + length])
+                if mine:
+                    self._own[(j, k)] = wire if codec.name == "none" else codec.decode(wire, length)
+                payload = byte_view(wire)
                 for owner in self.owners(j):
                     if owner != self.me:
-                        self._queues[owner].put_nowait(
-                            (self._header("rs", j, k, off, length), view[off : off + length])
-                        )
-                if self.me in self.owners(j) and len(self.view) == 1:
+                        header = self._header("rs", j, k, off, len(payload))
+                        self._queues[owner].put_nowait((header, payload))
+                if mine and len(self.view) == 1:
                     self._reduce(j, k)
 
-    def _header(self, phase: str, shard: int, chunk: int, offset: int, length: int) -> dict[str, Any]:
+    def _header(self, phase: str, shard: int, chunk: int, offset: int, nbytes: int) -> dict[str, Any]:
         lo, hi = self._bounds[shard]
-        head = ChunkHeader(self.step, self.me, shard, chunk, offset, "float32", (hi - lo,), length)
+        dtype = self.codec.wire_dtype
+        head = ChunkHeader(self.step, self.me, shard, chunk, offset, dtype, (hi - lo,), nbytes)
         return {"t": "chunk", "ph": phase, "ballot": list(self.ballot), **head.to_wire()}
 
     async def _pump(self, rank: int) -> None:
@@ -173,9 +195,9 @@ class Exchange:
         if j >= len(self._bounds):
             raise ProtocolError(f"chunk for shard {j} of a {len(self._bounds)}-shard all-reduce")
         data = payload if payload is not None else memoryview(b"")
-        check_fits(head, self.shard(self.result, j), self.chunk_bytes, len(data))
-        lo = self._bounds[j][0] + head.offset // 4
-        hi = lo + head.nbytes // 4
+        self._check_fits(head, len(data))
+        lo = self._bounds[j][0] + head.offset
+        hi = lo + self._spans[j][k][1]
         if phase == "rs":
             if self.me not in self.owners(j):
                 raise ProtocolError(
@@ -184,8 +206,7 @@ class Exchange:
             entries = self._pending.setdefault((j, k), {})
             if sender in entries or (j, k) in self._reduced:
                 raise ProtocolError(f"rank {sender} sent chunk {k} of shard {j} twice")
-            part = torch.frombuffer(data, dtype=torch.float32) if len(data) else torch.empty(0)
-            entries[sender] = (part, msg)
+            entries[sender] = (data, msg)
             self._got[sender] += 1
             if len(entries) == len(self.view) - 1:
                 self._reduce(j, k)
@@ -193,33 +214,54 @@ class Exchange:
         if phase == "ag":
             if self.topology != "scatter_gather" or sender != self.view[j] or (j, k) in self._gathered:
                 raise ProtocolError(f"unexpected gathered chunk {k} of shard {j} from rank {sender}")
-            if len(data):
-                self.result[lo:hi].copy_(torch.frombuffer(data, dtype=torch.float32))
+            if hi > lo:
+                self.result[lo:hi].copy_(self.codec.decode(data, hi - lo))
             self._gathered.add((j, k))
             self._got[sender] += 1
             self._finish_one()
             return True
         raise ProtocolError(f"chunk phase must be 'rs' or 'ag', got {phase!r}"[:80])
 
+    def _check_fits(self, head: ChunkHeader, payload_len: int) -> None:
+        """Refuse a chunk unless it is exactly one chunk of this exchange's grid, in its format."""
+        j, k = head.tensor, head.chunk
+        lo, hi = self._bounds[j]
+        if head.dtype != self.codec.wire_dtype or head.shape != (hi - lo,):
+            raise ProtocolError(
+                f"chunk of shard {j} is {head.dtype}{list(head.shape)}, "
+                f"expected {self.codec.wire_dtype}{[hi - lo]} ({self.codec.name} compression)"
+            )
+        spans = self._spans[j]
+        on_grid = k < len(spans) and head.offset == spans[k][0]
+        if not on_grid or head.nbytes != self.codec.wire_nbytes(spans[k][1]):
+            raise ProtocolError(f"chunk {k} of shard {j} is off this all-reduce's chunk grid")
+        if payload_len != head.nbytes:
+            raise ProtocolError(f"chunk payload is {payload_len} bytes, its header says {head.nbytes}")
+
     def _reduce(self, j: int, k: int) -> None:
         off, length = self._spans[j][k]
-        lo = self._bounds[j][0] + off // 4
-        hi = lo + length // 4
+        lo = self._bounds[j][0] + off
+        hi = lo + length
+        codec = self.codec
         entries = self._pending.pop((j, k), {})
-        parts: dict[int, list[Tensor]] = {rank: [part] for rank, (part, _msg) in entries.items()}
-        parts[self.me] = [self.flat[lo:hi]]
+        parts = {rank: [codec.decode(data, length)] for rank, (data, _msg) in entries.items()}
+        parts[self.me] = [self._own.pop((j, k))]
+        wire: Tensor | None = None
         if hi > lo:
-            self.result[lo:hi].copy_(self._reduce_fn(parts)[0])
-        for _part, msg in entries.values():
+            mean = self._reduce_fn(parts)[0]
+            if codec.name == "none":
+                self.result[lo:hi].copy_(mean)
+            else:
+                wire = codec.encode(mean)
+                self.result[lo:hi].copy_(codec.decode(wire, length))
+        for _data, msg in entries.values():
             self._ack(msg)
         self._reduced.add((j, k))
         if self.topology == "scatter_gather":
-            view = byte_view(self.shard(self.result, j))
+            payload = byte_view(wire if wire is not None else self.result[lo:hi])
             for rank in self.view:
                 if rank != self.me:
-                    self._queues[rank].put_nowait(
-                        (self._header("ag", j, k, off, length), view[off : off + length])
-                    )
+                    self._queues[rank].put_nowait((self._header("ag", j, k, off, len(payload)), payload))
         self._finish_one()
 
     def _finish_one(self) -> None:

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import zmq.asyncio
 from torch import Tensor
 
@@ -54,6 +53,7 @@ from services.train.collective.exchange import Exchange, ReduceFn
 from services.train.collective.state import KINDS as STATE_KINDS
 from services.train.collective.state import StateTransfer, non_negative
 from services.train.collective.tensors import DEFAULT_CHUNK_BYTES, check_chunk_bytes
+from services.train.compression import Codec, flatten, unflatten
 
 log = get_logger(__name__)
 
@@ -84,13 +84,6 @@ class Reduced:
     step: int
     tensors: list[Tensor]
     ranks: tuple[int, ...]
-
-
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """One contiguous float32 CPU copy of all tensors (the payload of an all-reduce)."""
-    if not tensors:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors])
 
 
 class _Round:
@@ -155,6 +148,7 @@ class _Round:
             send=group._send_credited,
             ack=group.link.ack,
             on_complete=lambda: self.completed(ballot),
+            codec=group.codec,
         )
         self.exchanges[ballot] = exchange
         self.current = exchange
@@ -195,10 +189,11 @@ class _Round:
         if kind == "chunk":
             self.take_chunk(rank, msg)
         else:
-            if kind == "ready" and msg.header.get("n") != self.flat.numel():
-                # Different models: a configuration error on both sides, so both fail loudly.
-                self.group._send_rank(rank, {"t": "refuse", "step": self.step, "n": self.flat.numel()})
-                self.error = _size_mismatch(rank, self.step, msg.header.get("n"), self.flat.numel())
+            ours = self.group.payload_facts(self.flat)
+            if kind == "ready" and _facts(msg.header) != ours:
+                # Different models or formats: a configuration error on both sides, so both fail loudly.
+                self.group._send_rank(rank, {"t": "refuse", "step": self.step, **ours})
+                self.error = _mismatch(rank, self.step, msg.header, ours)
             else:
                 self.agreement.handle(rank, msg.header)
         self.wake()
@@ -233,6 +228,7 @@ class PeerGroup:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window: int = 8,
         topology: str = "scatter_gather",
+        compression: str = "none",
     ) -> None:
         if not 0 <= rank < world_size:
             raise InvalidRequest(f"rank must be in [0, {world_size}), got {rank}")
@@ -246,6 +242,8 @@ class PeerGroup:
         self.timeout = timeout
         self.join_timeout = join_timeout if join_timeout is not None else 4 * timeout
         self.topology = topology
+        #: How pseudo-gradients travel (``train_config.diloco.compression``); every rank must agree.
+        self.codec = Codec(compression)
         self.identity = identity
         #: Digest of every decision this rank's state went through; only equal lineages are averaged.
         self.lineage = GENESIS
@@ -260,8 +258,8 @@ class PeerGroup:
         self._future: dict[int, list[tuple[int, PeerMessage]]] = {}
         self._decided: dict[int, Decision] = {}
         #: Steps this rank is out of: late questions about them are answered "leave", or "refuse" with
-        #: our payload size (the value) when the step failed because the models differ.
-        self._left: dict[int, int | None] = {}
+        #: our payload facts (the value) when the step failed because the models or formats differ.
+        self._left: dict[int, dict[str, Any] | None] = {}
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
@@ -328,6 +326,7 @@ class PeerGroup:
             raise Excluded(f"peers decided step {diverged} differently; resynchronise before step {step}")
         shapes = [tuple(t.shape) for t in tensors]
         flat = flatten(tensors)
+        self.codec.check(flat)  # NaN/inf is refused here, before any peer counts on this rank
         peers = set(self._key_by_rank) - {self.rank}
         expected = (self._last_ranks if self._last_ranks is not None else set(range(self.world_size))) | (
             self._rejoiners.pop(step, set())
@@ -337,7 +336,7 @@ class PeerGroup:
         self._left.pop(step, None)
         normal = False
         try:
-            rnd.agreement.begin({"n": flat.numel()})
+            rnd.agreement.begin(self.payload_facts(flat))
             for old in [s for s in self._future if s <= step]:
                 for rank, msg in self._future.pop(old):
                     if old == step:
@@ -353,7 +352,7 @@ class PeerGroup:
             normal = True
             if rnd.error is not None:
                 # The models differ: the peer must fail as well, even if our one "refuse" got lost.
-                self._remember_left(step, refused=flat.numel())
+                self._remember_left(step, refused=self.payload_facts(flat))
                 raise rnd.error
             decision = rnd.agreement.decision
             if decision is None or not rnd.agreement.included:
@@ -366,7 +365,7 @@ class PeerGroup:
             self._last_ranks = set(decision.ranks)
             self.lineage = next_lineage(self.lineage, step, decision)
             result = rnd.exchanges[decision.ballot].result
-            return Reduced(step, _unflatten(result, shapes), decision.ranks)
+            return Reduced(step, unflatten(result, shapes), decision.ranks)
         finally:
             rnd.close()
             self._round = None
@@ -374,6 +373,10 @@ class PeerGroup:
                 self._remember_left(step)
                 for key in self.link.peer_keys():
                     self.link.send(key, {"t": "leave", "step": step, "r": self.rank})
+
+    def payload_facts(self, flat: Tensor) -> dict[str, Any]:
+        """What must match between ranks for their payloads to be reduced together."""
+        return {"n": flat.numel(), "c": self.codec.name}
 
     @property
     def waiting_for_quorum(self) -> bool:
@@ -390,7 +393,7 @@ class PeerGroup:
         for old in sorted(self._decided)[:-_KEEP_DECISIONS]:
             del self._decided[old]
 
-    def _remember_left(self, step: int, *, refused: int | None = None) -> None:
+    def _remember_left(self, step: int, *, refused: dict[str, Any] | None = None) -> None:
         # A peer may still count on this rank for the step (in its view, or as its coordinator), and
         # our heartbeats tell it we are alive: only an answer tells it to go on without us.
         self._left[step] = refused
@@ -475,7 +478,7 @@ class PeerGroup:
         rnd = self._round
         if rnd is not None and step == rnd.step and not rnd.finished:
             if kind == "refuse":
-                rnd.error = _size_mismatch(rank, step, header.get("n"), rnd.flat.numel())
+                rnd.error = _mismatch(rank, step, header, self.payload_facts(rnd.flat))
                 rnd.wake()
                 return
             rnd.handle(rank, msg)
@@ -486,9 +489,7 @@ class PeerGroup:
             reply = answer_left(step, header)
             refused = self._left[step]
             if reply is not None:
-                self._send_rank(
-                    rank, reply if refused is None else {"t": "refuse", "step": step, "n": refused}
-                )
+                self._send_rank(rank, reply if refused is None else {"t": "refuse", "step": step, **refused})
         elif (rnd is None or step > rnd.step) and kind not in ("chunk", "refuse") and not self._past(step):
             if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
                 self._future.setdefault(step, []).append((rank, msg))
@@ -533,18 +534,20 @@ def next_lineage(lineage: str, step: int, decision: Decision) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _size_mismatch(rank: int, step: int, theirs: Any, ours: int) -> ProtocolError:
-    log.error("peer_size_mismatch", step=step, peer=rank, theirs=theirs, ours=ours)
+def _facts(header: Mapping[str, Any]) -> dict[str, Any]:
+    """A peer's payload facts; a peer that does not name its compression sends float32."""
+    return {"n": header.get("n"), "c": header.get("c", "none")}
+
+
+def _mismatch(rank: int, step: int, header: Mapping[str, Any], ours: Mapping[str, Any]) -> ProtocolError:
+    theirs = _facts(header)
+    log.error("peer_payload_mismatch", step=step, peer=rank, theirs=theirs, ours=dict(ours))
+    if theirs["n"] != ours["n"]:
+        return ProtocolError(
+            f"rank {rank} reduces {theirs['n']!r} elements at step {step}, this rank {ours['n']}: "
+            "the models differ"
+        )
     return ProtocolError(
-        f"rank {rank} reduces {theirs!r} elements at step {step}, this rank {ours}: the models differ"
+        f"rank {rank} sends pseudo-gradients with compression {str(theirs['c'])[:16]!r} at step {step}, "
+        f"this rank {ours['c']!r}: every node of a run needs the same train_config.diloco.compression"
     )
-
-
-def _unflatten(flat: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
-    out = []
-    offset = 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(flat[offset : offset + n].view(shape))
-        offset += n
-    return out

@@ -24,10 +24,10 @@ from bus.peers import DOMAIN, PeerMessage
 from node.errors import InvalidRequest, NotFound, ProtocolError
 from node.identity import KeyPair
 from services.train.collective.group import Excluded, Member, PeerGroup, Reduced
+from services.train.compression import Codec, NonFinitePseudoGradient, compressed_mean
 from services.train.config import DiLoCoConfig, EnvConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
-from services.train.diloco import fixed_order_mean
 from services.train.peers import PeerRegistry, bind_endpoint, follow, listen_port, open_group
 from services.train.runner import FINISHED, Runner, weights_digest
 from services.train.simulate import simulate
@@ -181,25 +181,51 @@ def bits(tensors: list[torch.Tensor]) -> list[bytes]:
     return [t.contiguous().view(torch.int32).numpy().tobytes() for t in tensors]
 
 
-def assert_mean_of(result: Reduced, data: dict[int, list[torch.Tensor]], ranks: tuple[int, ...]) -> None:
+def assert_mean_of(
+    result: Reduced, data: dict[int, list[torch.Tensor]], ranks: tuple[int, ...], compression: str = "none"
+) -> None:
     assert result.ranks == ranks
-    expected = fixed_order_mean({r: data[r] for r in ranks})
+    expected = compressed_mean({r: data[r] for r in ranks}, Codec(compression))
     assert [tuple(t.shape) for t in result.tensors] == SHAPES
     assert bits(result.tensors) == bits(expected)
 
 
-@pytest.mark.parametrize("topology", ["scatter_gather", "all_to_all"])
-def test_three_ranks_end_bit_identical_to_the_fixed_order_mean(topology: str) -> None:
-    ranks = make_ranks(3, timeout=5, topology=topology)
+@pytest.mark.parametrize(
+    ("topology", "compression"),
+    [("scatter_gather", "none"), ("all_to_all", "none"), ("scatter_gather", "int8"), ("all_to_all", "fp16")],
+)
+def test_three_ranks_end_bit_identical_to_the_fixed_order_mean(topology: str, compression: str) -> None:
+    ranks = make_ranks(3, timeout=5, topology=topology, compression=compression)
     try:
         for step in range(2):
             data = payloads(3, seed=step)
             results = [f.result(30) for f in reduce_on(ranks, step, data)]
             for result in results:
-                assert_mean_of(result, data, (0, 1, 2))
-        # Shards and chunks really crossed the wire: each rank sent more than its own payload's worth.
+                assert_mean_of(result, data, (0, 1, 2), compression)
+        # Shards and chunks really crossed the wire: each rank sent more than its own payload's worth
+        # (all_to_all: two payloads), in the chosen format.
         numel = sum(torch.Size(s).numel() for s in SHAPES)
-        assert all(rank.group.link.bytes_sent > numel * 4 for rank in ranks)
+        payload = Codec(compression).wire_nbytes(numel)
+        floor = {"scatter_gather": 4 / 3 * payload, "all_to_all": 2 * payload}[topology]
+        for rank in ranks:
+            assert floor * 2 < rank.group.link.bytes_sent < floor * 2 * 1.3 + 40_000  # 2 steps, headers
+    finally:
+        for rank in ranks:
+            rank.close()
+
+
+def test_ranks_with_different_compression_or_a_non_finite_payload_refuse_to_reduce() -> None:
+    ranks = make_ranks(2, timeout=2, compression="int8")
+    ranks[1].group.codec = Codec("fp16")
+    try:
+        futures = [rank.reduce(0, [torch.zeros(3000)]) for rank in ranks]
+        for future in futures:
+            with pytest.raises(ProtocolError, match=r"compression '(fp16|int8)' at step 0, this rank"):
+                future.result(30)
+        poisoned = torch.zeros(3000)
+        poisoned[5] = float("nan")
+        with pytest.raises(NonFinitePseudoGradient, match="non-finite"):
+            ranks[0].call(lambda: ranks[0].group.all_reduce(1, [poisoned]))
     finally:
         for rank in ranks:
             rank.close()
@@ -344,14 +370,17 @@ PLAN = TrainPlan(
 PLAN = dataclasses.replace(PLAN, data=dataclasses.replace(PLAN.data, seq_length=32))
 
 
-def test_runners_over_peer_links_match_the_one_process_simulation(three: list[Rank], tmp_path: Any) -> None:
+@pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
+def test_runners_over_peer_links_match_the_one_process_simulation(compression: str, tmp_path: Any) -> None:
     """The production run thread (Runner) of three ranks, each on its rank's group and loop."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
+    reference = dataclasses.replace(PLAN, diloco=dataclasses.replace(PLAN.diloco, compression=compression))
+    three = make_ranks(3, timeout=0.5, compression=compression)
     try:
         runners = []
         for rank in three:
-            plan = PLAN.with_rank(rank.rank, 3)
+            plan = reference.with_rank(rank.rank, 3)
             ckpt = dataclasses.replace(plan.ckpt, path=str(tmp_path / f"ckpt-{rank.rank}"), interval=None)
             plan = dataclasses.replace(plan, ckpt=ckpt)
             runner = Runner(plan, loop=rank.loop, group=rank.group, resume=False, on_change=lambda: None)
@@ -361,13 +390,17 @@ def test_runners_over_peer_links_match_the_one_process_simulation(three: list[Ra
         for runner in runners:
             runner.join(45)
         assert [r.state for r in runners] == [FINISHED] * 3, [r.error for r in runners]
-        expected = simulate(PLAN, 3, 2)
+        expected = simulate(reference, 3, 2)
         for runner in runners:
             status = runner.status()
             assert status["outer_step"] == 2 and status["contributors"] == [0, 1, 2]
             assert status["weights_digest"] == weights_digest(expected)
+        if compression != "none":  # the option really changed the averaging
+            assert weights_digest(expected) != weights_digest(simulate(PLAN, 3, 2))
     finally:
         torch.set_num_threads(threads_before)
+        for rank in three:
+            rank.close()
 
 
 # -- the registry --------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def test_contract_example_maps_every_field(tmp_path: Path) -> None:
     plan, notes = TrainPlan.from_request(EXAMPLE, state_dir=tmp_path)
     assert plan.diloco.inner_steps == 50
     assert (plan.diloco.outer_lr, plan.diloco.outer_momentum, plan.diloco.nesterov) == (0.7, 0.9, True)
+    assert plan.diloco.compression == "none"
     o = plan.optim
     assert (o.lr, o.weight_decay, o.adam_betas1, o.adam_betas2) == (5e-6, 0.1, 0.9, 0.95)
     assert (o.warmup_steps, o.total_steps, o.sched_type) == (50, 6000, "cosine")
@@ -125,10 +126,12 @@ def test_empty_body_gives_a_runnable_single_node_plan(tmp_path: Path) -> None:
 
 
 def test_overrides_outer_optimizer_and_model(tmp_path: Path) -> None:
-    body = _with("train_config.diloco", {"inner_steps": 10, "outer_lr": 0.5, "outer_momentum": 0.8})
+    diloco = {"inner_steps": 10, "outer_lr": 0.5, "outer_momentum": 0.8, "compression": "int8"}
+    body = _with("train_config.diloco", diloco)
     body["train_config"]["model"] = {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 1, "seed": 9}
     plan, _ = TrainPlan.from_request(body, state_dir=tmp_path)
     assert (plan.diloco.inner_steps, plan.diloco.outer_lr, plan.diloco.outer_momentum) == (10, 0.5, 0.8)
+    assert plan.diloco.compression == "int8" and TrainPlan.from_dict(plan.to_dict()) == plan
     assert (plan.model.dim, plan.model.n_kv_heads, plan.model.seed, plan.model.ffn_hidden) == (32, 1, 9, 96)
 
 
@@ -153,6 +156,8 @@ def test_integral_floats_and_int_env_values_are_accepted(tmp_path: Path) -> None
         ("train_config.train.micro_bs", 3, "train_config.optim.batch_size (32) must be a multiple of"),
         ("train_config.diloco.inner_steps", 0, "train_config.diloco.inner_steps must be >= 1"),
         ("train_config.diloco.nesterov", "yes", "train_config.diloco.nesterov must be a boolean"),
+        ("train_config.diloco.compression", "zstd", "train_config.diloco.compression must be one of none,"),
+        ("train_config.diloco.compression", 8, "train_config.diloco.compression must be a string"),
         ("train_config.data.seq_length", "1024", "train_config.data.seq_length must be an integer"),
         ("train_config.data", [1], "train_config.data must be an object"),
         ("train_config.ckpt.topk", 0, "train_config.ckpt.topk must be >= 1"),
