@@ -1,5 +1,6 @@
 """The engine's life under the node: down and a failed start leave nothing behind (by pid), a failed
-start answers 503 with the engine's own words, a crash is answered by a restart. Runs last in the tier
+start answers 503 with the engine's own words, a crash is answered by a restart, an up while serving
+replaces the engine (with a tiny Llama). Runs last in the tier
 (it stops the engine); the session fixture's teardown then checks that stopping the node (``make stop``)
 with a serving engine leaves no engine process."""
 
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
-from tests.support.node import wait_until
-from tests.vllm.conftest import PROMPT_FOR_PROBE, UP_BODY, Served
+from services.inference.cpu_engine.checkpoint import create_tiny
+from tests.support.node import request, wait_until
+from tests.vllm.conftest import ENGINE_ARGS, PROMPT_FOR_PROBE, START_TIMEOUT_S, UP_BODY, Served
 
 
 def _gone(pid: int) -> bool:
@@ -50,3 +53,28 @@ def test_a_crashed_engine_is_restarted_and_serves_again(vllm_serving: Served) ->
     assert after["pid"] != before["pid"] and after["last_exit"]["reason"] == "crashed"
     assert vllm_serving.chat(PROMPT_FOR_PROBE, max_tokens=2).status == 200
     assert node.api("GET", "/api/v1/inference/up/status").json()["status"] == "completed"
+
+
+def test_up_while_serving_replaces_the_engine_with_a_tiny_llama(vllm_serving: Served, tmp_path: Path) -> None:
+    """``inference/up`` while vLLM serves the golden Qwen3 stops it and serves the requested model, here a
+    ``mlnode model create-tiny --arch llama`` directory (head_dim 32, which vLLM's CPU attention takes):
+    OK only once the new engine answers, the old engine's processes gone, a real generation from the new
+    one. Last in the tier: the session teardown then stops the node with this engine serving."""
+    node = vllm_serving.node
+    old = node.engine_pids()
+    llama = tmp_path / "tiny-llama"
+    create_tiny(llama, seed=3, arch="llama")
+    body = {"model": str(llama), "dtype": "float32",
+            "additional_args": ["--served-model-name", "tiny-llama", *ENGINE_ARGS[2:]]}
+    resp = node.api("POST", "/api/v1/inference/up", body, timeout=START_TIMEOUT_S)
+    assert resp.status == 200 and resp.json() == {"status": "OK"}, resp.body[-2000:]
+    assert all(_gone(pid) for pid in old), f"the replaced engine outlived the up: {old}"
+    models = node.inference("GET", "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    chat = request(node.inference_port, "POST", "/v1/chat/completions",
+                   {"model": "tiny-llama", "messages": PROMPT_FOR_PROBE, "max_tokens": 4, "logprobs": True},
+                   timeout=300)
+    assert chat.status == 200, chat.body[:500]
+    choice = chat.json()["choices"][0]
+    assert choice["logprobs"]["content"], choice
+    assert node.api("GET", "/api/v1/inference/up/status").json()["model"] == str(llama)
