@@ -93,8 +93,13 @@ def poc_window(client: httpx.Client, first_nonce: int) -> float:
               "stronger_rng": True}
     t0 = time.perf_counter()
     answer = client.post("/collective_rpc", json={"method": "mlnode_poc_artifacts", "kwargs": kwargs})
+    elapsed = time.perf_counter() - t0
     answer.raise_for_status()
-    return time.perf_counter() - t0
+    results = [r for r in answer.json()["results"] if r is not None]
+    got = results[0] if len(results) == 1 else {}
+    if len(got.get("artifacts", [])) + len(got.get("dropped", [])) != BATCH:
+        raise RuntimeError(f"PoC call did not compute {BATCH} nonces: {answer.text[:300]}")
+    return elapsed
 
 
 def prefill_window(client: httpx.Client, pool: ThreadPoolExecutor, salt: int) -> float:

@@ -1,7 +1,7 @@
 """PoC v2 through the node's routes with vLLM as the engine: the Go client's round and the golden verdict.
 
 Same flow as tests/integration/test_pocv2_round.py (CPU engine), on the tier's one vLLM engine serving the
-golden tiny Qwen3 in float32. Skipped, saying why, while the vLLM worker extension lacks the PoC method.
+golden tiny Qwen3 in float32.
 """
 
 from __future__ import annotations
@@ -30,16 +30,6 @@ def receiver() -> Any:
     r.close()
 
 
-def _require_poc_method(served: Served) -> None:
-    kwargs = {"block_hash": CASE["block_hash"], "public_key": CASE["public_key"], "nonces": [0],
-              "seq_len": 16, "k_dim": 12, "stronger_rng": False}
-    resp = served.engine("POST", "/collective_rpc", {"method": "mlnode_poc_artifacts", "kwargs": kwargs},
-                         headers={"content-type": "application/json"}, timeout=300)
-    if resp.status != 200:
-        pytest.skip("the vLLM worker extension has no mlnode_poc_artifacts yet: "
-                    f"{resp.status} {resp.body[:200]!r}")
-
-
 def _received(receiver: Receiver, suffix: str) -> list[dict[str, Any]]:
     with receiver._lock:
         raw = list(receiver.bodies.get(f"/v2/poc-batches/{ESCAPED}/{suffix}", []))
@@ -48,7 +38,6 @@ def _received(receiver: Receiver, suffix: str) -> list[dict[str, Any]]:
 
 def test_generation_and_golden_validation_through_the_node(
         vllm_serving: Served, receiver: Receiver) -> None:
-    _require_poc_method(vllm_serving)
     node = vllm_serving.node
     url = f"http://127.0.0.1:{receiver.port}/v2/poc-batches/{ESCAPED}"
     init = {"block_hash": CASE["block_hash"], "block_height": 1000, "public_key": CASE["public_key"],

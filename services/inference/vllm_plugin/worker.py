@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from services.inference.vllm_plugin.body import holds_final_norm, run_body
+from services.inference.vllm_plugin.poc import PocArtifacts
 
 
 class BodyDiagnostics:
@@ -50,5 +51,5 @@ class BodyDiagnostics:
         return {"top": [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)]}
 
 
-class MLNodeWorkerExtension(BodyDiagnostics):
+class MLNodeWorkerExtension(BodyDiagnostics, PocArtifacts):
     """Everything the node adds to a vLLM worker."""

@@ -1,0 +1,67 @@
+"""The four golden PoC v2 cases computed by stock vLLM through the worker extension's
+``mlnode_poc_artifacts``, called on the engine's own ``/collective_rpc`` as pow calls it.
+
+Same criteria as tests/unit/inference/test_poc_golden_cpu.py (CPU engine): L2 to ``vector_f16`` per
+nonce. The golden model is float32, so the engine must serve it in float32 (``--dtype auto`` would
+serve bf16 on CPU and miss the tolerance for a reason unrelated to the code under test).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.pow.v2.engine import EngineRefused, parse_answer
+from tests.support.node import Response
+from tests.support.pocv2 import case, check_artifacts, golden, rpc_kwargs
+from tests.vllm.conftest import Served
+
+JSON = {"content-type": "application/json"}
+
+
+def _rpc(served: Served, method: str, kwargs: dict[str, Any] | None = None) -> Response:
+    body: dict[str, Any] = {"method": method, **({"kwargs": kwargs} if kwargs is not None else {})}
+    return served.engine("POST", "/collective_rpc", body, headers=JSON, timeout=600)
+
+
+def _the_result(resp: Response) -> dict[str, Any]:
+    assert resp.status == 200, f"{resp.status} {resp.body[:500]!r}"
+    results = [r for r in resp.json()["results"] if r is not None]
+    assert len(results) == 1, resp.body[:500]
+    return dict(results[0])
+
+
+def test_served_in_float32(vllm_serving: Served) -> None:
+    info = _the_result(_rpc(vllm_serving, "mlnode_body_info"))
+    assert info["dtype"] == "float32", info
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in golden()["cases"]])
+def test_golden_case(vllm_serving: Served, name: str) -> None:
+    c = case(name)
+    resp = _rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c))
+    result = _the_result(resp)
+    assert "error" not in result, result
+    assert result["dropped"] == []
+    worst = check_artifacts(c, result["artifacts"])
+    print(f"vllm {name}: worst L2 to vector_f16 {worst:.3g}")
+    # What pow reads from the same bytes: every nonce, nothing refused.
+    computed = parse_answer(resp.body, vllm_serving.engine_port, list(c["nonces"]))
+    assert sorted(computed.vectors) == sorted(c["nonces"])
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"seq_len": 0}, "seq_len"),
+    ({"k_dim": 100_000}, "k_dim"),
+    ({"nonces": [-1]}, "nonces"),
+    ({"colour": "red"}, "unknown kwargs"),
+])
+def test_bad_kwargs_are_refused_and_the_engine_keeps_serving(
+        vllm_serving: Served, bad: dict[str, Any], why: str) -> None:
+    kwargs = {**rpc_kwargs(golden()["cases"][0]), "nonces": [0], **bad}
+    resp = _rpc(vllm_serving, "mlnode_poc_artifacts", kwargs)
+    assert why in _the_result(resp)["error"]
+    with pytest.raises(EngineRefused, match=why):
+        parse_answer(resp.body, vllm_serving.engine_port, [0])
+    assert vllm_serving.engine("GET", "/health").status == 200
