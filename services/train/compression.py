@@ -68,27 +68,35 @@ class Codec:
         _check_flat(flat)
         check_finite(flat)
         if self.name == "fp16" and flat.numel():
-            peak = float(flat.abs().max())
+            low, high = torch.aminmax(flat)
+            peak = max(-float(low), float(high))
             if peak > _FP16_MAX:
                 raise NonFinitePseudoGradient(
                     f"a pseudo-gradient value ({peak:.3g}) exceeds the float16 range; "
                     "use compression int8 or none"
                 )
 
-    def encode(self, flat: Tensor) -> Tensor:
+    def encode(self, flat: Tensor, *, checked: bool = False) -> Tensor:
         """The wire form (a contiguous 1-D CPU tensor) of a flat float32 slice starting on the grid.
 
-        int8 lays out the block scales (float32) first, then the int8 values.
+        int8 lays out the block scales (float32) first, then the int8 values. ``checked``: the caller
+        already ran :meth:`check` on the whole payload (the exchange encodes it chunk by chunk).
         """
-        self.check(flat)
+        if checked:
+            _check_flat(flat)
+        else:
+            self.check(flat)
         if self.name == "none":
             return flat.contiguous()
         if self.name == "fp16":
             return flat.to(torch.float16)
         blocks = -(-flat.numel() // BLOCK)
-        padded = torch.zeros(blocks * BLOCK, dtype=torch.float32)
-        padded[: flat.numel()] = flat
-        grid = padded.view(blocks, BLOCK)
+        if flat.numel() == blocks * BLOCK:
+            grid = flat.contiguous().view(blocks, BLOCK)
+        else:
+            grid = torch.zeros(blocks * BLOCK, dtype=torch.float32)
+            grid[: flat.numel()] = flat
+            grid = grid.view(blocks, BLOCK)
         scale = grid.abs().amax(dim=1) / 127.0 if blocks else torch.empty(0)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(grid / safe[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)[: flat.numel()]
@@ -121,7 +129,9 @@ class Codec:
 
 def check_finite(flat: Tensor) -> None:
     """Refuse NaN/inf clearly: averaged in, they would silently wreck every node's weights."""
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    # One allocation-free pass: any NaN/inf makes the sum non-finite; only then (or on an overflowing
+    # sum of finite values) look closer.
+    if flat.numel() and not math.isfinite(float(flat.sum())) and not bool(torch.isfinite(flat).all()):
         bad = int((~torch.isfinite(flat)).sum())
         raise NonFinitePseudoGradient(
             f"the pseudo-gradient holds {bad} non-finite value(s) (NaN/inf): the inner loop diverged; "

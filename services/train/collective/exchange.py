@@ -132,7 +132,7 @@ class Exchange:
             mine = self.me in self.owners(j)
             for k, (off, length) in enumerate(spans):
                 lo = self._bounds[j][0] + off
-                wire = codec.encode(self.flat[lo : lo + length])
+                wire = codec.encode(self.flat[lo : lo + length], checked=True)  # the group checked
                 if mine:
                     self._own[(j, k)] = wire if codec.name == "none" else codec.decode(wire, length)
                 payload = byte_view(wire)
@@ -252,7 +252,7 @@ class Exchange:
             if codec.name == "none":
                 self.result[lo:hi].copy_(mean)
             else:
-                wire = codec.encode(mean)
+                wire = codec.encode(mean, checked=True)  # a mean of finite values
                 self.result[lo:hi].copy_(codec.decode(wire, length))
         for _data, msg in entries.values():
             self._ack(msg)
