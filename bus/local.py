@@ -2,7 +2,8 @@
 
 Every process of a node builds one :class:`LocalBus`. It starts the authenticator first (admitting the
 node's local role keys on the ``local`` domain), then hands out servers, clients, publishers and
-subscribers wired to ``ipc://`` endpoints in the node's private run directory.
+subscribers wired to ``ipc://`` endpoints in the node's private run directory. Which services there
+are is :mod:`node.registry`'s to say.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from bus.events import Publisher, Subscriber
 from bus.rpc import RpcClient, RpcServer
 from node.config import Settings
 from node.identity import NodeKeys
-
-SERVICES = ("pow", "inference", "train")
 
 
 def rpc_endpoint(settings: Settings, service: str) -> str:

@@ -2,7 +2,9 @@
 
 A service answers ``ping``, ``status`` and ``stop`` plus its own request types, and publishes a
 ``state`` event whenever its state changes, so the gateway can derive the node state from what the
-services report instead of keeping a copy of its own.
+services report instead of keeping a copy of its own. A service's name and mode are the ones
+:mod:`node.registry` lists, and its ``metrics`` answer carries the samples the registry declares for
+it, read from its own status: the gateway shows them without knowing any service's fields.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from dataclasses import astuple
 from typing import Any
 
 from bus.local import LocalBus
@@ -18,6 +21,7 @@ from bus.rpc import Caller, Handler
 from node.config import Settings
 from node.identity import NodeKeys
 from node.logging import get_logger
+from node.registry import BY_NAME, samples
 
 log = get_logger(__name__)
 
@@ -30,6 +34,10 @@ class Service:
     mode: str = ""
 
     def __init__(self, settings: Settings, keys: NodeKeys) -> None:
+        program = BY_NAME.get(self.name)
+        if program is None or program.mode != self.mode:
+            raise RuntimeError(f"service {self.name!r} ({self.mode!r}) is not in node.registry")
+        self.program = program
         self.settings = settings
         self.keys = keys
         self.started_at = time.time()
@@ -79,17 +87,21 @@ class Service:
         return {"service": self.name, "mode": self.mode, "active": self.is_active(), **detail}
 
     async def _metrics(self, _payload: Any, _caller: Caller) -> dict[str, Any]:
+        """Everything a scrape shows of this service, in one answer; ``samples`` are
+        ``[name, kind, help, labels, value]`` rows."""
+        status = await self._status(None, _caller)
+        values = await self.metrics()
         return {
             "service": self.name,
             "time": time.time(),
             "started_at": self.started_at,
-            "active": self.is_active(),
+            "active": status["active"],
             "bus": {
                 "auth_failures": dict(self.bus.auth.failures),
                 "auth_successes": dict(self.bus.auth.successes),
                 "dropped_frames": self.server.dropped,
             },
-            "values": await self.metrics(),
+            "samples": [astuple(x) for x in samples(self.program, {"status": status, "values": values})],
         }
 
     async def _stop(self, _payload: Any, _caller: Caller) -> dict[str, Any]:

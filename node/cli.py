@@ -150,7 +150,8 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 
 async def _statuses(settings: Settings) -> dict[str, Any]:
-    from bus.local import SERVICES, LocalBus
+    from bus.local import LocalBus
+    from node.registry import NAMES
 
     bus = LocalBus(settings, ensure_node_keys(settings.keys_dir), role="cli")
     try:
@@ -163,7 +164,7 @@ async def _statuses(settings: Settings) -> dict[str, Any]:
             finally:
                 client.close()
 
-        return dict(await asyncio.gather(*(one(s) for s in SERVICES)))
+        return dict(await asyncio.gather(*(one(s) for s in NAMES)))
     finally:
         bus.close()
 

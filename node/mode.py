@@ -17,9 +17,9 @@ from pathlib import Path
 
 from node.errors import Unavailable
 from node.files import atomic_write_json
+from node.registry import MODES, STOPPED
 
-STOPPED = "STOPPED"
-MODES = ("POW", "INFERENCE", "TRAIN")
+__all__ = ["MODES", "STOPPED", "ModeStore"]
 
 
 class ModeStore:

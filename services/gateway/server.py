@@ -23,6 +23,7 @@ from node.config import Settings
 from node.logging import get_logger
 from node.process import bootstrap
 from services.gateway.app import create_app
+from services.gateway.metrics import reset_multiprocess_dir
 
 log = get_logger(__name__)
 
@@ -144,4 +145,5 @@ class Gateway(BaseApplication):
 
 def main() -> None:
     settings, _keys = bootstrap("gateway")
+    reset_multiprocess_dir()  # before any worker records: timings start at zero with the gateway
     Gateway(settings).run()

@@ -13,17 +13,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bus.local import SERVICES, LocalBus
+from bus.local import LocalBus
 from bus.rpc import RpcClient
 from node.config import Settings
 from node.errors import Conflict, MLNodeError, Unavailable
 from node.identity import NodeKeys, ensure_node_keys
 from node.logging import get_logger
-from node.mode import MODES, STOPPED, ModeStore
+from node.mode import ModeStore
+from node.registry import MODE_OF, MODES, NAMES, SERVICE_OF, STOPPED
 
 log = get_logger(__name__)
-MODE_OF = {"pow": "POW", "inference": "INFERENCE", "train": "TRAIN"}
-SERVICE_OF = {mode: service for service, mode in MODE_OF.items()}
 STATUS_TIMEOUT_S = 3.0
 #: A stop answers within 2 s whatever a service is doing: the services get this long to confirm it
 #: (the 409 check of a service's own stop route takes at most STOP_GUARD_S of it).
@@ -86,7 +85,7 @@ class Services:
         return Report(service, True, status if isinstance(status, dict) else {})
 
     async def reports(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Report]:
-        results = await asyncio.gather(*(self.report(s, timeout) for s in SERVICES))
+        results = await asyncio.gather(*(self.report(s, timeout) for s in NAMES))
         return {r.service: r for r in results}
 
     def node_state(self, reports: dict[str, Report], claim: str | None = None) -> str:
@@ -170,9 +169,9 @@ class Services:
         async def stop_everything() -> dict[str, Any]:
             self.release_claim()
             results = await asyncio.gather(
-                *(self.call(s, "stop", timeout=STOP_BUDGET_S) for s in SERVICES), return_exceptions=True,
+                *(self.call(s, "stop", timeout=STOP_BUDGET_S) for s in NAMES), return_exceptions=True,
             )
-            pairs = zip(SERVICES, results, strict=True)
+            pairs = zip(NAMES, results, strict=True)
             errors = {s: str(r) for s, r in pairs if isinstance(r, BaseException)}
             if errors:
                 log.warning("stop_incomplete", errors=errors)

@@ -7,7 +7,8 @@ from typing import Any
 import falcon.asgi
 
 from node import gpu
-from services.gateway.services import MODE_OF, Services
+from node.registry import MODE_OF
+from services.gateway.services import Services
 
 
 class Health:

@@ -1,10 +1,11 @@
 """``GET /metrics`` and ``GET /api/v1/metrics``: the node in Prometheus text format, always fast.
 
-A scrape asks every service for ``status`` and ``metrics`` with a short deadline (0.3 s) and
-supervisord for its programs, all at once. A service that is busy or down does not hold the scrape:
-its last known answer is shown with ``mlnode_metrics_age_seconds`` saying how old it is. Last answers
-and restart counts live in ``run/gateway-metrics/`` so that every gunicorn worker serves the same
-numbers, whichever worker the scraper reaches.
+A scrape asks every service for its ``metrics`` (its samples, read from its own status) with a short
+deadline (0.3 s) and supervisord for its programs, all at once. A service that is busy or down does
+not hold the scrape: its last known answer is shown with ``mlnode_metrics_age_seconds`` saying how old
+it is. Last answers and restart counts live in ``run/gateway-metrics/`` so that every gunicorn worker
+serves the same numbers, whichever worker the scraper reaches; a disk that refuses to keep them (full)
+costs only that sharing, never the scrape.
 
 Restarts are counted by noticing that supervisord's start time of a program changed between scrapes
 (two restarts between two scrapes count once); a new supervisord (node restarted) starts from zero.
@@ -24,18 +25,18 @@ from typing import Any
 
 import falcon.asgi
 
-from bus.local import SERVICES
 from node import __version__
 from node.errors import MLNodeError, Unavailable
 from node.files import atomic_write_json
 from node.logging import get_logger
+from node.registry import NAMES
 from services.gateway.metrics import (
     CONTENT_TYPE,
+    BusTimings,
     MeasuredServices,
     NodeView,
     ProcessView,
     ServiceView,
-    Timings,
     render,
 )
 from services.gateway.services import Report, Services
@@ -50,57 +51,48 @@ class Metrics:
     def __init__(self, services: Services, *, timeout_s: float = ASK_TIMEOUT_S) -> None:
         self.services = services
         #: Bus timings exist only when the gateway measures its requests (it does; bare tests may not).
-        self.timings = services.timings if isinstance(services, MeasuredServices) else None
+        self.timings = services.timings if isinstance(services, MeasuredServices) else BusTimings()
         self.timeout_s = timeout_s
         self.directory = services.settings.run_dir / "gateway-metrics"
         self.supervisor_socket = services.settings.run_dir / "supervisor.sock"
         self.version = services.settings.version_tag or __version__
         self._memory: dict[str, dict[str, Any]] = {}
+        self._restarts: dict[str, int] = {}
         self._save_failed = False
 
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = CONTENT_TYPE
-        resp.text = await self.scrape()
+        resp.data = await self.scrape()
 
-    async def scrape(self) -> str:
+    async def scrape(self) -> bytes:
         started = time.perf_counter()
         answers, programs = await asyncio.gather(
-            asyncio.gather(*(self._ask(service) for service in SERVICES)), self._programs()
+            asyncio.gather(*(self._ask(service) for service in NAMES)), self._programs()
         )
-        views = dict(zip(SERVICES, answers, strict=True))
-        reports = {s: Report(s, v is not None and v.fresh, v.status if v is not None and v.fresh else {})
+        views = dict(zip(NAMES, answers, strict=True))
+        reports = {s: Report(s, v is not None and v.fresh, v.answer if v is not None and v.fresh else {})
                    for s, v in views.items()}
-        timings = self.timings.merged() if self.timings is not None else Timings()
         view = NodeView(version=self.version, state=self.services.node_state(reports), services=views,
-                        processes=programs, timings=timings, scrape_seconds=time.perf_counter() - started)
-        return render(view)
+                        processes=programs, scrape_seconds=time.perf_counter() - started)
+        return render(view, self.timings)
 
     # -- services ---------------------------------------------------------------------------------
     async def _ask(self, service: str) -> ServiceView | None:
-        status: Any
-        metrics: Any
-        status, metrics = await asyncio.gather(
-            self.services.call(service, "status", timeout=self.timeout_s),
-            self.services.call(service, "metrics", timeout=self.timeout_s),
-            return_exceptions=True,
-        )
+        try:
+            answer = await self.services.call(service, "metrics", timeout=self.timeout_s)
+        except MLNodeError:
+            answer = None
+        except Exception as exc:  # never let one service's odd answer break the scrape
+            log.warning("metrics_ask_failed", service=service, error=repr(exc)[:200])
+            answer = None
         now = time.time()
-        if isinstance(status, dict):
-            fresh_metrics = metrics if isinstance(metrics, dict) else None
-            last = self._last(service)
-            if fresh_metrics is None:
-                fresh_metrics = last.get("metrics", {}) if last else {}
-            self._remember(service, {"time": now, "status": status, "metrics": fresh_metrics})
-            return ServiceView(status, fresh_metrics, 0.0, True)
-        for failure in (status, metrics):
-            if isinstance(failure, asyncio.CancelledError):
-                raise failure
-            if isinstance(failure, Exception) and not isinstance(failure, MLNodeError):
-                log.warning("metrics_ask_failed", service=service, error=repr(failure)[:200])
+        if isinstance(answer, dict):
+            self._remember(service, {"time": now, "answer": answer})
+            return ServiceView(answer, 0.0, True)
         last = self._last(service)
         if last is None:
             return None
-        return ServiceView(last["status"], last.get("metrics") or {}, max(0.0, now - last["time"]), False)
+        return ServiceView(last["answer"], max(0.0, now - last["time"]), False)
 
     def _remember(self, service: str, snapshot: dict[str, Any]) -> None:
         self._memory[service] = snapshot
@@ -119,7 +111,7 @@ class Metrics:
         with contextlib.suppress(OSError, ValueError):
             doc = json.loads((self.directory / f"last-{service}.json").read_bytes())
             if (isinstance(doc, dict) and isinstance(doc.get("time"), int | float)
-                    and isinstance(doc.get("status"), dict)
+                    and isinstance(doc.get("answer"), dict)
                     and (best is None or doc["time"] > best["time"])):
                 best = doc
         return best
@@ -135,9 +127,10 @@ class Metrics:
             return []
         try:
             restarts = await asyncio.to_thread(count_restarts, self.directory, supervisor_pid, starts)
-        except OSError as exc:
+            self._restarts = restarts
+        except OSError as exc:  # the shared file is out of reach: this worker's last counts
             log.debug("metrics_restarts_unsaved", error=str(exc))
-            restarts = {}
+            restarts = self._restarts
         return [ProcessView(name, running[name], starts[name], restarts.get(name, 0))
                 for name in sorted(starts)]
 

@@ -25,8 +25,9 @@ from contracts.inference import InferenceUp
 from contracts.pow import InitDto, ProofBatch
 from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest
+from node.registry import MODE_OF
 from services.gateway.body import any_json, raw_body, typed_body
-from services.gateway.services import MODE_OF, Services
+from services.gateway.services import Services
 
 
 @dataclass(frozen=True)

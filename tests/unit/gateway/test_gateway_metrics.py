@@ -1,29 +1,30 @@
-"""Metrics: the text format, timings shared by workers, restart counting, and a scrape with services down."""
+"""Metrics: what a scrape shows, timings shared by workers (prometheus_client multiprocess mode),
+restart counting, and a scrape with services down."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from node import config
+from node import config, registry
 from node.errors import Unavailable
+from services.gateway import metrics as gateway_metrics
 from services.gateway.metrics import (
-    BUCKETS,
+    RESERVED_BYTES,
     BusTimings,
-    Exposition,
     MeasuredServices,
     NodeView,
     ProcessView,
-    Series,
     ServiceView,
-    Timings,
     render,
 )
 from services.gateway.resources.metrics import Metrics, count_restarts
@@ -32,11 +33,11 @@ LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
 SAMPLE = re.compile(rf"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{{(?:{LABEL},?)*\}})? (\S+)$")
 
 
-def parse(text: str) -> dict[str, float]:
+def parse(text: str | bytes) -> dict[str, float]:
     """Strict enough a reader of format 0.0.4: every line is a comment, or a well-formed sample."""
     samples: dict[str, float] = {}
     types: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in (text.decode() if isinstance(text, bytes) else text).splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
             assert name not in types, f"TYPE twice for {name}"
@@ -59,121 +60,126 @@ def services(tmp_path: Path) -> Iterator[MeasuredServices]:
     s.close()
 
 
-def test_exposition_groups_families_and_escapes_labels() -> None:
-    out = Exposition()
-    out.add("m_total", "counter", "Help with \\ and\nnewline.", 3, {"a": 'q"uo\\te\nx'})
-    out.add("g", "gauge", "A gauge.", float("nan"))
-    out.add("m_total", "counter", "ignored second help", 4.5, {"a": "b"})
-    out.histogram("h_seconds", "Hist.", {"k": "v"}, (0.1, 1.0), (2, 1), 4.2, 4)
-    assert out.render().splitlines() == [
-        "# HELP m_total Help with \\\\ and\\nnewline.",
-        "# TYPE m_total counter",
-        'm_total{a="q\\"uo\\\\te\\nx"} 3',
-        'm_total{a="b"} 4.5',
-        "# HELP g A gauge.",
-        "# TYPE g gauge",
-        "g NaN",
-        "# HELP h_seconds Hist.",
-        "# TYPE h_seconds histogram",
-        'h_seconds_bucket{k="v",le="0.1"} 2',
-        'h_seconds_bucket{k="v",le="1.0"} 3',
-        'h_seconds_bucket{k="v",le="+Inf"} 4',
-        'h_seconds_sum{k="v"} 4.2',
-        'h_seconds_count{k="v"} 4',
-    ]
-    with pytest.raises(ValueError):
-        out.add("bad name", "gauge", "x", 1)
+def answer(program: registry.Program, status: dict[str, Any], values: dict[str, Any] | None = None,
+           bus: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a service's ``metrics`` handler answers (bus.service builds its samples the same way)."""
+    rows = [list(astuple(x)) for x in registry.samples(program, {"status": status, "values": values or {}})]
+    return {"active": status.get("active", False), "bus": bus or {}, "samples": rows}
 
 
-def test_render_maps_what_the_services_report() -> None:
-    pow_status = {"active": True, "status": "GENERATING", "nonces_computed": 1200, "valid_found": 7,
-                  "nonces_per_second": 55.5, "batches_validated": 2, "nonces_validated": 40,
-                  "fraud_detected": 1, "validation_queue": 0,
-                  "outbox": {"pending": 3, "pending_units": 1, "delivered": 9, "sends": 12, "failures": 3,
-                             "dead": 0, "oldest_age_s": 4.5, "last_success_ts": None, "running": True}}
+def test_render_shows_the_node_and_what_the_services_report() -> None:
+    pow_status = {"active": True, "nonces_computed": 1200, "valid_found": 7,
+                  "outbox": {"pending": 3, "failures": 3, "last_success_ts": None}}
     bus = {"auth_failures": {"local": 2}, "auth_successes": {"local": 5}, "dropped_frames": 4}
-    inference_status = {"active": False, "instances": [{"index": 0, "healthy": True, "restarts": 2},
-                                                       {"index": 1, "healthy": False, "restarts": 0}]}
-    inference_metrics = {"bus": bus, "values": {"instances": [
-        {"index": 0, "metrics": {"vllm:request_success_total": 17.0, "vllm:num_requests_running": 1.0,
-                                 "bad name": 1.0, "vllm:prompt_tokens_total": "x"}}]}}
-    timings = Timings()
-    timings.series[("pow", "status")] = series = Series()
-    series.observe(0.002)
-    series.observe(100.0)
-    timings.failures[("train", "status", "timeout")] = 2
+    inference = answer(registry.INFERENCE, {"instances": [{"index": 0, "healthy": True, "restarts": 2}]},
+                       bus=bus)
+    inference["samples"].append(["bad name", "gauge", "x", {}, 1.0])  # skipped, never breaks the scrape
     view = NodeView(
         version="9.9.9", state="POW",
         services={
-            "pow": ServiceView(pow_status, {"bus": bus, "values": {}}, 0.0, True),
-            "inference": ServiceView(inference_status, inference_metrics, 12.5, False),
+            "pow": ServiceView(answer(registry.POW, pow_status, bus=bus), 0.0, True),
+            "inference": ServiceView(inference, 12.5, False),
             "train": None,
         },
         processes=[ProcessView("gateway", True, 1000.0, 0), ProcessView("pow", False, 1010.0, 3)],
-        timings=timings,
     )
-    m = parse(render(view))
+    m = parse(render(view, BusTimings()))
     assert m['mlnode_build_info{version="9.9.9"}'] == 1
     assert m['mlnode_node_state{state="POW"}'] == 1 and m['mlnode_node_state{state="STOPPED"}'] == 0
-    assert m['mlnode_service_up{service="pow"}'] == 1
+    assert m['mlnode_service_up{service="pow"}'] == 1 and m['mlnode_service_active{service="pow"}'] == 1
     assert m['mlnode_service_up{service="inference"}'] == 0 and m['mlnode_service_up{service="train"}'] == 0
     assert m['mlnode_metrics_age_seconds{service="inference"}'] == 12.5
     assert 'mlnode_metrics_age_seconds{service="train"}' not in m
     assert m["mlnode_pow_nonces_computed_total"] == 1200 and m["mlnode_pow_valid_nonces_total"] == 7
-    assert m["mlnode_pow_fraud_detected_total"] == 1 and m["mlnode_pow_batches_validated_total"] == 2
     assert m["mlnode_pow_outbox_pending_nonces"] == 3 and m["mlnode_pow_outbox_delivery_failures_total"] == 3
     assert "mlnode_pow_outbox_last_success_timestamp_seconds" not in m  # null: nothing to show
-    assert m['mlnode_bus_auth_failures_total{service="pow",domain="local"}'] == 2
+    assert m['mlnode_bus_auth_failures_total{domain="local",service="pow"}'] == 2
     assert m['mlnode_bus_dropped_frames_total{service="inference"}'] == 4
     assert m['mlnode_engine_instance_up{engine_instance="0"}'] == 1
-    assert m['mlnode_engine_instance_up{engine_instance="1"}'] == 0
     assert m['mlnode_engine_instance_restarts_total{engine_instance="0"}'] == 2
-    assert m['vllm:request_success_total{engine_instance="0"}'] == 17
-    assert not any(k.startswith(("bad", "vllm:prompt")) for k in m)
+    assert not any(k.startswith("bad") for k in m)
     assert m['mlnode_process_running{program="pow"}'] == 0
     assert m['mlnode_process_restarts_total{program="pow"}'] == 3
-    assert m['mlnode_bus_request_duration_seconds_bucket{service="pow",kind="status",le="0.0025"}'] == 1
-    assert m['mlnode_bus_request_duration_seconds_bucket{service="pow",kind="status",le="60.0"}'] == 1
-    assert m['mlnode_bus_request_duration_seconds_bucket{service="pow",kind="status",le="+Inf"}'] == 2
-    assert m['mlnode_bus_request_duration_seconds_count{service="pow",kind="status"}'] == 2
-    assert m['mlnode_bus_request_failures_total{service="train",kind="status",reason="timeout"}'] == 2
 
 
-def test_render_reads_training_progress_when_present() -> None:
-    train = {"active": True, "progress": {"inner_step": 120, "outer_step": 2, "total_steps": 6000,
-                                          "loss_last": 3.25, "loss_ema": None}}
-    view = NodeView("1", "TRAIN", {"train": ServiceView(train, {}, 0.0, True)}, [], Timings())
-    m = parse(render(view))
-    assert (m["mlnode_train_step"], m["mlnode_train_outer_step"], m["mlnode_train_loss"]) == (120, 2, 3.25)
-    assert "mlnode_train_loss_ema" not in m
+def test_each_service_reports_the_fields_the_registry_declares() -> None:
+    def values(program: registry.Program, status: dict[str, Any], vals: dict[str, Any]) -> dict[str, float]:
+        return {x.name + str(sorted(x.labels.items())): x.value
+                for x in registry.samples(program, {"status": status, "values": vals})}
+
+    status = {"batches_validated": 2, "nonces_per_second": 55.5, "fraud_detected": True}
+    pow_values = values(registry.POW, status,
+                        {"poc_v2": {"engines": {"5001": {"nonces_generated_total": 9, "generating": 1}}}})
+    assert pow_values["mlnode_pow_batches_validated_total[]"] == 2
+    assert pow_values["mlnode_pow_nonces_per_second[]"] == 55.5
+    assert "mlnode_pow_fraud_detected_total[]" not in pow_values  # a truth value is not a count
+    assert pow_values["mlnode_pocv2_nonces_generated_total[('engine_port', '5001')]"] == 9
+    engines = {"instances": [{"index": 0, "metrics": {"vllm:request_success_total": 17.0, "bad name": 1.0,
+                                                      "vllm:prompt_tokens_total": "x"}}]}
+    inference = values(registry.INFERENCE, {"instances": [{"index": 1, "healthy": False}]}, engines)
+    assert inference == {"mlnode_engine_instance_up[('engine_instance', '1')]": 0.0,
+                         "vllm:request_success_total[('engine_instance', '0')]": 17.0}
+    nested = {"progress": {"inner_step": 120, "outer_step": 2, "loss_last": 3.25, "loss_ema": None}}
+    assert values(registry.TRAIN, nested, {}) == {
+        "mlnode_train_step[]": 120, "mlnode_train_outer_step[]": 2, "mlnode_train_loss[]": 3.25}
+    assert values(registry.TRAIN, {"step": 5, "loss": 1.5}, {}) == {"mlnode_train_step[]": 5,
+                                                                   "mlnode_train_loss[]": 1.5}
 
 
-def test_timings_of_all_workers_add_up_and_dead_workers_are_folded(tmp_path: Path) -> None:
-    directory = tmp_path / "gm"
-    first, second = BusTimings(directory), BusTimings(directory)
-    first.observe("pow", "status", 0.004, None)
-    second.observe("pow", "status", 0.2, None)
-    second.observe("pow", "init", 3.0, "timeout")
-    first.flush()
-    second.flush()
-    merged = first.merged()
-    assert merged.series[("pow", "status")].count == 2
-    assert merged.series[("pow", "status")].counts[BUCKETS.index(0.005)] == 1
-    assert merged.failures == {("pow", "init", "timeout"): 1}
+WORKER = """
+import sys
+from services.gateway.metrics import BusTimings, multiprocess_dir
+timings = BusTimings(multiprocess_dir())
+for seconds in map(float, sys.argv[1:]):
+    timings.observe("pow", "status", seconds, "timeout" if seconds > 1 else None)
+"""
+SCRAPE = """
+from services.gateway.metrics import BusTimings, NodeView, multiprocess_dir, render
+print(render(NodeView("1", "STOPPED", {}, []), BusTimings(multiprocess_dir())).decode(), end="")
+"""
 
-    # A worker that died (its pid is gone) leaves its file; the next worker folds it into the retired file.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    dead_file = directory / f"timings-{int(dead.stdout)}-1.json"
-    dead_file.write_text(json.dumps(Timings.from_json(json.loads(second.path.read_text())).to_json()))
-    second.path.unlink()
-    third = BusTimings(directory)
-    third.flush()
-    assert not dead_file.exists() and (directory / "timings-retired.json").exists()
-    again = third.merged()
-    assert again.series[("pow", "status")].count == 2 and again.failures == {("pow", "init", "timeout"): 1}
-    (directory / "timings-99-2.json").write_text("{torn")
-    assert third.merged().series[("pow", "status")].count == 2
+
+def in_worker(directory: Path, code: str, *args: str) -> str:
+    """A fresh process with the multiprocess dir set (prometheus_client reads it at import)."""
+    env = {**os.environ, gateway_metrics.MULTIPROCESS_DIR_ENV: str(directory)}
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          check=True, cwd=Path(registry.__file__).parent.parent).stdout
+
+
+def test_timings_of_every_worker_add_up_dead_ones_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "prometheus"
+    in_worker(directory, WORKER, "0.002", "0.2")
+    in_worker(directory, WORKER, "3.0")
+    files = sorted(directory.glob("*.db"))
+    assert files and all(f.stat().st_blocks * 512 >= RESERVED_BYTES for f in files)  # space reserved
+    m = parse(in_worker(directory, SCRAPE))
+    assert m['mlnode_bus_request_duration_seconds_count{kind="status",service="pow"}'] == 3
+    assert m['mlnode_bus_request_duration_seconds_bucket{kind="status",le="0.0025",service="pow"}'] == 1
+    assert m['mlnode_bus_request_duration_seconds_bucket{kind="status",le="+Inf",service="pow"}'] == 3
+    assert m['mlnode_bus_request_failures_total{kind="status",reason="timeout",service="pow"}'] == 1
+    monkeypatch.setenv(gateway_metrics.MULTIPROCESS_DIR_ENV, str(directory))
+    gateway_metrics.reset_multiprocess_dir()  # a new gateway starts from zero
+    assert not list(directory.glob("*.db"))
+
+
+FULL_DISK = """
+import errno, os
+def full(*_args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+os.posix_fallocate = full
+""" + WORKER
+
+
+def test_a_worker_that_cannot_reserve_its_files_records_nothing_and_scrapes_answer(tmp_path: Path) -> None:
+    """A write into a memory-mapped file the disk has no room for kills the worker (SIGBUS)."""
+    directory = tmp_path / "prometheus"
+    in_worker(directory, WORKER, "0.002")
+    in_worker(directory, FULL_DISK, "0.002", "0.2")
+    assert len(list(directory.glob("*.db"))) == 2  # the first worker's only
+    m = parse(in_worker(directory, SCRAPE))
+    assert m['mlnode_bus_request_duration_seconds_count{kind="status",service="pow"}'] == 1
 
 
 def test_restarts_are_counted_once_per_new_start_and_reset_with_supervisord(tmp_path: Path) -> None:
@@ -184,20 +190,35 @@ def test_restarts_are_counted_once_per_new_start_and_reset_with_supervisord(tmp_
     assert count_restarts(tmp_path, 11, {"pow": 200.0, "train": 200.0}) == {"pow": 0, "train": 0}
 
 
+def test_restarts_are_still_counted_when_the_disk_refuses_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway.resources import metrics as resource
+
+    assert count_restarts(tmp_path, 10, {"pow": 100.0}) == {"pow": 0}
+
+    def full(*_args: Any, **_kwargs: Any) -> None:
+        raise Unavailable("cannot write restarts.json (state directory): No space left on device")
+
+    monkeypatch.setattr(resource, "atomic_write_json", full)
+    assert count_restarts(tmp_path, 10, {"pow": 130.0}) == {"pow": 1}
+    assert count_restarts(tmp_path, 10, {"pow": 130.0}) == {"pow": 1}  # seen again, counted once
+
+
 async def test_a_bus_request_to_a_dead_service_is_timed_and_counted(services: MeasuredServices) -> None:
+    key = 'mlnode_bus_request_failures_total{kind="status",reason="unreachable",service="pow"}'
+    before = parse(render(NodeView("1", "STOPPED", {}, []), services.timings)).get(key, 0)
     with pytest.raises(Unavailable):
         await services.call("pow", "status", timeout=0.2)
-    assert services.timings.mine.series[("pow", "status")].count == 1
-    assert services.timings.mine.failures == {("pow", "status", "unreachable"): 1}
+    assert parse(render(NodeView("1", "STOPPED", {}, []), services.timings))[key] == before + 1
 
 
 @pytest.mark.timeout(20)
 async def test_a_scrape_answers_fast_when_every_service_is_down(services: MeasuredServices) -> None:
     """Nothing listens: each service costs one short deadline, in parallel; last answers are still shown."""
     other_worker = Metrics(services)
-    other_worker._remember("pow", {"time": time.time() - 30,
-                                   "status": {"active": False, "nonces_computed": 5},
-                                   "metrics": {"bus": {"dropped_frames": 1}}})
+    last = answer(registry.POW, {"active": False, "nonces_computed": 5}, bus={"dropped_frames": 1})
+    other_worker._remember("pow", {"time": time.time() - 30, "answer": last})
     scrape = Metrics(services)
     started = time.perf_counter()
     text = await scrape.scrape()
@@ -211,4 +232,4 @@ async def test_a_scrape_answers_fast_when_every_service_is_down(services: Measur
     assert 'mlnode_metrics_age_seconds{service="train"}' not in m
     assert m['mlnode_node_state{state="STOPPED"}'] == 1
     assert not any(k.startswith("mlnode_process_") for k in m)  # no supervisord here
-    assert m['mlnode_bus_request_failures_total{service="train",kind="status",reason="unreachable"}'] == 1
+    assert m['mlnode_bus_request_failures_total{kind="metrics",reason="unreachable",service="train"}'] >= 1
