@@ -154,6 +154,12 @@ TRAIN = Program("train", "services.train", "TRAIN", (
     _progress("mlnode_train_total_steps", "Inner steps the run will take.", "total_steps"),
     _progress("mlnode_train_loss", "Training loss of the last inner step.", "loss_last", "loss"),
     _progress("mlnode_train_loss_ema", "Exponential moving average of the training loss.", "loss_ema"),
+    _gauge("mlnode_train_waiting_for_quorum",
+           "1 while this rank waits for a majority to decide a step.", "values", "waiting_for_quorum"),
+    _counter("mlnode_train_bytes_sent_total", "Bytes this rank sent to its peers in the current run.",
+             "values", "bytes_sent"),
+    _counter("mlnode_train_bytes_received_total",
+             "Bytes this rank received from its peers in the current run.", "values", "bytes_received"),
 ))
 
 GATEWAY = Program("gateway", "services.gateway")

@@ -37,7 +37,6 @@ class Doc:
     same_shape: tuple[int, ...] = ()
 
 
-_DOWN = "A service did not answer in time or is restarting (retry later)."
 _SERVICE_ERRORS = {
     400: "Bad body or wrong phase; `detail` names the field or the reason.",
     409: "Another service holds the node: `Cannot run X because MLNode is currently in Y mode. ...`",

@@ -124,6 +124,10 @@ def test_each_service_reports_the_fields_the_registry_declares() -> None:
         "mlnode_train_step[]": 120, "mlnode_train_outer_step[]": 2, "mlnode_train_loss[]": 3.25}
     assert values(registry.TRAIN, {"step": 5, "loss": 1.5}, {}) == {"mlnode_train_step[]": 5,
                                                                    "mlnode_train_loss[]": 1.5}
+    reported = {"waiting_for_quorum": 1, "bytes_sent": 4096, "bytes_received": 2048}  # train's own metrics()
+    assert values(registry.TRAIN, {}, reported) == {"mlnode_train_waiting_for_quorum[]": 1,
+                                                   "mlnode_train_bytes_sent_total[]": 4096,
+                                                   "mlnode_train_bytes_received_total[]": 2048}
 
 
 WORKER = """
