@@ -166,14 +166,19 @@ class RpcServer:
             self._send(ident.bytes, env.fail(Unavailable("service is overloaded; retry later")))
             return
         task = asyncio.get_running_loop().create_task(self._handle(ident.bytes, env, Caller(caller or "")))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(task)  # _handle removes it (a done callback would cost a loop pass per request)
 
     def _drop(self, reason: str, **fields: Any) -> None:
         self.dropped += 1
         log.warning("bus_frame_dropped", endpoint=self.endpoint, reason=reason, **fields)
 
     async def _handle(self, ident: bytes, env: codec.Envelope, caller: Caller) -> None:
+        try:
+            await self._answer(ident, env, caller)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    async def _answer(self, ident: bytes, env: codec.Envelope, caller: Caller) -> None:
         route = self._handlers.get(env.type)
         try:
             if route is None:
@@ -210,6 +215,11 @@ class RpcServer:
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
         self._sock.close(linger=0)
+
+
+def _fail(future: asyncio.Future[Any], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 class RpcClient:
@@ -259,11 +269,12 @@ class RpcClient:
         try:
             await self._send(data, min(timeout, connect_timeout))
             self._watch.kick()
+            late = DeadlineExceeded(f"{self.name} did not answer {kind!r} within {timeout:g} s")
+            timer = loop.call_later(max(0.0, deadline - time.time()), _fail, future, late)
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.time())):
-                    reply = await future
-            except TimeoutError:
-                raise DeadlineExceeded(f"{self.name} did not answer {kind!r} within {timeout:g} s") from None
+                reply = await future
+            finally:
+                timer.cancel()
             return reply.raise_for_error()
         finally:
             self._pending.pop(env.id, None)
