@@ -2,8 +2,9 @@
 
 Every process of a node builds one :class:`LocalBus`. It starts the authenticator first (admitting the
 node's local role keys on the ``local`` domain), then hands out servers, clients, publishers and
-subscribers wired to ``ipc://`` endpoints in the node's private run directory. Which services there
-are is :mod:`node.registry`'s to say.
+subscribers wired to ``ipc://`` endpoints in the node's private run directory. Only the services
+:mod:`node.registry` lists have endpoints: a name that is not there is a bug, refused at once rather
+than a client waiting on a socket nobody will ever bind.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from bus.events import Publisher, Subscriber
 from bus.rpc import RpcClient, RpcServer
 from node.config import Settings
 from node.identity import NodeKeys
+from node.registry import NAMES
+
+
+def _service(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"{name!r} is not a service in node.registry ({', '.join(NAMES)})")
+    return name
 
 
 def rpc_endpoint(settings: Settings, service: str) -> str:
-    return f"ipc://{settings.run_dir}/{service}.rpc"
+    return f"ipc://{settings.run_dir}/{_service(service)}.rpc"
 
 
 def events_endpoint(settings: Settings, service: str) -> str:
-    return f"ipc://{settings.run_dir}/{service}.events"
+    return f"ipc://{settings.run_dir}/{_service(service)}.events"
 
 
 class LocalBus:
