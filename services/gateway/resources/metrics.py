@@ -74,7 +74,8 @@ class Metrics:
                    for s, v in views.items()}
         view = NodeView(version=self.version, state=self.services.node_state(reports), services=views,
                         processes=programs, scrape_seconds=time.perf_counter() - started)
-        return render(view, self.timings)
+        # Reading every worker's files and formatting takes milliseconds: off the loop that streams.
+        return await asyncio.to_thread(render, view, self.timings)
 
     # -- services ---------------------------------------------------------------------------------
     async def _ask(self, service: str) -> ServiceView | None:
