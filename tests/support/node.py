@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-MLNODE = [sys.executable, "-m", "node.cli"]
+MLNODE = [sys.executable, "-m", "services.cli"]
 
 
 def free_port() -> int:
