@@ -97,18 +97,22 @@ def _wait_listening(port: int) -> None:
 
 
 # -- the client ---------------------------------------------------------------------------------------
-def _head(method: str, target: str, body: bytes) -> bytes:
-    return (f"{method} {target} HTTP/1.1\r\nhost: bench\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+def _head(method: str, target: str, body: bytes, extra: str = "") -> bytes:
+    head = f"{method} {target} HTTP/1.1\r\nhost: bench\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+    return head.encode()
 
 
 class Client:
-    def __init__(self, port: int) -> None:
+    """Raw HTTP/1.1 over pooled connections; like the Network Node, no Content-Type unless ``json``."""
+
+    def __init__(self, port: int, *, json: bool = False) -> None:
         self.pool = Pool("127.0.0.1", port, idle_timeout_s=120, keepalive_s=600, max_idle=2000)
+        self.extra = "content-type: application/json\r\n" if json else ""
 
     async def call(self, method: str, target: str, body: bytes = b"",
                    on_chunk: Callable[[bytes], None] | None = None) -> int:
         conn, _ = await self.pool.acquire()
-        conn.request(_head(method, target, body), body)
+        conn.request(_head(method, target, body, self.extra), body)
         status, _headers = await conn.head()
         while data := await conn.chunk():
             if on_chunk is not None:

@@ -94,7 +94,8 @@ async def _first_chunk(client: Client, body: bytes) -> float:
 
 
 async def _measure(engine_port: int, proxy_port: int, forced_ids: list[int]) -> dict[str, Any]:
-    direct, proxied = Client(engine_port), Client(proxy_port)
+    # vLLM refuses a body without Content-Type; the Network Node sends none and the proxy adds it.
+    direct, proxied = Client(engine_port, json=True), Client(proxy_port)
     one = _chat(max_tokens=1, temperature=0.0)
     stream = _chat(max_tokens=8, temperature=0.0, stream=True)
     plain = _chat(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True)
@@ -142,7 +143,7 @@ def run() -> None:
         # A plain answer of GEN_TOKENS tokens, replayed as the enforced request: same length, same work.
         answer = httpx.post(f"http://127.0.0.1:{engine_port}/v1/chat/completions", timeout=300, content=_chat(
             max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=0,
-            return_tokens_as_token_ids=True)).json()
+            return_tokens_as_token_ids=True), headers={"content-type": "application/json"}).json()
         ids = [int(t["token"].removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["content"]]
         r = asyncio.run(_measure(engine_port, proxy_port, ids))
     finally:
