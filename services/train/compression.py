@@ -90,17 +90,23 @@ class Codec:
             return flat.contiguous()
         if self.name == "fp16":
             return flat.to(torch.float16)
-        blocks = -(-flat.numel() // BLOCK)
-        if flat.numel() == blocks * BLOCK:
+        n = flat.numel()
+        blocks = -(-n // BLOCK)
+        if n == blocks * BLOCK:
             grid = flat.contiguous().view(blocks, BLOCK)
         else:
             grid = torch.zeros(blocks * BLOCK, dtype=torch.float32)
-            grid[: flat.numel()] = flat
+            grid[:n] = flat
             grid = grid.view(blocks, BLOCK)
-        scale = grid.abs().amax(dim=1) / 127.0 if blocks else torch.empty(0)
+        out = torch.empty(4 * blocks + n, dtype=torch.uint8)
+        if not blocks:
+            return out
+        scale = out[: 4 * blocks].view(torch.float32)
+        torch.div(grid.abs().amax(dim=1), 127.0, out=scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(grid / safe[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)[: flat.numel()]
-        return torch.cat([scale.view(torch.uint8), q.view(torch.uint8)])
+        q = torch.div(grid, safe[:, None]).round_().clamp_(-127, 127)
+        out[4 * blocks :].view(torch.int8).copy_(q.view(-1)[:n])
+        return out
 
     def decode(self, wire: Tensor | memoryview | bytes, numel: int) -> Tensor:
         """Float32 values of an encoded slice of ``numel`` elements (for ``none``, a view of ``wire``)."""
@@ -116,8 +122,13 @@ class Codec:
         blocks = -(-numel // BLOCK)
         scale = raw[: 4 * blocks].view(torch.float32)
         q = raw[4 * blocks :].view(torch.int8)
-        per_element = scale.repeat_interleave(BLOCK)[:numel]
-        return q.to(torch.float32).mul_(per_element)
+        out = torch.empty(numel, dtype=torch.float32)
+        full = numel // BLOCK
+        body = out[: full * BLOCK].view(full, BLOCK)
+        body.copy_(q[: full * BLOCK].view(full, BLOCK)).mul_(scale[:full, None])
+        if full < blocks:  # the last, partial block
+            out[full * BLOCK :].copy_(q[full * BLOCK :]).mul_(scale[full])
+        return out
 
     def roundtrip(self, flat: Tensor) -> Tensor:
         """What every node holds after ``flat`` went over the wire."""

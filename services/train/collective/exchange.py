@@ -23,6 +23,7 @@ encodes exactly as the matching slice of the whole payload would: the result equ
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -42,6 +43,8 @@ TOPOLOGIES = ("scatter_gather", "all_to_all")
 
 ReduceFn = Callable[[Mapping[int, Sequence[Tensor]]], list[Tensor]]
 SendFn = Callable[[int, dict[str, Any], memoryview], Awaitable[None]]
+#: What a sender queue holds: makes one chunk's header and payload when its turn comes.
+Outgoing = Callable[[], tuple[dict[str, Any], memoryview]]
 
 
 def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -95,14 +98,14 @@ class Exchange:
         per_chunk = chunk_elements(self.chunk_bytes, self.codec)
         # (element offset in the shard, element count) of every chunk of every shard
         self._spans = [chunk_spans(hi - lo, per_chunk) for lo, hi in self._bounds]
-        #: This rank's own contribution to the chunks it reduces, as the others would decode it.
-        self._own: dict[tuple[int, int], Tensor] = {}
+        #: This rank's own chunks in wire form, encoded when first needed (sent, or reduced here).
+        self._wires: dict[tuple[int, int], Tensor] = {}
         self._pending: dict[tuple[int, int], dict[int, tuple[memoryview, Any]]] = {}
         self._reduced: set[tuple[int, int]] = set()
         self._gathered: set[tuple[int, int]] = set()
         self._expect: Counter[int] = Counter()
         self._got: Counter[int] = Counter()
-        self._queues: dict[int, asyncio.Queue[tuple[dict[str, Any], memoryview] | None]] = {}
+        self._queues: dict[int, asyncio.Queue[Outgoing | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         others = [r for r in view if r != me]
         for j, spans in enumerate(self._spans):
@@ -127,21 +130,29 @@ class Exchange:
             if rank != self.me:
                 self._queues[rank] = asyncio.Queue()
                 self._tasks.append(loop.create_task(self._pump(rank)))
-        codec = self.codec
+        # Chunks are encoded by the sender tasks as their turn comes, not all up front: encoding
+        # then overlaps with ZeroMQ's I/O thread encrypting and sending the previous chunks.
         for j, spans in enumerate(self._spans):
-            mine = self.me in self.owners(j)
-            for k, (off, length) in enumerate(spans):
-                lo = self._bounds[j][0] + off
-                wire = codec.encode(self.flat[lo : lo + length], checked=True)  # the group checked
-                if mine:
-                    self._own[(j, k)] = wire if codec.name == "none" else codec.decode(wire, length)
-                payload = byte_view(wire)
+            for k in range(len(spans)):
                 for owner in self.owners(j):
                     if owner != self.me:
-                        header = self._header("rs", j, k, off, len(payload))
-                        self._queues[owner].put_nowait((header, payload))
-                if mine and len(self.view) == 1:
+                        self._queues[owner].put_nowait(functools.partial(self._contribution, j, k))
+                if self.me in self.owners(j) and len(self.view) == 1:
                     self._reduce(j, k)
+
+    def _wire(self, j: int, k: int) -> Tensor:
+        """This rank's chunk ``(j, k)`` as it travels (encoded once, whoever asks first)."""
+        wire = self._wires.get((j, k))
+        if wire is None:
+            off, length = self._spans[j][k]
+            lo = self._bounds[j][0] + off
+            wire = self.codec.encode(self.flat[lo : lo + length], checked=True)  # the group checked
+            self._wires[(j, k)] = wire
+        return wire
+
+    def _contribution(self, j: int, k: int) -> tuple[dict[str, Any], memoryview]:
+        payload = byte_view(self._wire(j, k))
+        return self._header("rs", j, k, self._spans[j][k][0], len(payload)), payload
 
     def _header(self, phase: str, shard: int, chunk: int, offset: int, nbytes: int) -> dict[str, Any]:
         lo, hi = self._bounds[shard]
@@ -156,7 +167,7 @@ class Exchange:
             if item is None:
                 return
             try:
-                await self._send(rank, *item)
+                await self._send(rank, *item())
             except MLNodeError as exc:
                 log.warning("allreduce_send_stopped", step=self.step, peer=rank, error=exc.message)
                 return
@@ -245,7 +256,11 @@ class Exchange:
         codec = self.codec
         entries = self._pending.pop((j, k), {})
         parts = {rank: [codec.decode(data, length)] for rank, (data, _msg) in entries.items()}
-        parts[self.me] = [self._own.pop((j, k))]
+        # Our own share as every other rank would decode it (for none: the float32 slice itself).
+        own = self._wire(j, k)
+        parts[self.me] = [own if codec.name == "none" else codec.decode(own, length)]
+        if self.topology == "scatter_gather":
+            del self._wires[(j, k)]  # nobody else gets it
         wire: Tensor | None = None
         if hi > lo:
             mean = self._reduce_fn(parts)[0]
@@ -259,9 +274,10 @@ class Exchange:
         self._reduced.add((j, k))
         if self.topology == "scatter_gather":
             payload = byte_view(wire if wire is not None else self.result[lo:hi])
+            gathered = (self._header("ag", j, k, off, len(payload)), payload)
             for rank in self.view:
                 if rank != self.me:
-                    self._queues[rank].put_nowait((self._header("ag", j, k, off, len(payload)), payload))
+                    self._queues[rank].put_nowait(functools.partial(_same, gathered))
         self._finish_one()
 
     def _finish_one(self) -> None:
@@ -271,3 +287,7 @@ class Exchange:
             for queue in self._queues.values():
                 queue.put_nowait(None)  # senders stop once everything queued has gone out
             self._on_complete()
+
+
+def _same(item: tuple[dict[str, Any], memoryview]) -> tuple[dict[str, Any], memoryview]:
+    return item

@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 
+from services.train.compression import Codec, compressed_mean
 from services.train.config import DiLoCoConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
-from services.train.diloco import Contributors, DiLoCoWorker, fixed_order_mean
+from services.train.diloco import Contributors, DiLoCoWorker
 from services.train.simulate import simulate, simulate_workers
 
 TOKENS = encode_documents(builtin_documents())
@@ -76,7 +77,8 @@ def test_simulate_accepts_the_client_payload() -> None:
 class _Exchange:
     """An in-memory stand-in for the peer links: every rank posts, waits for all, averages."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, compression: str = "none") -> None:
+        self.codec = Codec(compression)
         self.barrier = threading.Barrier(world, timeout=30)
         self.posted: dict[int, dict[int, list[torch.Tensor]]] = {}
         self.lock = threading.Lock()
@@ -89,14 +91,16 @@ class _Exchange:
         self.barrier.wait()
         by_rank = self.posted[contributors.outer_step]
         contributors.ranks = sorted(by_rank)
-        return fixed_order_mean(dict(reversed(list(by_rank.items()))))
+        return compressed_mean(dict(reversed(list(by_rank.items()))), self.codec)
 
 
 @pytest.mark.timeout(60)
-def test_ranks_driven_through_outer_step_match_the_simulation_bit_for_bit() -> None:
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_ranks_driven_through_outer_step_match_the_simulation_bit_for_bit(compression: str) -> None:
     world, rounds = 3, 3
-    exchange = _Exchange(world)
-    workers = [DiLoCoWorker(PLAN.with_rank(r, world), tokens=TOKENS) for r in range(world)]
+    exchange = _Exchange(world, compression)
+    plan = dataclasses.replace(PLAN, diloco=dataclasses.replace(PLAN.diloco, compression=compression))
+    workers = [DiLoCoWorker(plan.with_rank(r, world), tokens=TOKENS) for r in range(world)]
     errors: list[BaseException] = []
 
     def run(worker: DiLoCoWorker) -> None:
@@ -113,6 +117,6 @@ def test_ranks_driven_through_outer_step_match_the_simulation_bit_for_bit() -> N
     for t in threads:
         t.join(timeout=50)
     assert not errors and not any(t.is_alive() for t in threads)
-    expected = simulate(PLAN, world, rounds, tokens=TOKENS)
+    expected = simulate(plan, world, rounds, tokens=TOKENS)
     for worker in workers:
         assert _equal(worker.global_weights(), expected)
