@@ -58,10 +58,40 @@ from services.train.compression import Codec, flatten, unflatten
 log = get_logger(__name__)
 
 _MAX_BUFFERED = 4096
+_ACK_RETRY_S = 0.05
 _KEEP_DECISIONS = 16
 GENESIS = "genesis"
 #: Key the group adds to a served state header (and removes on fetch): the lineage of that state.
 LINEAGE_KEY = "_lineage"
+
+
+class LoopClock:
+    """Seconds during which this rank's event loop could listen: wall time minus the stretches it was
+    starved (a loaded machine, a blocked loop, a long synchronous step).
+
+    Silence is what condemns a peer, and only time we spent listening proves silence. On wall time, a
+    loop that got no CPU for a second would, on waking, tick before it drained the heartbeats waiting
+    in its socket and drop healthy peers. This clock lets at most ``cap`` seconds pass between two
+    beats of :meth:`run`, so a starved rank's timeouts stretch by as long as it was starved.
+    """
+
+    def __init__(self, interval: float = 0.02, cap: float = 0.1) -> None:
+        self.interval, self.cap = interval, cap
+        self._wall = time.monotonic()
+        self._value = self._wall
+
+    def __call__(self) -> float:
+        return self._value + min(time.monotonic() - self._wall, self.cap)
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        self._value += min(now - self._wall, self.cap)
+        self._wall = now
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.beat()
 
 
 class Excluded(Conflict):
@@ -93,7 +123,7 @@ class _Round:
         self.group = group
         self.step = step
         self.flat = flat
-        self.began = time.monotonic()
+        self.began = group.clock()
         self.event = asyncio.Event()
         self.error: MLNodeError | None = None
         self.exchanges: dict[Ballot, Exchange] = {}
@@ -106,6 +136,7 @@ class _Round:
             start_data=self.start_data,
             waiting_on=lambda: self.current.waiting_on() if self.current else set(),
             data_heard=lambda: self.data_heard,
+            clock=group.clock,
         )
         self.agreement = StepAgreement(
             step,
@@ -129,8 +160,8 @@ class _Round:
         key = self.group._key_by_rank.get(rank)
         if key is None:
             return math.inf
-        heard = self.group.link.last_heard(key)
-        return time.monotonic() - max(heard or 0.0, self.began)
+        heard = self.group._heard.get(key)
+        return self.group.clock() - max(heard if heard is not None else -math.inf, self.began)
 
     def start_data(self, ballot: Ballot, view: tuple[int, ...]) -> None:
         if self.current is not None:
@@ -146,7 +177,7 @@ class _Round:
             topology=group.topology,
             reduce_fn=group.reduce_fn,
             send=group._send_credited,
-            ack=group.link.ack,
+            ack=group.ack,
             on_complete=lambda: self.completed(ballot),
             codec=group.codec,
         )
@@ -165,7 +196,7 @@ class _Round:
         ballot = parse_ballot(msg.header.get("ballot"))
         current = self.current
         if current is not None and current.ballot == ballot:
-            self.data_heard = time.monotonic()
+            self.data_heard = self.group.clock()
             try:
                 current.handle(rank, msg.header, msg.payload, msg)
             except ProtocolError as exc:
@@ -176,7 +207,7 @@ class _Round:
             # rank): keep the chunk, unacknowledged, instead of losing it for good.
             self.early.append((rank, msg))
         else:
-            self.group.link.ack(msg)
+            self.group.ack(msg)
 
     def _may_start(self, ballot: Ballot) -> bool:
         promised = self.agreement.promised
@@ -206,7 +237,7 @@ class _Round:
         for exchange in self.exchanges.values():
             exchange.cancel()
         for _rank, msg in self.early:
-            self.group.link.ack(msg)
+            self.group.ack(msg)
         self.early.clear()
 
 
@@ -263,8 +294,16 @@ class PeerGroup:
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
-        self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of)
+        #: Credits (peer key, generation) whose ack could not go out yet (see :meth:`ack`).
+        self._owed: list[tuple[str, int]] = []
+        self._paying: asyncio.Task[None] | None = None
+        self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of, ack=self.ack)
+        #: The agreement's time: only the time this rank could listen counts towards a peer's silence.
+        self.clock = LoopClock(interval=min(0.02, timeout / 20), cap=min(0.1, timeout / 5))
+        #: When (on :attr:`clock`) each peer key was last heard.
+        self._heard: dict[str, float] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._clock_task: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -294,6 +333,31 @@ class PeerGroup:
         for key in endpoints:
             self.link.send(key, {"t": "hb", "r": self.rank})
 
+    def ack(self, msg: PeerMessage) -> None:
+        """Return the credit of a consumed message to its sender, later if it cannot go out now.
+
+        The link sends an ack once and drops it if our connection to the sender is still being
+        (re)opened, e.g. when the sender registered our key a moment after us; each dropped ack
+        shrinks the sender's window for good, and after ``window`` of them its data stalls. So an ack
+        that did not go out is owed and paid as soon as the connection takes it.
+        """
+        if msg.credit is None:
+            return
+        if not self.link.send(msg.key, {"_a": msg.credit}):
+            self._owed.append((msg.key, msg.credit))
+            if self._paying is None or self._paying.done():
+                self._paying = asyncio.get_running_loop().create_task(self._pay_owed())
+
+    async def _pay_owed(self) -> None:
+        while self._owed:
+            await asyncio.sleep(_ACK_RETRY_S)
+            peers = set(self.link.peer_keys())
+            self._owed = [
+                (key, credit)
+                for key, credit in self._owed
+                if key in peers and not self.link.send(key, {"_a": credit})
+            ]
+
     def _key_of(self, rank: int) -> str | None:
         return self._key_by_rank.get(rank)
 
@@ -304,8 +368,12 @@ class PeerGroup:
     def start(self) -> None:
         """Start receiving and heartbeating; call from the loop that will run the all-reduces."""
         self.link.start()
+        loop = asyncio.get_running_loop()
+        if self._clock_task is None:
+            self.clock.beat()  # the time before start did not count: nobody was listening
+            self._clock_task = loop.create_task(self.clock.run())
         if self._heartbeat is None:
-            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            self._heartbeat = loop.create_task(self._beat())
 
     async def _beat(self) -> None:
         interval = max(self.timeout / 4, 0.01)
@@ -342,7 +410,7 @@ class PeerGroup:
                     if old == step:
                         rnd.handle(rank, msg)
                     else:
-                        self.link.ack(msg)
+                        self.ack(msg)
             tick = min(max(self.timeout / 8, 0.01), 0.25)
             while not rnd.finished:
                 rnd.event.clear()
@@ -460,6 +528,7 @@ class PeerGroup:
         return claimed
 
     def _on_message(self, msg: PeerMessage) -> None:
+        self._heard[msg.key] = self.clock()
         header = msg.header
         kind = header.get("t")
         rank = self._sender_rank(msg.key, header.get("r"))
@@ -469,7 +538,7 @@ class PeerGroup:
             self.state.handle(rank, msg)
             return
         if kind == "rejoin":
-            self.link.ack(msg)
+            self.ack(msg)
             self._rejoiners.setdefault(non_negative(header, "step"), set()).add(rank)
             return
         if kind != "chunk" and kind != "refuse" and kind not in MESSAGE_TYPES:
@@ -485,7 +554,7 @@ class PeerGroup:
         elif step in self._decided:
             self._answer_decided(step, rank, msg)
         elif step in self._left:
-            self.link.ack(msg)
+            self.ack(msg)
             reply = answer_left(step, header)
             refused = self._left[step]
             if reply is not None:
@@ -494,7 +563,7 @@ class PeerGroup:
             if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
                 self._future.setdefault(step, []).append((rank, msg))
         else:
-            self.link.ack(msg)
+            self.ack(msg)
             reply = answer_behind(step, min(self._decided), msg.header) if self._past(step) else None
             if reply is not None:
                 # Older than all we remember: say so, or the late rank waits on us for good.
@@ -505,7 +574,7 @@ class PeerGroup:
         return bool(self._decided) and step < min(self._decided)
 
     def _answer_decided(self, step: int, rank: int, msg: PeerMessage) -> None:
-        self.link.ack(msg)
+        self.ack(msg)
         decision = self._decided[step]
         if msg.header.get("t") == "commit":
             try:
@@ -524,6 +593,10 @@ class PeerGroup:
     async def aclose(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+        if self._paying is not None:
+            self._paying.cancel()
         self.state.close()
         await self.link.aclose()
 

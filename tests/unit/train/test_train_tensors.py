@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 import torch
 
 from node.errors import ProtocolError
+from services.train.collective.exchange import Exchange
 from services.train.collective.tensors import ChunkHeader, TensorAssembler, chunk_spans, iter_chunks
+from services.train.compression import Codec, fixed_order_mean
 
 CHUNK = 4096
 
@@ -55,3 +60,34 @@ def test_assembler_refuses_chunks_that_do_not_fit() -> None:
     ):
         with pytest.raises(ProtocolError):
             ChunkHeader.from_wire(doc)
+
+
+def test_an_exchange_takes_a_chunk_that_came_twice_once_and_acks_the_copy() -> None:
+    """The link re-sends what a re-opened socket may not have delivered; sometimes it had."""
+    async def run() -> tuple[list[str], Exchange]:
+        acked: list[str] = []
+
+        async def send(rank: int, header: dict[str, Any], payload: memoryview) -> None:
+            return None
+
+        flat = torch.arange(2048, dtype=torch.float32)
+        exchange = Exchange(
+            step=0, ballot=(1, 0), view=(0, 1), me=0, flat=flat, chunk_bytes=4096, topology="scatter_gather",
+            reduce_fn=fixed_order_mean, send=send, ack=acked.append, on_complete=lambda: None,
+            codec=Codec("int8"),
+        )
+        exchange.start()
+        theirs = Codec("int8").encode(torch.ones(1024))
+        rs = {"t": "chunk", "ph": "rs", "ballot": [1, 0], "step": 0, "rank": 1, "tensor": 0, "chunk": 0,
+              "offset": 0, "dtype": "int8", "shape": [1024], "nbytes": theirs.numel()}
+        for copy in ("rs-1", "rs-2"):
+            exchange.handle(1, rs, memoryview(theirs.numpy()), copy)
+        ag = {**rs, "ph": "ag", "tensor": 1}
+        for copy in ("ag-1", "ag-2"):
+            exchange.handle(1, ag, memoryview(theirs.numpy()), copy)
+        exchange.cancel()
+        return acked, exchange
+
+    acked, exchange = asyncio.run(run())
+    assert acked == ["rs-1", "rs-2", "ag-1", "ag-2"] and exchange.complete
+    assert torch.equal(exchange.result[1024:], torch.ones(1024))
