@@ -46,14 +46,6 @@ class Authenticator:
         with self._lock:
             self._allowed[domain] = frozenset(keys)
 
-    def allow(self, domain: str, *keys: str) -> None:
-        with self._lock:
-            self._allowed[domain] = self._allowed.get(domain, frozenset()) | set(keys)
-
-    def revoke(self, domain: str, *keys: str) -> None:
-        with self._lock:
-            self._allowed[domain] = self._allowed.get(domain, frozenset()) - set(keys)
-
     def allowed(self, domain: str) -> frozenset[str]:
         with self._lock:
             return self._allowed.get(domain, frozenset())

@@ -133,10 +133,10 @@ class Rank:
 
     def deaf_to(self, other: Rank) -> None:
         """Stop hearing ``other`` (its key is revoked here, as if its registration had not arrived yet)."""
-        self.auth.revoke(DOMAIN, other.keys.public)
+        self.auth.set_allowed(DOMAIN, self.auth.allowed(DOMAIN) - {other.keys.public})
 
     def hear(self, other: Rank) -> None:
-        self.auth.allow(DOMAIN, other.keys.public)
+        self.auth.set_allowed(DOMAIN, self.auth.allowed(DOMAIN) | {other.keys.public})
 
     def close(self) -> None:
         self.resume()
