@@ -15,17 +15,34 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import msgspec
+
+from contracts.checked import convert
+from contracts.train import (
+    CkptSection,
+    DataSection,
+    DiLoCoSection,
+    ModelSection,
+    OptimSection,
+    TrainConfig,
+    TrainEnv,
+    TrainSection,
+    TrainStart,
+)
 from node import config as node_config
 from node.errors import InvalidRequest
-from services.train.compression import COMPRESSIONS
-from services.train.fields import Fields
 from services.train.vocab import VOCAB_SIZE
 
 SCHEDULES = ("cosine", "linear", "constant")
 PLAN_VERSION = 1
-_HOST_RE = re.compile(r"^[A-Za-z0-9._:\-\[\]]+$")
 _UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
-_METADATA_KEYS = ("project", "name", "description", "group", "tags")
+_METADATA = "run metadata; no experiment tracker here"
+#: Keys the contract accepts that the node cannot honour, and why (each becomes a note when sent).
+IGNORED = {
+    **{f"train_config.{key}": _METADATA for key in ("project", "name", "description", "group", "tags")},
+    "train_config.train.eval_interval": "no evaluation loop; training loss is reported",
+    "train_env.STORE_API_URL": "checkpoints stay on this node",
+}
 
 
 @dataclass(frozen=True)
@@ -174,56 +191,88 @@ class TrainPlan:
     def from_request(cls, body: Any, *, state_dir: str | Path | None = None) -> tuple[TrainPlan, list[str]]:
         """Map ``{"train_config": ..., "train_env": ...}`` to a plan plus notes on what was dropped.
 
-        Relative paths (``ckpt.path``, ``data.path``) resolve under ``state_dir`` (default: the node
-        settings' ``train`` service dir, ``$MLNODE_STATE_DIR/train``); absolute paths and ``..`` are
-        refused so a client cannot make the node read or write outside its own state.
+        The body is checked into the :class:`~contracts.train.TrainStart` contract (per-field rules);
+        the rules between fields are checked here, once. Relative paths (``ckpt.path``, ``data.path``)
+        resolve under ``state_dir`` (default: the node settings' ``train`` service dir,
+        ``$MLNODE_STATE_DIR/train``); absolute paths and ``..`` are refused so a client cannot make the
+        node read or write outside its own state.
         """
         if state_dir is None:
             state_dir = node_config.load().service_dir("train")
         root = Path(state_dir).resolve()
-        notes: list[str] = []
-        top = Fields(body, "", notes)
-        config = top.section("train_config")
-        env = _parse_env(top.section("train_env"))
-        for key in _METADATA_KEYS:
-            config.ignore(key, "run metadata; no experiment tracker here")
-        optim = _parse_optim(config.section("optim"), config.section("train"))
+        start = convert({} if body is None else body, TrainStart)
+        notes = ignored_keys(body, TrainStart)
+        config = start.train_config or TrainConfig()
+        env = _plan_env(start.train_env or TrainEnv())
+        optim = _plan_optim(config.optim or OptimSection(), config.train or TrainSection())
         plan = cls(
-            model=_parse_model(config.section("model")),
+            model=_plan_model(config.model or ModelSection()),
             optim=optim,
-            diloco=_parse_diloco(config.section("diloco"), optim),
-            data=_parse_data(config.section("data"), root),
-            ckpt=_parse_ckpt(config.section("ckpt"), root, env),
+            diloco=_plan_diloco(config.diloco or DiLoCoSection(), optim),
+            data=_plan_data(config.data or DataSection(), root),
+            ckpt=_plan_ckpt(config.ckpt or CkptSection(), root, env),
             env=env,
         )
-        config.finish()
-        top.finish()
         return plan, notes
 
 
-def _parse_model(f: Fields) -> ModelConfig:
-    d = ModelConfig()
-    dim = f.integer("dim", d.dim, minimum=2, maximum=16384)
-    n_heads = f.integer("n_heads", d.n_heads, minimum=1)
-    n_kv_heads = f.integer("n_kv_heads", min(d.n_kv_heads, n_heads), minimum=1)
-    if dim % n_heads or (dim // n_heads) % 2:
-        raise InvalidRequest(f"{f.name('dim')} must split into {n_heads} heads of even size, got {dim}")
-    if n_heads % n_kv_heads:
+def ignored_keys(body: Any, kind: Any) -> list[str]:
+    """Notes for the keys of ``body`` (already checked into ``kind``) that the node does not use: keys
+    the contract does not declare, and those it declares as accepted but ignored."""
+    notes: list[str] = []
+    _walk(body, msgspec.inspect.type_info(kind), "", notes)
+    return notes
+
+
+def _walk(doc: Any, node: msgspec.inspect.Type, path: str, notes: list[str]) -> None:
+    struct = _struct(node)
+    if struct is None or not isinstance(doc, dict):
+        return
+    fields = {f.encode_name: f for f in struct.fields}
+    for key, value in doc.items():
+        name = f"{path}.{key}" if path else str(key)
+        known = fields.get(key)
+        if known is None:
+            notes.append(f"ignored: {name} (unknown key)")
+        elif name in IGNORED:
+            notes.append(f"ignored: {name} ({IGNORED[name]})")
+        else:
+            _walk(value, known.type, name, notes)
+
+
+def _struct(node: msgspec.inspect.Type) -> msgspec.inspect.StructType | None:
+    """The Struct ``node`` is (through metadata and ``| None``), if any."""
+    while isinstance(node, msgspec.inspect.Metadata):
+        node = node.type
+    options = node.types if isinstance(node, msgspec.inspect.UnionType) else (node,)
+    for option in options:
+        while isinstance(option, msgspec.inspect.Metadata):
+            option = option.type
+        if isinstance(option, msgspec.inspect.StructType):
+            return option
+    return None
+
+
+def _plan_model(m: ModelSection) -> ModelConfig:
+    n_kv_heads = m.n_kv_heads if m.n_kv_heads is not None else min(ModelConfig.n_kv_heads, m.n_heads)
+    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
         raise InvalidRequest(
-            f"{f.name('n_heads')} ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})"
+            f"train_config.model.dim must split into {m.n_heads} heads of even size, got {m.dim}"
         )
-    model = ModelConfig(
-        dim=dim,
-        n_layers=f.integer("n_layers", d.n_layers, minimum=1, maximum=256),
-        n_heads=n_heads,
+    if m.n_heads % n_kv_heads:
+        raise InvalidRequest(
+            f"train_config.model.n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})"
+        )
+    return ModelConfig(
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
         n_kv_heads=n_kv_heads,
-        ffn_hidden=f.integer("ffn_hidden", _default_hidden(dim), minimum=1),
-        rope_theta=f.number("rope_theta", d.rope_theta, above=0.0),
-        norm_eps=f.number("norm_eps", d.norm_eps, above=0.0),
-        seed=f.integer("seed", d.seed, minimum=0, maximum=2**63 - 1),
+        ffn_hidden=m.ffn_hidden if m.ffn_hidden is not None else _default_hidden(m.dim),
+        rope_theta=float(m.rope_theta),
+        norm_eps=float(m.norm_eps),
+        seed=m.seed,
     )
-    f.finish()
-    return model
 
 
 def _default_hidden(dim: int) -> int:
@@ -231,117 +280,97 @@ def _default_hidden(dim: int) -> int:
     return -(-(8 * dim // 3) // 32) * 32
 
 
-def _parse_optim(f: Fields, train: Fields) -> OptimConfig:
-    d = OptimConfig()
-    sched = f.string("sched_type", d.sched_type)
-    if sched not in SCHEDULES:
-        raise InvalidRequest(f"{f.name('sched_type')} must be one of {', '.join(SCHEDULES)}, got {sched!r}")
-    batch_size = f.integer("batch_size", d.batch_size, minimum=1)
-    micro_bs = train.integer("micro_bs", batch_size, minimum=1)
-    if batch_size % micro_bs:
+def _plan_optim(o: OptimSection, train: TrainSection) -> OptimConfig:
+    micro_bs = o.batch_size if train.micro_bs is None else train.micro_bs
+    if o.batch_size % micro_bs:
         raise InvalidRequest(
-            f"{f.name('batch_size')} ({batch_size}) must be a multiple of "
-            f"{train.name('micro_bs')} ({micro_bs})"
+            f"train_config.optim.batch_size ({o.batch_size}) must be a multiple of "
+            f"train_config.train.micro_bs ({micro_bs})"
         )
-    total = f.integer("total_steps", d.total_steps, minimum=1)
-    warmup = f.integer("warmup_steps", d.warmup_steps, minimum=0)
-    if warmup > total:
-        raise InvalidRequest(f"{f.name('warmup_steps')} ({warmup}) must be <= total_steps ({total})")
-    optim = OptimConfig(
-        lr=f.number("lr", d.lr, above=0.0),
-        weight_decay=f.number("weight_decay", d.weight_decay, minimum=0.0),
-        adam_betas1=f.number("adam_betas1", d.adam_betas1, minimum=0.0, below=1.0),
-        adam_betas2=f.number("adam_betas2", d.adam_betas2, minimum=0.0, below=1.0),
-        warmup_steps=warmup,
-        total_steps=total,
-        sched_type=sched,
-        batch_size=batch_size,
+    if o.warmup_steps > o.total_steps:
+        raise InvalidRequest(
+            f"train_config.optim.warmup_steps ({o.warmup_steps}) must be <= total_steps ({o.total_steps})"
+        )
+    return OptimConfig(
+        lr=float(o.lr),
+        weight_decay=float(o.weight_decay),
+        adam_betas1=float(o.adam_betas1),
+        adam_betas2=float(o.adam_betas2),
+        warmup_steps=o.warmup_steps,
+        total_steps=o.total_steps,
+        sched_type=o.sched_type,
+        batch_size=o.batch_size,
         micro_bs=micro_bs,
     )
-    train.ignore("eval_interval", "no evaluation loop; training loss is reported")
-    f.finish()
-    train.finish()
-    return optim
 
 
-def _parse_diloco(f: Fields, optim: OptimConfig) -> DiLoCoConfig:
-    d = DiLoCoConfig()
-    momentum = f.number("outer_momentum", d.outer_momentum, minimum=0.0, below=1.0)
-    nesterov = f.boolean("nesterov", d.nesterov and momentum > 0)
-    if nesterov and momentum == 0:
-        raise InvalidRequest(f"{f.name('nesterov')} needs {f.name('outer_momentum')} > 0")
-    compression = f.string("compression", d.compression)
-    if compression not in COMPRESSIONS:
-        raise InvalidRequest(
-            f"{f.name('compression')} must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"[:200]
-        )
-    diloco = DiLoCoConfig(
-        inner_steps=f.integer("inner_steps", min(d.inner_steps, optim.total_steps), minimum=1),
-        outer_lr=f.number("outer_lr", d.outer_lr, above=0.0),
-        outer_momentum=momentum,
+def _plan_diloco(d: DiLoCoSection, optim: OptimConfig) -> DiLoCoConfig:
+    default = DiLoCoConfig()
+    nesterov = default.nesterov and d.outer_momentum > 0 if d.nesterov is None else d.nesterov
+    if nesterov and d.outer_momentum == 0:
+        raise InvalidRequest("train_config.diloco.nesterov needs train_config.diloco.outer_momentum > 0")
+    return DiLoCoConfig(
+        inner_steps=min(default.inner_steps, optim.total_steps) if d.inner_steps is None else d.inner_steps,
+        outer_lr=float(d.outer_lr),
+        outer_momentum=float(d.outer_momentum),
         nesterov=nesterov,
-        compression=compression,
+        compression=d.compression,
     )
-    f.finish()
-    return diloco
 
 
-def _parse_data(f: Fields, root: Path) -> DataConfig:
-    d = DataConfig()
-    raw_paths = f.strings("path")
-    data = DataConfig(
-        seq_length=f.integer("seq_length", d.seq_length, minimum=1, maximum=1 << 20),
-        paths=tuple(_under(root, raw, f.name("path")) for raw in raw_paths),
-        seed=f.integer("seed", d.seed, minimum=0, maximum=2**63 - 1),
+def _plan_data(d: DataSection, root: Path) -> DataConfig:
+    raw_paths = [] if d.path is None else [d.path] if isinstance(d.path, str) else d.path
+    return DataConfig(
+        seq_length=d.seq_length,
+        paths=tuple(_under(root, raw, "train_config.data.path") for raw in raw_paths),
+        seed=d.seed,
     )
-    f.finish()
-    return data
 
 
-def _parse_ckpt(f: Fields, root: Path, env: EnvConfig) -> CheckpointConfig:
+def _plan_ckpt(c: CkptSection, root: Path, env: EnvConfig) -> CheckpointConfig:
     default_dir = f"checkpoints/task-{_UNSAFE_NAME_RE.sub('_', env.task_id) or 'local'}"
-    ckpt = CheckpointConfig(
-        path=_under(root, f.string("path", default_dir), f.name("path")),
-        interval=f.optional_integer("interval", minimum=1),
-        topk=f.integer("topk", CheckpointConfig.topk, minimum=1),
-        resume=f.boolean("resume", CheckpointConfig.resume),
+    return CheckpointConfig(
+        path=_under(root, default_dir if c.path is None else c.path, "train_config.ckpt.path"),
+        interval=c.interval,
+        topk=c.topk,
+        resume=c.resume,
     )
-    f.finish()
-    return ckpt
 
 
-def _parse_env(f: Fields) -> EnvConfig:
-    world = f.env_integer("GLOBAL_WORLD_SIZE", 1, minimum=1, maximum=4096)
-    assert world is not None
-    rank = f.env_integer("GLOBAL_RANK", 0, minimum=0)
-    assert rank is not None
+def _plan_env(e: TrainEnv) -> EnvConfig:
+    world = _env_int(e.global_world_size, 1)
+    rank = _env_int(e.global_rank, 0)
     if rank >= world:
-        raise InvalidRequest(f"{f.name('GLOBAL_RANK')} must be < GLOBAL_WORLD_SIZE ({world}), got {rank}")
-    addr = f.env_string("GLOBAL_ADDR") or None
-    if addr is not None and not _HOST_RE.match(addr):
-        raise InvalidRequest(f"{f.name('GLOBAL_ADDR')} must be a host name or IP address, got {addr!r}")
-    port = f.env_integer("GLOBAL_PORT", None, minimum=1, maximum=65535)
+        raise InvalidRequest(f"train_env.GLOBAL_RANK must be < GLOBAL_WORLD_SIZE ({world}), got {rank}")
+    addr = _env_text(e.global_addr) or None
+    port = None if e.global_port is None else _env_int(e.global_port, 0)
     if world > 1 and (addr is None or port is None):
-        raise InvalidRequest(f"{f.path}.GLOBAL_ADDR and GLOBAL_PORT are required when GLOBAL_WORLD_SIZE > 1")
-    f.ignore("STORE_API_URL", "checkpoints stay on this node")
-    env = EnvConfig(
-        task_id=f.env_string("TASK_ID") or EnvConfig.task_id,
-        node_id=f.env_string("NODE_ID") or "",
+        raise InvalidRequest("train_env.GLOBAL_ADDR and GLOBAL_PORT are required when GLOBAL_WORLD_SIZE > 1")
+    return EnvConfig(
+        task_id=_env_text(e.task_id) or EnvConfig.task_id,
+        node_id=_env_text(e.node_id) or "",
         rank=rank,
         world_size=world,
         global_addr=addr,
         global_port=port,
-        base_port=f.env_integer("BASE_PORT", None, minimum=1, maximum=65535),
-        unique_id=f.env_string("GLOBAL_UNIQUE_ID"),
+        base_port=None if e.base_port is None else _env_int(e.base_port, 0),
+        unique_id=None if e.global_unique_id is None else _env_text(e.global_unique_id),
     )
-    f.finish()
-    return env
+
+
+def _env_int(value: str | int | None, default: int) -> int:
+    """A ``train_env`` integer: the contract's pattern has checked the digits of a string one."""
+    return default if value is None else int(value)
+
+
+def _env_text(value: str | int | None) -> str:
+    return "" if value is None else str(value).strip()
 
 
 def _under(root: Path, raw: str, name: str) -> str:
     """Resolve a client path inside ``root``; absolute paths and ``..`` escapes are refused."""
     if not raw.strip() or "\x00" in raw:
-        raise InvalidRequest(f"{name} must be a non-empty relative path")
+        raise InvalidRequest(f"{name} must be a non-empty relative path inside the node's state dir")
     rel = PurePosixPath(raw)
     if rel.is_absolute() or raw.startswith("~") or ".." in rel.parts:
         raise InvalidRequest(f"{name} must be a relative path inside the node's state dir, got {raw!r}")

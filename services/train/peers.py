@@ -3,8 +3,9 @@
 The client's ``train_env`` names ranks and a meeting host but carries no keys, so before a multi-node
 run the operators register each task's peers with this node (``{task_id, peers: [{node_id,
 public_key, address, rank?}]}``); the peer listener then admits exactly the keys of the running task.
-Every field is validated here, once, and a bad one is an :class:`~node.errors.InvalidRequest` that
-names it.
+Every field is checked by the contracts (:mod:`contracts.train`), which state the rules in the published
+document; here only the rules between peers (a rank or key taken twice) are checked, and a bad body is
+an :class:`~node.errors.InvalidRequest` that names the field.
 
 :func:`open_group` builds the :class:`~services.train.collective.group.PeerGroup` of a task with the
 fixed-rank-order mean of :mod:`services.train.diloco`, and :func:`follow` keeps its members equal to
@@ -22,6 +23,8 @@ from typing import Any
 import zmq.asyncio
 
 from bus.auth import Authenticator
+from contracts.checked import convert
+from contracts.train import PRINTABLE, TrainPeer, TrainPeerRemove, TrainPeers
 from node.errors import InvalidRequest, NotFound
 from node.identity import KeyPair, public_from_text
 from node.logging import get_logger
@@ -33,11 +36,6 @@ log = get_logger(__name__)
 
 __all__ = ["PeerInfo", "PeerRegistry", "bind_endpoint", "follow", "listen_port", "open_group"]
 
-MAX_PEERS = 4096
-_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 
 
 @dataclass(frozen=True)
@@ -66,59 +64,29 @@ class PeerInfo:
 
 
 def _text(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    """A task id given as a query parameter (no body contract covers it): the contract's rule."""
+    if not isinstance(value, str) or len(value) > 256 or not re.search(PRINTABLE, value):
         raise InvalidRequest(f"{field} must be a non-empty string of at most 256 printable characters")
     return value
 
 
-def parse_address(value: Any, field: str) -> str:
-    """``host:port`` (IPv6 as ``[addr]:port``), normalised; InvalidRequest naming ``field`` otherwise."""
-    if not isinstance(value, str) or ":" not in value:
-        raise InvalidRequest(f"{field} must be 'host:port', got {value!r}"[:200])
-    host, _, port_text = value.rpartition(":")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise InvalidRequest(f"{field} has no valid port (1-65535): {value!r}"[:200])
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ip6 = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise InvalidRequest(f"{field} has an invalid IPv6 address: {value!r}"[:200]) from None
-        return f"[{ip6.compressed}]:{int(port_text)}"
-    try:
-        return f"{ipaddress.IPv4Address(host)}:{int(port_text)}"
-    except ValueError:
-        pass
-    if not _HOST_RE.match(host) or host.replace(".", "").isdigit():
-        raise InvalidRequest(f"{field} has an invalid host name: {value!r}"[:200])
-    return f"{host.lower()}:{int(port_text)}"
+def normal_address(address: str) -> str:
+    """``host:port`` as the contract admits it (:data:`contracts.train.PEER_ADDRESS`), normalised:
+    IPv6 compressed, host names lower case, no leading zeros in the port."""
+    host, _, port_text = address.rpartition(":")
+    port = int(port_text)
+    if host.startswith("["):
+        return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]:{port}"
+    return f"{host.lower()}:{port}"
 
 
-def parse_rank(value: Any, field: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_PEERS:
-        raise InvalidRequest(f"{field} must be an integer in [0, {MAX_PEERS})")
-    return value
-
-
-def parse_peer(doc: Any, field: str) -> PeerInfo:
-    if not isinstance(doc, dict):
-        raise InvalidRequest(f"{field} must be an object")
-    unknown = set(doc) - {"node_id", "public_key", "address", "rank"}
-    if unknown:
-        raise InvalidRequest(f"{field} has unknown fields: {sorted(unknown)}")
-    key = doc.get("public_key")
-    if not isinstance(key, str):
-        raise InvalidRequest(f"{field}.public_key must be a string (40 Z85 or 64 hex characters)")
-    try:
-        public = public_from_text(key)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field}.public_key is not a CURVE public key: {exc}") from None
+def peer_info(peer: TrainPeer) -> PeerInfo:
+    """A registered peer from its contract value; the key normalised to Z85."""
     return PeerInfo(
-        node_id=_text(doc.get("node_id"), f"{field}.node_id"),
-        public_key=public,
-        address=parse_address(doc.get("address"), f"{field}.address"),
-        rank=parse_rank(doc.get("rank"), f"{field}.rank"),
+        node_id=peer.node_id,
+        public_key=public_from_text(peer.public_key),
+        address=normal_address(peer.address),
+        rank=peer.rank,
     )
 
 
@@ -142,19 +110,13 @@ class PeerRegistry:
     def peers(self, task_id: str) -> list[PeerInfo]:
         return _ordered(self._tasks.get(task_id, {}))
 
-    def register(self, body: Any) -> dict[str, Any]:
-        """Add or update peers of a task (``replace: true`` drops the ones not listed)."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("body must be an object with 'task_id' and 'peers'")
-        task_id = _text(body.get("task_id"), "task_id")
-        replace = body.get("replace", False)
-        if not isinstance(replace, bool):
-            raise InvalidRequest("replace must be a boolean")
-        items = body.get("peers")
-        if not isinstance(items, list) or not 1 <= len(items) <= MAX_PEERS:
-            raise InvalidRequest(f"peers must be a list of 1 to {MAX_PEERS} peer objects")
-        new = [parse_peer(doc, f"peers[{i}]") for i, doc in enumerate(items)]
-        current = {} if replace else dict(self._tasks.get(task_id, {}))
+    def register(self, body: TrainPeers | Any) -> dict[str, Any]:
+        """Add or update peers of a task (``replace: true`` drops the ones not listed); ``body`` is the
+        contract's value, or JSON values checked into it (a persisted registry)."""
+        request = body if isinstance(body, TrainPeers) else convert(body, TrainPeers)
+        task_id = request.task_id
+        new = [peer_info(peer) for peer in request.peers]
+        current = {} if request.replace else dict(self._tasks.get(task_id, {}))
         for i, peer in enumerate(new):
             current.pop(peer.node_id, None)
             for other in current.values():
@@ -171,12 +133,10 @@ class PeerRegistry:
         log.info("peers_registered", task_id=task_id, registered=len(new), total=len(current))
         return self.describe(task_id)
 
-    def remove(self, body: Any) -> dict[str, Any]:
+    def remove(self, body: TrainPeerRemove | Any) -> dict[str, Any]:
         """Forget one peer (``{task_id, node_id}``); its connections stop being heard at once."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("body must be an object with 'task_id' and 'node_id'")
-        task_id = _text(body.get("task_id"), "task_id")
-        node_id = _text(body.get("node_id"), "node_id")
+        request = body if isinstance(body, TrainPeerRemove) else convert(body, TrainPeerRemove)
+        task_id, node_id = request.task_id, request.node_id
         peers = dict(self._tasks.get(task_id, {}))
         if node_id not in peers:
             raise NotFound(f"node {node_id!r} is not registered for task {task_id!r}")

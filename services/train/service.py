@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.checked import convert
+from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
@@ -53,34 +54,29 @@ NOT_RUNNING = "Training is not running"
 
 
 def split_run_options(body: Any) -> tuple[dict[str, Any], float]:
-    """The body without our extra keys, plus the peer timeout they set (see the module docstring)."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be an object with 'train_config' and 'train_env'")
-    clean = copy.deepcopy(body)
+    """The body without our extra keys, plus the peer timeout they set (see the module docstring).
+
+    The body is checked against the :class:`~contracts.train.TrainStart` contract first; the one rule
+    a string cannot state in the schema (``PEER_TIMEOUT_S`` between 0.05 and 3600) is its description's.
+    """
+    start = convert({} if body is None else body, TrainStart)
+    assert isinstance(body, dict) or body is None  # the contract is an object
+    clean: dict[str, Any] = copy.deepcopy(body) if body is not None else {}
     timeout = DEFAULT_PEER_TIMEOUT_S
-    config = clean.get("train_config")
-    diloco = config.get("diloco") if isinstance(config, dict) else None
-    if isinstance(diloco, dict) and diloco.get("peer_timeout_s") is not None:
-        timeout = _seconds(diloco.pop("peer_timeout_s"), "train_config.diloco.peer_timeout_s")
-    env = clean.get("train_env")
-    if isinstance(env, dict) and env.get("PEER_TIMEOUT_S") is not None:
-        raw = env.pop("PEER_TIMEOUT_S")
-        try:
-            value = float(raw) if isinstance(raw, str) else raw
-        except ValueError:
-            raise InvalidRequest(
-                f"train_env.PEER_TIMEOUT_S must be a number of seconds, got {raw!r}"[:200]
-            ) from None
-        timeout = _seconds(value, "train_env.PEER_TIMEOUT_S")
+    config, env = start.train_config, start.train_env
+    if config is not None and config.diloco is not None and config.diloco.peer_timeout_s is not None:
+        timeout = float(config.diloco.peer_timeout_s)
+        clean["train_config"]["diloco"].pop("peer_timeout_s")
+    if env is not None and env.peer_timeout_s is not None:
+        timeout = _seconds(float(env.peer_timeout_s), "train_env.PEER_TIMEOUT_S")
+        clean["train_env"].pop("PEER_TIMEOUT_S")
     return clean, timeout
 
 
-def _seconds(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"{field} must be a number of seconds, got {value!r}"[:200])
+def _seconds(value: float, field: str) -> float:
     if not 0.05 <= value <= 3600:
         raise InvalidRequest(f"{field} must be between 0.05 and 3600 seconds, got {value}")
-    return float(value)
+    return value
 
 
 class TrainService(Service):
@@ -107,12 +103,12 @@ class TrainService(Service):
             "train_start": self._train_start,
             "train_stop": self._train_stop,
             "train_status": self._train_status,
-            "train.peers.register": self._peers_register,
-            "train.peers.remove": self._peers_remove,
             "train.peers.list": self._peers_list,
         }
         for kind, handler in handlers.items():
             self.route(kind, handler)
+        self.route("train.peers.register", self._peers_register, TrainPeers)
+        self.route("train.peers.remove", self._peers_remove, TrainPeerRemove)
 
     # -- Service hooks ------------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -332,12 +328,12 @@ class TrainService(Service):
                 log.error("train_peers_not_restored", task_id=str(task.get("task_id"))[:64],
                           reason=exc.message)
 
-    async def _peers_register(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+    async def _peers_register(self, payload: TrainPeers, _caller: Caller) -> dict[str, Any]:
         result = self.registry.register(payload)
         self.peer_store.save(self.registry.list_peers(None))
         return result
 
-    async def _peers_remove(self, payload: Any, _caller: Caller) -> dict[str, Any]:
+    async def _peers_remove(self, payload: TrainPeerRemove, _caller: Caller) -> dict[str, Any]:
         result = self.registry.remove(payload)
         self.peer_store.save(self.registry.list_peers(None))
         return result

@@ -490,9 +490,9 @@ def test_registry_validates_every_field_and_names_it() -> None:
         ({"task_id": "7", "peers": [peer("n1", KEY_A, rank=-1)]}, r"peers\[0\]\.rank"),
         ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"rank": True}]}, r"peers\[0\]\.rank"),
         ({"task_id": "7", "peers": [peer("", KEY_A)]}, r"peers\[0\]\.node_id"),
-        ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"extra": 1}]}, r"peers\[0\] has unknown fields"),
+        ({"task_id": "7", "peers": [peer("n1", KEY_A) | {"extra": 1}]}, r"peers\[0\]\.extra is not a known"),
         ({"task_id": "", "peers": [peer("n1", KEY_A)]}, r"task_id"),
-        ({"task_id": "7", "peers": []}, r"peers must be"),
+        ({"task_id": "7", "peers": []}, r"peers must have at least 1 entries"),
         (
             {"task_id": "7", "peers": [peer("n1", KEY_A), peer("n2", KEY_A)]},
             r"peers\[1\]\.public_key is already",
@@ -501,7 +501,7 @@ def test_registry_validates_every_field_and_names_it() -> None:
             {"task_id": "7", "peers": [peer("n1", KEY_A, rank=0), peer("n2", KEY_B, rank=0)]},
             r"peers\[1\]\.rank 0",
         ),
-        ([1, 2], r"body must be an object"),
+        ([1, 2], r"request body must be a JSON object"),
     ]
     for body, message in cases:
         with pytest.raises(InvalidRequest, match=message):

@@ -135,11 +135,22 @@ def test_overrides_outer_optimizer_and_model(tmp_path: Path) -> None:
     assert (plan.model.dim, plan.model.n_kv_heads, plan.model.seed, plan.model.ffn_hidden) == (32, 1, 9, 96)
 
 
-def test_integral_floats_and_int_env_values_are_accepted(tmp_path: Path) -> None:
-    body = _with("train_config.optim.batch_size", 32.0)
+def test_int_env_values_are_accepted_and_integers_stay_integers(tmp_path: Path) -> None:
+    body = copy.deepcopy(EXAMPLE)
     body["train_env"]["GLOBAL_RANK"] = 2
+    body["train_env"]["GLOBAL_PORT"] = " 5565 "
     plan, _ = TrainPlan.from_request(body, state_dir=tmp_path)
-    assert plan.optim.batch_size == 32 and plan.env.rank == 2
+    assert plan.env.rank == 2 and plan.env.global_port == 5565
+    for value in (32.0, True):
+        with pytest.raises(InvalidRequest, match=r"train_config\.optim\.batch_size must be an integer"):
+            TrainPlan.from_request(_with("train_config.optim.batch_size", value), state_dir=tmp_path)
+
+
+def test_null_sections_and_env_values_take_the_defaults(tmp_path: Path) -> None:
+    body = {"train_config": {"model": None, "ckpt": {"interval": None}}, "train_env": {"TASK_ID": None}}
+    plan, notes = TrainPlan.from_request(body, state_dir=tmp_path)
+    assert plan.model.dim == 64 and plan.ckpt.interval is None and plan.env.task_id == "local"
+    assert notes == []
 
 
 @pytest.mark.parametrize(
@@ -156,7 +167,7 @@ def test_integral_floats_and_int_env_values_are_accepted(tmp_path: Path) -> None
         ("train_config.train.micro_bs", 3, "train_config.optim.batch_size (32) must be a multiple of"),
         ("train_config.diloco.inner_steps", 0, "train_config.diloco.inner_steps must be >= 1"),
         ("train_config.diloco.nesterov", "yes", "train_config.diloco.nesterov must be a boolean"),
-        ("train_config.diloco.compression", "zstd", "train_config.diloco.compression must be one of none,"),
+        ("train_config.diloco.compression", "zstd", "diloco.compression must be one of fp16, int8, none"),
         ("train_config.diloco.compression", 8, "train_config.diloco.compression must be a string"),
         ("train_config.data.seq_length", "1024", "train_config.data.seq_length must be an integer"),
         ("train_config.data", [1], "train_config.data must be an object"),
@@ -165,13 +176,16 @@ def test_integral_floats_and_int_env_values_are_accepted(tmp_path: Path) -> None
         ("train_config.model", {"n_kv_heads": 3}, "train_config.model.n_heads (4) must be a multiple"),
         ("train_env.GLOBAL_RANK", "one", "train_env.GLOBAL_RANK must be an integer string"),
         ("train_env.GLOBAL_RANK", "3", "train_env.GLOBAL_RANK must be < GLOBAL_WORLD_SIZE (3)"),
-        ("train_env.GLOBAL_RANK", "-1", "train_env.GLOBAL_RANK must be >= 0"),
-        ("train_env.GLOBAL_WORLD_SIZE", "0", "train_env.GLOBAL_WORLD_SIZE must be >= 1"),
-        ("train_env.GLOBAL_PORT", "70000", "train_env.GLOBAL_PORT must be <= 65535"),
+        ("train_env.GLOBAL_RANK", "-1", "train_env.GLOBAL_RANK must be an integer string >= 0, got '-1'"),
+        ("train_env.GLOBAL_RANK", -1, "train_env.GLOBAL_RANK must be >= 0, got -1"),
+        ("train_env.GLOBAL_RANK", 1.0, "train_env.GLOBAL_RANK must be an integer or a string or null"),
+        ("train_env.GLOBAL_WORLD_SIZE", "0", "train_env.GLOBAL_WORLD_SIZE must be an integer string from 1"),
+        ("train_env.GLOBAL_WORLD_SIZE", 4097, "train_env.GLOBAL_WORLD_SIZE must be <= 4096"),
+        ("train_env.GLOBAL_PORT", "70000", "train_env.GLOBAL_PORT must be an integer string from 1 to 65535"),
         ("train_env.GLOBAL_PORT", ..., "train_env.GLOBAL_ADDR and GLOBAL_PORT are required"),
         ("train_env.GLOBAL_ADDR", "a b", "train_env.GLOBAL_ADDR must be a host name"),
         ("train_env.BASE_PORT", "x", "train_env.BASE_PORT must be an integer string"),
-        ("train_env.TASK_ID", ["7"], "train_env.TASK_ID must be a string"),
+        ("train_env.TASK_ID", ["7"], "train_env.TASK_ID must be an integer or a string or null, got array"),
         ("train_env", "TASK_ID=7", "train_env must be an object"),
     ],
 )
@@ -200,7 +214,7 @@ def test_symlink_out_of_the_state_dir_is_refused(tmp_path: Path) -> None:
 def test_body_must_be_an_object(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="train_config must be an object"):
         TrainPlan.from_request({"train_config": "x"}, state_dir=tmp_path)
-    with pytest.raises(InvalidRequest, match="must be an object"):
+    with pytest.raises(InvalidRequest, match="request body must be a JSON object"):
         TrainPlan.from_request([EXAMPLE], state_dir=tmp_path)
 
 
