@@ -125,7 +125,7 @@ class RpcServer:
         self._closed: asyncio.Future[None] | None = None
         self.endpoint = endpoint
         self.dropped = 0
-        self._sock: zmq.Socket[Any] = zmq.Socket(context, zmq.ROUTER)
+        self._sock: zmq.Socket[Any] = context.socket(zmq.ROUTER, socket_class=zmq.Socket)
         make_server(self._sock, auth, keypair, domain, max_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if bind:
@@ -247,7 +247,9 @@ class RpcClient:
         self.name = name or endpoint
         self.endpoint = endpoint
         self._max_bytes = max_bytes
-        self._sock: zmq.Socket[Any] = zmq.Socket(context, zmq.DEALER)
+        # A plain (blocking-API) socket, but made by the context so that ``context.destroy`` closes it: a
+        # socket the context does not know keeps ``term`` waiting forever at process exit.
+        self._sock: zmq.Socket[Any] = context.socket(zmq.DEALER, socket_class=zmq.Socket)
         make_client(self._sock, keypair, server_public, max_bytes)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
