@@ -112,6 +112,21 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory, vllm_python: str,
                              f"(serving at stop: {serving})") from None
 
 
+def rpc(served: Served, method: str, kwargs: dict[str, Any] | None = None) -> Response:
+    """``POST /collective_rpc`` on the engine's own port (never reachable through the node's ports)."""
+    body: dict[str, Any] = {"method": method, **({"kwargs": kwargs} if kwargs is not None else {})}
+    return served.engine("POST", "/collective_rpc", body, headers={"content-type": "application/json"},
+                         timeout=600)
+
+
+def one_result(resp: Response) -> dict[str, Any]:
+    """The one worker result that is not None (the final-norm rank's)."""
+    assert resp.status == 200, f"{resp.status} {resp.body[:500]!r}"
+    results = [r for r in resp.json()["results"] if r is not None]
+    assert len(results) == 1, resp.body[:500]
+    return dict(results[0])
+
+
 def up(node: Node) -> Response:
     return node.api("POST", "/api/v1/inference/up", UP_BODY, timeout=START_TIMEOUT_S)
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from tests.support.node import Response
 from tests.support.pocv2 import case, check_artifacts, rpc_kwargs
-from tests.vllm.conftest import SERVED_NAME, Served
+from tests.vllm.conftest import SERVED_NAME, Served, one_result, rpc
 
 JSON = {"content-type": "application/json"}
 #: Long enough to fill several KV blocks (and so the prefix cache), short of --max-model-len 1024.
@@ -27,16 +26,6 @@ LONG_PROMPT = [{"role": "user", "content": " ".join(f"Line {i}: the tide comes i
 GREEDY = {"max_tokens": 640, "temperature": 0.0, "ignore_eos": True, "logprobs": True, "seed": 3}
 
 
-def _rpc(served: Served, method: str, kwargs: dict[str, Any] | None = None) -> Response:
-    body: dict[str, Any] = {"method": method, **({"kwargs": kwargs} if kwargs is not None else {})}
-    return served.engine("POST", "/collective_rpc", body, headers=JSON, timeout=600)
-
-
-def _one(resp: Response) -> dict[str, Any]:
-    assert resp.status == 200, f"{resp.status} {resp.body[:500]!r}"
-    results = [r for r in resp.json()["results"] if r is not None]
-    assert len(results) == 1, resp.body[:500]
-    return dict(results[0])
 
 
 def _answer(resp: Response) -> tuple[list[str], list[float]]:
@@ -46,7 +35,7 @@ def _answer(resp: Response) -> tuple[list[str], list[float]]:
 
 
 def test_body_uses_the_engines_attention_backend(vllm_serving: Served) -> None:
-    info = _one(_rpc(vllm_serving, "mlnode_body_info"))
+    info = one_result(rpc(vllm_serving, "mlnode_body_info"))
     assert info["attention"] == "engine", info
     assert info["attention_backend"] == "CPU_ATTN", info
 
@@ -59,14 +48,14 @@ def test_body_engine_and_sdpa_attention_agree_with_the_served_logprobs(vllm_serv
     want = sorted(served.values(), reverse=True)
     tops = {}
     for mode in ("engine", "sdpa"):
-        result = _one(_rpc(vllm_serving, "mlnode_body_logprobs",
+        result = one_result(rpc(vllm_serving, "mlnode_body_logprobs",
                            {"token_ids": prompt, "top": 5, "hooked": True, "attention": mode}))
         tops[mode] = result["top"]
         assert [lp for _tok, lp in result["top"]] == pytest.approx(want, abs=1e-4), mode
     assert [t for t, _ in tops["engine"]] == [t for t, _ in tops["sdpa"]]
     worst = max(abs(a[1] - b[1]) for a, b in zip(tops["engine"], tops["sdpa"], strict=True))
     print(f"body logprobs engine vs sdpa: max |diff| {worst:.3g}")
-    bad = _one(_rpc(vllm_serving, "mlnode_body_logprobs", {"token_ids": prompt, "attention": "flash"}))
+    bad = one_result(rpc(vllm_serving, "mlnode_body_logprobs", {"token_ids": prompt, "attention": "flash"}))
     assert "attention" in bad["error"]
 
 
@@ -82,7 +71,7 @@ def test_body_poc_calls_leave_the_serving_kv_cache_alone(vllm_serving: Served) -
     time.sleep(0.3)  # let it reach decoding: its KV blocks are live in the serving cache
     overlapped = 0  # PoC calls that returned while the chat was still decoding
     while chat.is_alive():
-        result = _one(_rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c)))
+        result = one_result(rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c)))
         assert "error" not in result, result
         check_artifacts(c, result["artifacts"])
         overlapped += chat.is_alive()

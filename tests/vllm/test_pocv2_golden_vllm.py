@@ -13,27 +13,12 @@ from typing import Any
 import pytest
 
 from services.pow.v2.engine import EngineRefused, parse_answer
-from tests.support.node import Response
 from tests.support.pocv2 import case, check_artifacts, golden, rpc_kwargs
-from tests.vllm.conftest import Served
-
-JSON = {"content-type": "application/json"}
-
-
-def _rpc(served: Served, method: str, kwargs: dict[str, Any] | None = None) -> Response:
-    body: dict[str, Any] = {"method": method, **({"kwargs": kwargs} if kwargs is not None else {})}
-    return served.engine("POST", "/collective_rpc", body, headers=JSON, timeout=600)
-
-
-def _the_result(resp: Response) -> dict[str, Any]:
-    assert resp.status == 200, f"{resp.status} {resp.body[:500]!r}"
-    results = [r for r in resp.json()["results"] if r is not None]
-    assert len(results) == 1, resp.body[:500]
-    return dict(results[0])
+from tests.vllm.conftest import Served, one_result, rpc
 
 
 def test_served_in_float32_with_the_engines_attention(vllm_serving: Served) -> None:
-    info = _the_result(_rpc(vllm_serving, "mlnode_body_info"))
+    info = one_result(rpc(vllm_serving, "mlnode_body_info"))
     assert info["dtype"] == "float32", info
     # The golden cases below then run through vLLM's own attention backend, not the SDPA fallback.
     assert (info["attention"], info["attention_backend"]) == ("engine", "CPU_ATTN"), info
@@ -42,8 +27,8 @@ def test_served_in_float32_with_the_engines_attention(vllm_serving: Served) -> N
 @pytest.mark.parametrize("name", [c["name"] for c in golden()["cases"]])
 def test_golden_case(vllm_serving: Served, name: str) -> None:
     c = case(name)
-    resp = _rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c))
-    result = _the_result(resp)
+    resp = rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c))
+    result = one_result(resp)
     assert "error" not in result, result
     assert result["dropped"] == []
     worst = check_artifacts(c, result["artifacts"])
@@ -62,8 +47,8 @@ def test_golden_case(vllm_serving: Served, name: str) -> None:
 def test_bad_kwargs_are_refused_and_the_engine_keeps_serving(
         vllm_serving: Served, bad: dict[str, Any], why: str) -> None:
     kwargs = {**rpc_kwargs(golden()["cases"][0]), "nonces": [0], **bad}
-    resp = _rpc(vllm_serving, "mlnode_poc_artifacts", kwargs)
-    assert why in _the_result(resp)["error"]
+    resp = rpc(vllm_serving, "mlnode_poc_artifacts", kwargs)
+    assert why in one_result(resp)["error"]
     with pytest.raises(EngineRefused, match=why):
         parse_answer(resp.body, vllm_serving.engine_port, [0])
     assert vllm_serving.engine("GET", "/health").status == 200
