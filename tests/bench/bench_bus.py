@@ -49,28 +49,27 @@ def _rpc_server(endpoint: str, server: KeyPair, client_public: str, ready: Any) 
     asyncio.run(main())
 
 
-def _raw_server(endpoint: str, server: KeyPair, client_public: str, ready: Any) -> None:
-    """ZeroMQ alone: a ROUTER that echoes each frame back, CURVE on, same ZAP allowlist as the bus."""
-    ctx = zmq.Context()
+def _raw_router(ctx: zmq.Context[Any], endpoint: str, server: KeyPair, client_public: str, ready: Any) -> Any:
+    """ZeroMQ alone: a bound CURVE ROUTER behind the same ZAP allowlist as the bus."""
     auth = Authenticator(ctx).start()
     auth.set_allowed("local", {client_public})
     sock = ctx.socket(zmq.ROUTER)
     make_server(sock, auth, server, "local", 1 << 20)
     sock.bind(endpoint)
     ready.set()
+    return sock
+
+
+def _raw_server(endpoint: str, server: KeyPair, client_public: str, ready: Any) -> None:
+    """Echoes each frame back, blocking calls."""
+    sock = _raw_router(zmq.Context(), endpoint, server, client_public, ready)
     while True:
         sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
 
 
 def _raw_async_server(endpoint: str, server: KeyPair, client_public: str, ready: Any) -> None:
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
-        auth = Authenticator(ctx).start()
-        auth.set_allowed("local", {client_public})
-        sock = ctx.socket(zmq.ROUTER)
-        make_server(sock, auth, server, "local", 1 << 20)
-        sock.bind(endpoint)
-        ready.set()
+        sock = _raw_router(zmq.asyncio.Context(), endpoint, server, client_public, ready)
         while True:
             await sock.send_multipart(await sock.recv_multipart(copy=False), copy=False)
 
