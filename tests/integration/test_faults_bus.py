@@ -17,7 +17,8 @@ import pytest
 import zmq
 
 from node.identity import KeyPair, load
-from tests.support.node import Node, wait_until
+from tests.support.node import Node
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from services.gateway.server import HEAD_TIMEOUT_S
-from tests.support.node import Node, request, wait_until
+from tests.support.node import Node, request
 from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

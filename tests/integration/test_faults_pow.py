@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import Node, wait_until
+from tests.support.node import Node
 from tests.support.pow import CASE, init_dict
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

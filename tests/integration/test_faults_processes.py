@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import Node, request, wait_until
+from tests.support.node import Node, request
 from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import MLNODE, REPO, Node, wait_until
+from tests.support.node import MLNODE, REPO, Node
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node import REPO, Node, wait_until
+from tests.support.node import REPO, Node
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

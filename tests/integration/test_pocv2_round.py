@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from services.inference.poc.codec import decode_f16, l2
-from tests.support.node import Node, wait_until
+from tests.support.node import Node
 from tests.support.pocv2 import SERVED_NAME, TINY_QWEN3, case, golden
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import Node, wait_until
+from tests.support.node import Node
 from tests.support.pow import CASE, R_TARGET, init_body, init_dict
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import Node, Response, wait_until
+from tests.support.node import Node, Response
 from tests.support.pow import init_dict
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

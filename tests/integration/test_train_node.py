@@ -19,7 +19,8 @@ import torch
 from services.train.config import TrainPlan
 from services.train.runner import weights_digest
 from services.train.simulate import simulate
-from tests.support.node import Node, wait_until
+from tests.support.node import Node
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

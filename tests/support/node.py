@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 MLNODE = [sys.executable, "-m", "services.cli"]
 
@@ -194,17 +196,3 @@ class Node:
             except ValueError:
                 entries.append({"unparsed": line})
         return entries
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.2, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(interval)
-    raise AssertionError(message or f"condition not met within {timeout} s (last: {last!r})")

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import REPO, Node, Response, request, wait_until
+from tests.support.node import REPO, Node, Response, request
+from tests.support.waiting import wait_until
 
 #: CI keeps ``shared/`` beside the clone.
 GOLDEN_MODEL = REPO.parent / "shared" / "golden" / "pocv2-tiny-qwen3"

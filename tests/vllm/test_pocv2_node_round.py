@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from services.inference.poc.codec import decode_f16, l2
-from tests.support.node import wait_until
 from tests.support.pocv2 import SERVED_NAME, case, golden
 from tests.support.receiver import Receiver
+from tests.support.waiting import wait_until
 from tests.vllm.conftest import Served
 
 CASE = case("legacy_rng_seq16")

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from services.inference.liveness import PROGRESS_COUNTERS, RUNNING_GAUGE, parse_metrics
-from tests.support.node import request, wait_until
+from tests.support.node import request
+from tests.support.waiting import wait_until
 from tests.vllm.conftest import SERVED_NAME, Served
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]

@@ -11,7 +11,8 @@ import signal
 from pathlib import Path
 
 from services.inference.cpu_engine.checkpoint import create_tiny
-from tests.support.node import request, wait_until
+from tests.support.node import request
+from tests.support.waiting import wait_until
 from tests.vllm.conftest import ENGINE_ARGS, PROMPT_FOR_PROBE, START_TIMEOUT_S, UP_BODY, Served
 
 

@@ -6,8 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from services.inference.liveness import Timing
 from services.inference.manager import EngineManager
 from services.inference.probe import Prober
 from tests.support.node import free_port
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,15 +97,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path)
     yield h
     await h.prober.close()
-
-
-async def until(predicate: Callable[[], bool], timeout: float) -> float:
-    began = time.monotonic()
-    while not predicate():
-        if time.monotonic() - began > timeout:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began
 
 
 async def serving(inst: Instance) -> int:

@@ -14,6 +14,7 @@ import pytest
 
 from services.inference.launcher import EngineProcess, LaunchSpec, describe_exit
 from services.inference.process_group import MARKER_VAR, PidFile, group_members
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,15 +42,6 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
-def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def log_text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
@@ -74,7 +66,7 @@ async def test_stop_ends_the_engine_and_its_workers(tmp_path: Path) -> None:
     assert sorted(group_members(proc.pgid, str(tmp_path))) == sorted([proc.pid, worker])
     code = await proc.stop(grace_s=5)
     assert code == -signal.SIGTERM
-    wait_for(lambda: not alive(worker), 5)
+    wait_until(lambda: not alive(worker), 5)
     assert group_members(proc.pgid, str(tmp_path)) == []
 
 
@@ -126,7 +118,7 @@ asyncio.run(main())
         assert alive(child)
         parent.kill()
         parent.wait()
-        wait_for(lambda: not alive(child), 5)
+        wait_until(lambda: not alive(child), 5)
     finally:
         parent.kill()
 
@@ -146,7 +138,7 @@ def test_sweep_kills_marked_leftovers_and_spares_strangers(tmp_path: Path) -> No
         assert sorted(pidfile.read()) == sorted([orphan.pid, stranger.pid])
         assert pidfile.sweep() == 2
         orphan.wait(5)
-        wait_for(lambda: not alive(worker), 5)
+        wait_until(lambda: not alive(worker), 5)
         assert stranger.poll() is None  # not ours: untouched
         assert not pidfile.path.exists()
         assert pidfile.sweep() == 0  # nothing recorded any more

@@ -27,6 +27,7 @@ from services.pow.v2.rounds import PocRounds
 from services.pow.v2.worker import MAX_QUEUED_NONCES
 from tests.support.pocv2 import golden
 from tests.support.pocv2_fake_engine import FakeEngine, fake_vector
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,16 +68,6 @@ async def rounds(tmp_path: Path, engines: list[FakeEngine]) -> AsyncIterator[Poc
     outbox.close()
 
 
-async def until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"not reached: {what}") from None
-
-
 def init(body: dict[str, Any]) -> InitGenerate:
     return convert(body, InitGenerate)
 
@@ -105,7 +96,7 @@ async def test_init_fans_out_by_port_with_dense_sequences(
     ports = [e.port for e in engines]
     assert answer == {"status": "OK", "backends": 2, "n_groups": 2, "errors": None,
                       "results": [{"port": ports[0], "status": "OK"}, {"port": ports[1], "status": "OK"}]}
-    await until(lambda: all(processed(rounds, e.port) >= 12 for e in engines), "three batches on each engine")
+    await until(lambda: all(processed(rounds, e.port) >= 12 for e in engines), what="three batches each")
     status = await rounds.status()
     assert status["status"] == "GENERATING"
     assert [b["port"] for b in status["backends"]] == ports
@@ -173,7 +164,7 @@ async def test_generate_jobs_round_robin_wait_for_the_loop_and_validate(
     second = await rounds.generate(gen({**request, "validation": {"artifacts": []}, "nonces": []}))
     assert second["request_id"].startswith(f"{engines[1].port}:")
     # The loops are on: the jobs wait.
-    await until(lambda: all(len(e.nonces()) >= 8 for e in engines), "loops running")
+    await until(lambda: all(len(e.nonces()) >= 8 for e in engines), what="loops running")
     assert (await rounds.job_status(job(first["request_id"])))["status"] == "queued"
     for e in engines:  # end the loops without a stop (a stop would drop the jobs)
         await rounds.workers[e.port]._end_loop(rounds.workers[e.port].loop, "test")  # type: ignore[arg-type]
@@ -222,7 +213,7 @@ async def test_queue_full_is_429(rounds: PocRounds, engines: list[FakeEngine]) -
 async def test_stop_drops_jobs_but_keeps_what_is_in_the_outbox(rounds: PocRounds) -> None:
     await rounds.init_generate(init(INIT))
     queued_job = await rounds.generate(gen({**INIT, "nonces": [1, 2]}))
-    await until(lambda: len(queued(rounds.outbox)) >= 2, "some batches in the outbox")
+    await until(lambda: len(queued(rounds.outbox)) >= 2, what="some batches in the outbox")
     await rounds.stop()
     assert (await rounds.job_status(job(queued_job["request_id"])))["status"] == "cancelled"
     assert queued(rounds.outbox)  # what was computed is still owed to the receiver
@@ -232,7 +223,7 @@ async def test_stop_drops_jobs_but_keeps_what_is_in_the_outbox(rounds: PocRounds
 async def test_an_engine_that_refuses_ends_its_loop(rounds: PocRounds, engines: list[FakeEngine]) -> None:
     engines[1].refuse = 422
     await rounds.init_generate(init(INIT))
-    await until(lambda: rounds.workers[engines[1].port].loop is None, "the refused loop ended")
+    await until(lambda: rounds.workers[engines[1].port].loop is None, what="the refused loop ended")
     status = await rounds.status()
     assert status["status"] == "MIXED" and "refused" in status["backends"][1]["error"]
 
@@ -243,13 +234,13 @@ async def test_a_restarted_pow_resumes_loops_and_jobs(tmp_path: Path, engines: l
     first = PocRounds(outbox, tmp_path / "v2", inference, EngineClient(timeout_s=10))
     await first.init_generate(init(INIT))
     accepted = await first.generate(gen({**INIT, "nonces": [100, 101]}))
-    await until(lambda: all(len(e.nonces()) >= 8 for e in engines), "loops running")
+    await until(lambda: all(len(e.nonces()) >= 8 for e in engines), what="loops running")
     await first.close()  # a crash keeps the journal (close() does not touch it)
     done = {e.port: len(e.nonces()) for e in engines}
     second = PocRounds(outbox, tmp_path / "v2", inference, EngineClient(timeout_s=10))
     await second.resume(in_inference=True)
     try:
-        await until(lambda: all(len(e.nonces()) >= done[e.port] + 8 for e in engines), "loops resumed")
+        await until(lambda: all(len(e.nonces()) >= done[e.port] + 8 for e in engines), what="loops resumed")
         for group_id, e in enumerate(engines):
             seen = [n for n in e.nonces() if n not in (100, 101)]
             # The sequence continues: at most the batch in flight at the crash is computed twice.
@@ -281,13 +272,13 @@ def test_engine_answers_are_checked() -> None:
 async def test_a_loop_ends_when_its_engine_goes_away_or_changes_model(
         rounds: PocRounds, engines: list[FakeEngine]) -> None:
     await rounds.init_generate(init(INIT))
-    await until(lambda: all(processed(rounds, e.port) >= 4 for e in engines), "loops running")
+    await until(lambda: all(processed(rounds, e.port) >= 4 for e in engines), what="loops running")
     inference = rounds.inference
     inference.ports = [engines[0].port]  # type: ignore[attr-defined]  # engine 1: inference/down
     engines[1].refuse = 503
-    await until(lambda: rounds.workers[engines[1].port].loop is None, "the loop of the gone engine ended")
+    await until(lambda: rounds.workers[engines[1].port].loop is None, what="the gone engine's loop ended")
     assert rounds.workers[engines[0].port].loop is not None
     inference.served = ["another-model"]  # type: ignore[attr-defined]  # up replaced the model
     engines[0].refuse = 503
-    await until(lambda: rounds.workers[engines[0].port].loop is None, "the loop of the replaced model ended")
+    await until(lambda: rounds.workers[engines[0].port].loop is None, what="the replaced model's loop ended")
     assert "another model" in (await rounds.status())["backends"][0]["error"]

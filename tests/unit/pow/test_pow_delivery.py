@@ -22,6 +22,7 @@ from node.errors import Conflict, Unavailable
 from services.pow.callback_http import CallbackSender, Outcome, classify, safe_url
 from services.pow.delivery import Delivery, backoff_delay
 from services.pow.outbox import Outbox
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -130,13 +131,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -187,7 +181,7 @@ def test_retries_send_identical_bytes(receiver: Receiver, outbox: Outbox, delive
     outbox.put("generated", receiver.base, gen([1]))
     outbox.put("generated", receiver.base, gen([2]))
     delivery.start()
-    wait_for(lambda: len(receiver.raw()) >= 1)
+    wait_until(lambda: len(receiver.raw()) >= 1)
     outbox.put("generated", receiver.base, gen([3]))  # after sealing: goes in a later POST
     assert delivery.flush(10)
     raw = receiver.raw()
@@ -233,7 +227,7 @@ def test_one_url_down_does_not_block_another(receiver: Receiver, outbox: Outbox,
     outbox.put("generated", dead_url, gen([1]))
     outbox.put("generated", receiver.base, gen([2]))
     delivery.start()
-    wait_for(lambda: outbox.pending_urls() == [dead_url])
+    wait_until(lambda: outbox.pending_urls() == [dead_url])
     assert [b["nonces"] for b in receiver.bodies()] == [[2]]
     assert delivery.flush(0.2) is False
 
@@ -263,7 +257,7 @@ def test_a_stalled_receiver_is_abandoned_after_the_total_timeout(receiver: Recei
     started = time.monotonic()
     sender.start()
     try:
-        wait_for(lambda: outbox.stats()["failures"] == 1)
+        wait_until(lambda: outbox.stats()["failures"] == 1)
         assert time.monotonic() - started < 1.5
         assert sender.flush(10)
         assert len(receiver.raw()) == 2 and receiver.raw()[0] == receiver.raw()[1]
@@ -281,7 +275,7 @@ def test_stop_keeps_everything_and_a_restart_resends_the_same_bytes(receiver: Re
         box.put("generated", receiver.base, gen([n]))
     first = fast(box)
     first.start()
-    wait_for(lambda: len(receiver.raw()) >= 2)
+    wait_until(lambda: len(receiver.raw()) >= 2)
     assert first.stop(10)
     box.put("generated", receiver.base, gen([3]))
     assert box.pending_count() == 4

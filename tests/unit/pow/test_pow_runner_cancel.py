@@ -14,8 +14,8 @@ from services.pow.outbox import Outbox
 from services.pow.params import PowParams
 from services.pow.round import RoundSpec
 from services.pow.runner import GENERATING, Runner
-from tests.support.node import wait_until
 from tests.support.pow import CASE, init_dict
+from tests.support.waiting import wait_until
 
 URL = "http://127.0.0.1:9/v1/poc-batches"
 
