@@ -102,32 +102,37 @@ class Codec:
         if not blocks:
             return out
         scale = out[: 4 * blocks].view(torch.float32)
-        torch.div(grid.abs().amax(dim=1), 127.0, out=scale)
+        # absmax as max(max, -min): two read-only passes instead of writing |grid| out first
+        torch.maximum(grid.amax(dim=1), grid.amin(dim=1).neg_(), out=scale).div_(127.0)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # The clamp matters only for subnormal blocks, whose rounded scale can fall short of absmax/127.
         q = torch.div(grid, safe[:, None]).round_().clamp_(-127, 127)
         out[4 * blocks :].view(torch.int8).copy_(q.view(-1)[:n])
         return out
 
-    def decode(self, wire: Tensor | memoryview | bytes, numel: int) -> Tensor:
-        """Float32 values of an encoded slice of ``numel`` elements (for ``none``, a view of ``wire``)."""
+    def decode(self, wire: Tensor | memoryview | bytes, numel: int, out: Tensor | None = None) -> Tensor:
+        """Float32 values of an encoded slice of ``numel`` elements: written into ``out`` when given
+        (it saves the copy), else new (for ``none``, a view of ``wire``)."""
         raw = _as_bytes(wire)
         if raw.numel() != self.wire_nbytes(numel):
             raise InvalidRequest(f"{self.name} payload of {raw.numel()} bytes cannot hold {numel} elements")
-        if numel == 0:
-            return torch.empty(0, dtype=torch.float32)
-        if self.name == "none":
-            return raw.view(torch.float32)
+        if out is not None and (out.dtype != torch.float32 or out.shape != (numel,)):
+            raise ValueError(f"decode writes {numel} float32 values into a 1-D tensor of that size")
+        if self.name == "none" or numel == 0:
+            values = raw.view(torch.float32) if numel else torch.empty(0, dtype=torch.float32)
+            return values if out is None else out.copy_(values)
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32)
         if self.name == "fp16":
-            return raw.view(torch.float16).float()
+            return out.copy_(raw.view(torch.float16))
         blocks = -(-numel // BLOCK)
         scale = raw[: 4 * blocks].view(torch.float32)
         q = raw[4 * blocks :].view(torch.int8)
-        out = torch.empty(numel, dtype=torch.float32)
         full = numel // BLOCK
-        body = out[: full * BLOCK].view(full, BLOCK)
-        body.copy_(q[: full * BLOCK].view(full, BLOCK)).mul_(scale[:full, None])
+        body = full * BLOCK  # converting first, then scaling in place, beats a mixed-dtype multiply
+        out[:body].view(full, BLOCK).copy_(q[:body].view(full, BLOCK)).mul_(scale[:full, None])
         if full < blocks:  # the last, partial block
-            out[full * BLOCK :].copy_(q[full * BLOCK :]).mul_(scale[full])
+            out[body:].copy_(q[body:]).mul_(scale[full])
         return out
 
     def roundtrip(self, flat: Tensor) -> Tensor:
@@ -150,11 +155,13 @@ def check_finite(flat: Tensor) -> None:
         )
 
 
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """One contiguous float32 CPU copy of all tensors (the payload of an all-reduce)."""
+def flatten(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """One contiguous float32 CPU copy of all tensors (the payload of an all-reduce), into ``out`` if
+    given (a 1-D float32 tensor of exactly their total size)."""
     if not tensors:
-        return torch.empty(0, dtype=torch.float32)
-    return torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors])
+        return torch.empty(0, dtype=torch.float32) if out is None else out
+    parts = [t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors]
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
 def unflatten(flat: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
@@ -192,8 +199,8 @@ def fixed_order_mean(tensors_by_rank: Mapping[int, Sequence[Tensor]]) -> list[Te
                 )
     out = []
     for i, ref in enumerate(reference):
-        acc = torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
-        for rank in ranks:
+        acc = ref.to(dtype=torch.float32, copy=True)  # the first term (no pass adding it to zeros)
+        for rank in ranks[1:]:
             acc.add_(tensors_by_rank[rank][i].to(device=acc.device, dtype=torch.float32))
         out.append(acc.div_(len(ranks)))
     return out

@@ -35,7 +35,7 @@ from torch import Tensor
 from node.errors import MLNodeError, ProtocolError
 from node.logging import get_logger
 from services.train.collective.tensors import ChunkHeader, byte_view, check_chunk_bytes, chunk_spans
-from services.train.compression import BLOCK, Codec
+from services.train.compression import Codec
 
 log = get_logger(__name__)
 
@@ -55,9 +55,14 @@ def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]
 
 
 def chunk_elements(chunk_bytes: int, codec: Codec) -> int:
-    """Elements per chunk: as many as a float32 chunk holds, on the codec's block grid."""
-    elements = chunk_bytes // 4
-    return max(BLOCK, elements // BLOCK * BLOCK) if codec.align > 1 else elements
+    """Elements per chunk: as many as ``chunk_bytes`` of the wire form hold, on the codec's block grid.
+
+    Sized by wire bytes, compression sends fewer messages rather than smaller ones: each message costs
+    the same handling (header, credit, ack) whatever its size.
+    """
+    if codec.align == 1:
+        return chunk_bytes // codec.wire_nbytes(1)
+    return max(1, chunk_bytes // codec.wire_nbytes(codec.align)) * codec.align
 
 
 class Exchange:
@@ -78,6 +83,7 @@ class Exchange:
         ack: Callable[[Any], None],
         on_complete: Callable[[], None],
         codec: Codec | None = None,
+        result: Tensor | None = None,
     ) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
@@ -88,7 +94,10 @@ class Exchange:
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.topology = topology
         self.codec = codec if codec is not None else Codec("none")
-        self.result = torch.empty_like(flat)
+        if result is not None and (result.dtype != flat.dtype or result.shape != flat.shape):
+            raise ValueError("the result buffer must be shaped like the payload")
+        #: Where the mean lands (a buffer the caller reuses, or a fresh one).
+        self.result = result if result is not None else torch.empty_like(flat)
         self.complete = False
         self._reduce_fn = reduce_fn
         self._send = send
@@ -228,7 +237,7 @@ class Exchange:
             if (j, k) in self._gathered:
                 return _duplicate(self.step, sender, phase, j, k)
             if hi > lo:
-                self.result[lo:hi].copy_(self.codec.decode(data, hi - lo))
+                self.codec.decode(data, hi - lo, out=self.result[lo:hi])
             self._gathered.add((j, k))
             self._got[sender] += 1
             self._finish_one()
@@ -270,7 +279,7 @@ class Exchange:
                 self.result[lo:hi].copy_(mean)
             else:
                 wire = codec.encode(mean, checked=True)  # a mean of finite values
-                self.result[lo:hi].copy_(codec.decode(wire, length))
+                codec.decode(wire, length, out=self.result[lo:hi])
         for _data, msg in entries.values():
             self._ack(msg)
         self._reduced.add((j, k))

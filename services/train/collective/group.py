@@ -49,6 +49,7 @@ from services.train.collective.agreement import (
     ballot_key,
     parse_ballot,
 )
+from services.train.collective.buffers import Buffers
 from services.train.collective.exchange import Exchange, ReduceFn
 from services.train.collective.state import KINDS as STATE_KINDS
 from services.train.collective.state import StateTransfer, non_negative
@@ -109,7 +110,10 @@ class Member:
 
 @dataclass(frozen=True)
 class Reduced:
-    """The average of the decided ranks' tensors, shaped like the input."""
+    """The average of the decided ranks' tensors, shaped like the input.
+
+    ``tensors`` are views of the group's reused buffers: valid until its next :meth:`PeerGroup.all_reduce`.
+    """
 
     step: int
     tensors: list[Tensor]
@@ -180,6 +184,7 @@ class _Round:
             ack=group.ack,
             on_complete=lambda: self.completed(ballot),
             codec=group.codec,
+            result=group.buffers.take(self.flat.numel()),
         )
         self.exchanges[ballot] = exchange
         self.current = exchange
@@ -286,6 +291,8 @@ class PeerGroup:
         self._rank_by_key: dict[str, int] = {}
         self._key_by_rank: dict[int, str] = {}
         self._round: _Round | None = None
+        #: The staging copy of each step's payload and its results, reused step after step.
+        self.buffers = Buffers()
         self._future: dict[int, list[tuple[int, PeerMessage]]] = {}
         self._decided: dict[int, Decision] = {}
         #: Steps this rank is out of: late questions about them are answered "leave", or "refuse" with
@@ -393,7 +400,8 @@ class PeerGroup:
             diverged, self._diverged = self._diverged, None
             raise Excluded(f"peers decided step {diverged} differently; resynchronise before step {step}")
         shapes = [tuple(t.shape) for t in tensors]
-        flat = flatten(tensors)
+        self.buffers.recycle()  # the previous step's result is given up (see Reduced)
+        flat = flatten(tensors, self.buffers.take(sum(t.numel() for t in tensors)))
         self.codec.check(flat)  # NaN/inf is refused here, before any peer counts on this rank
         peers = set(self._key_by_rank) - {self.rank}
         expected = (self._last_ranks if self._last_ranks is not None else set(range(self.world_size))) | (

@@ -34,6 +34,7 @@ from services.train.peers import PeerRegistry, bind_endpoint, follow, listen_por
 from services.train.runner import FINISHED, Runner, weights_digest
 from services.train.simulate import simulate
 from tests.support.tcp_relay import Relays
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 STALL_LIMIT_S = 40  # a stall never outlives its test
@@ -184,14 +185,6 @@ def reduce_on(
     return [rank.reduce(step, data[rank.rank]) for rank in ranks]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    """The rejoin notice travels asynchronously; the next step must not start before it arrived."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 def bits(tensors: list[torch.Tensor]) -> list[bytes]:
     return [t.contiguous().view(torch.int32).numpy().tobytes() for t in tensors]
 
@@ -212,11 +205,14 @@ def assert_mean_of(
 def test_three_ranks_end_bit_identical_to_the_fixed_order_mean(topology: str, compression: str) -> None:
     ranks = make_ranks(3, timeout=5, topology=topology, compression=compression)
     try:
+        memory = []
         for step in range(2):
             data = payloads(3, seed=step)
             results = [f.result(30) for f in reduce_on(ranks, step, data)]
             for result in results:
                 assert_mean_of(result, data, (0, 1, 2), compression)
+            memory.append([result.tensors[0].data_ptr() for result in results])
+        assert memory[0] == memory[1]  # the second step reused the first one's buffers, and was right
         # Shards and chunks really crossed the wire: each rank sent more than its own payload's worth
         # (all_to_all: two payloads), in the chosen format.
         numel = sum(torch.Size(s).numel() for s in SHAPES)

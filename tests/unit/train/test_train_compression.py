@@ -83,6 +83,33 @@ def test_non_finite_pseudo_gradients_are_refused_not_sent(name: str, bad: float)
         compressed_mean({0: [sample(seed=1)], 1: [x]}, Codec(name))
 
 
+def test_subnormal_blocks_keep_their_signs() -> None:
+    """A subnormal block's scale rounds below absmax/127, so values can divide out to 128: int8 must clamp,
+    or the largest value would wrap around to -128."""
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # the smallest subnormal
+    for multiple in (128, 255, 5000):
+        x = torch.zeros(BLOCK)
+        x[:3] = torch.tensor([multiple, -multiple, multiple - 1]) * tiny
+        scale = float(x.abs().max()) / 127
+        assert float((x / scale).abs().max()) > 127  # the case the clamp exists for
+        got = Codec("int8").roundtrip(x)
+        assert torch.equal(torch.sign(got[:3]), torch.sign(x[:3]))
+        assert float((got - x).abs().max()) <= float(x.abs().max()) / 100  # subnormals: coarse, not wrong
+
+
+@pytest.mark.parametrize("name", COMPRESSIONS)
+def test_decode_into_a_given_tensor_writes_the_same_values_there(name: str) -> None:
+    codec = Codec(name)
+    x = sample(seed=5)
+    wire = codec.encode(x)
+    target = torch.full((x.numel() + 2,), 7.0)
+    into = codec.decode(wire, x.numel(), out=target[1:-1])
+    assert into.data_ptr() == target[1:].data_ptr()
+    assert torch.equal(target[1:-1], codec.decode(wire, x.numel())) and target[0] == target[-1] == 7.0
+    with pytest.raises(ValueError, match="1-D tensor of that size"):
+        codec.decode(wire, x.numel(), out=target)
+
+
 def test_fp16_refuses_values_beyond_its_range_and_names_the_way_out() -> None:
     x = torch.tensor([1.0, 7.0e4])
     with pytest.raises(NonFinitePseudoGradient, match=r"float16 range.*int8 or none"):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 import pytest
 import torch
 
 from node.errors import ProtocolError
-from services.train.collective.exchange import Exchange
+from services.train.collective.buffers import Buffers
+from services.train.collective.exchange import Exchange, chunk_elements
 from services.train.collective.tensors import ChunkHeader, TensorAssembler, chunk_spans, iter_chunks
-from services.train.compression import Codec, fixed_order_mean
+from services.train.compression import BLOCK, Codec, fixed_order_mean
 
 CHUNK = 4096
 
@@ -91,3 +93,29 @@ def test_an_exchange_takes_a_chunk_that_came_twice_once_and_acks_the_copy() -> N
     acked, exchange = asyncio.run(run())
     assert acked == ["rs-1", "rs-2", "ag-1", "ag-2"] and exchange.complete
     assert torch.equal(exchange.result[1024:], torch.ones(1024))
+
+
+def test_compressed_chunks_carry_as_many_wire_bytes_as_float32_ones() -> None:
+    """Compression sends fewer messages, not smaller ones; every chunk still fits the link's frame limit."""
+    chunk = 1 << 20
+    expected = {"none": chunk // 4, "fp16": chunk // 2, "int8": chunk // (BLOCK + 4) * BLOCK}
+    for name, elements in expected.items():
+        codec = Codec(name)
+        assert chunk_elements(chunk, codec) == elements
+        assert chunk - 4 * BLOCK < codec.wire_nbytes(elements) <= chunk
+    assert chunk_elements(4096, Codec("int8")) == 3 * BLOCK
+    assert chunk_elements(512, Codec("int8")) == BLOCK  # never less than one block
+
+
+def test_buffers_come_back_for_the_next_step_and_other_sizes_are_let_go() -> None:
+    pool = Buffers()
+    first = [pool.take(1000), pool.take(1000)]
+    odd = weakref.ref(pool.take(10))
+    assert first[0].data_ptr() != first[1].data_ptr()
+    pool.recycle()
+    again = [pool.take(1000), pool.take(1000), pool.take(1000)]
+    assert {t.data_ptr() for t in again[:2]} == {t.data_ptr() for t in first}
+    assert again[2].data_ptr() not in {t.data_ptr() for t in first}  # a third one is new
+    assert odd() is not None  # kept: a 10-element payload was used last time
+    pool.recycle()  # sizes last used: 1000 only
+    assert odd() is None
