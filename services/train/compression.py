@@ -199,9 +199,11 @@ def fixed_order_mean(tensors_by_rank: Mapping[int, Sequence[Tensor]]) -> list[Te
                 )
     out = []
     for i, ref in enumerate(reference):
-        acc = ref.to(dtype=torch.float32, copy=True)  # the first term (no pass adding it to zeros)
-        for rank in ranks[1:]:
-            acc.add_(tensors_by_rank[rank][i].to(device=acc.device, dtype=torch.float32))
+        terms = [tensors_by_rank[rank][i].to(device=ref.device, dtype=torch.float32) for rank in ranks]
+        # first + second in one pass (no zeros to add to, no copy of the first), then the rest in order
+        acc = torch.add(terms[0], terms[1]) if len(terms) > 1 else terms[0].clone()
+        for term in terms[2:]:
+            acc.add_(term)
         out.append(acc.div_(len(ranks)))
     return out
 
