@@ -28,6 +28,7 @@ from node.identity import KeyPair
 from tests.bench.report import print_table
 
 ROUND_TRIPS = 5000
+ROUNDS = 3
 BULK_BYTES = 512 * 1024 * 1024
 CHUNK = 1024 * 1024
 
@@ -191,23 +192,32 @@ def _bulk(endpoint: str, curve: bool, server: KeyPair, client: KeyPair) -> float
 
 def run() -> None:
     server, client = KeyPair.generate(), KeyPair.generate()
+    clients = {
+        "raw pyzmq, blocking": (_raw_server, _raw_round_trips),
+        "raw pyzmq, asyncio": (_raw_async_server, lambda *a: asyncio.run(_raw_async_round_trips(*a))),
+        "bus request/reply": (_rpc_server, lambda *a: asyncio.run(_round_trips(*a))),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in clients}
+    latencies: dict[str, list[float]] = {name: [] for name in clients}
     with tempfile.TemporaryDirectory() as tmp:
-        raw_rate, raw_lat = _measure(_raw_server, _raw_round_trips, f"ipc://{tmp}/raw.rpc", server, client)
-        araw_rate, araw_lat = _measure(_raw_async_server, lambda *a: asyncio.run(_raw_async_round_trips(*a)),
-                                       f"ipc://{tmp}/araw.rpc", server, client)
-        bus_rate, bus_lat = _measure(_rpc_server, lambda *a: asyncio.run(_round_trips(*a)),
-                                     f"ipc://{tmp}/bench.rpc", server, client)
+        for i in range(ROUNDS):  # interleaved, so a noisy moment hits every client alike
+            for j, (name, (serve, measure)) in enumerate(clients.items()):
+                endpoint = f"ipc://{tmp}/{i}-{j}.rpc"
+                rate, lat = _measure(serve, measure, endpoint, server, client)
+                rates[name].append(rate)
+                latencies[name] += lat
         plain = _bulk(f"ipc://{tmp}/plain", False, server, client)
         curve = _bulk(f"ipc://{tmp}/curve", True, server, client)
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    raw_rate, araw_rate = rate["raw pyzmq, blocking"], rate["raw pyzmq, asyncio"]
     rows = []
-    for name, rate, lat in (("raw pyzmq, blocking", raw_rate, raw_lat),
-                            ("raw pyzmq, asyncio", araw_rate, araw_lat),
-                            ("bus request/reply", bus_rate, bus_lat)):
-        qs = statistics.quantiles(lat, n=100)
-        rows.append([name, f"{rate:,.0f}", f"{qs[49] * 1e6:,.0f} µs", f"{qs[98] * 1e6:,.0f} µs",
-                     f"{rate / raw_rate:.2f}", f"{rate / araw_rate:.2f}"])
+    for name in clients:
+        qs = statistics.quantiles(latencies[name], n=100)
+        rows.append([name, f"{rate[name]:,.0f}", f"{qs[49] * 1e6:,.0f} µs", f"{qs[98] * 1e6:,.0f} µs",
+                     f"{rate[name] / raw_rate:.2f}", f"{rate[name] / araw_rate:.2f}"])
     print_table(
-        f"bus: CURVE DEALER/ROUTER round trips between two processes over ipc, {ROUND_TRIPS} each",
+        f"bus: CURVE DEALER/ROUTER round trips between two processes over ipc, median of {ROUNDS} "
+        f"interleaved rounds of {ROUND_TRIPS}",
         ["client", "round trips/s", "p50", "p99", "ratio to blocking", "ratio to asyncio"],
         rows,
     )
