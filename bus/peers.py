@@ -50,6 +50,8 @@ HEADER_LIMIT = 1 << 20
 DEFAULT_MAX_PAYLOAD = 1 << 20
 _SEND_HWM = 4096
 _RETRY_MIN, _RETRY_MAX = 0.1, 2.0
+#: How often an ack the connection could not take is tried again.
+_ACK_RETRY_S = 0.05
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -135,6 +137,9 @@ class PeerLink:
         self._handler = handler
         self._peers: dict[str, _Peer] = {}
         self._task: asyncio.Task[None] | None = None
+        #: Credits (peer key, generation) whose ack could not go out yet (see :meth:`ack`).
+        self._owed: list[tuple[str, int]] = []
+        self._paying: asyncio.Task[None] | None = None
         # Senders are plain sockets on the same C context: sends never block (credits bound them).
         self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(context.underlying)
         auth.set_allowed(DOMAIN, ())
@@ -289,9 +294,27 @@ class PeerLink:
                 raise DeadlineExceeded(f"peer {key[:8]} took no message for {timeout:g} s") from None
 
     def ack(self, msg: PeerMessage) -> None:
-        """Return the credit of a consumed credited message (a no-op for control messages)."""
-        if msg.credit is not None:
-            self.send(msg.key, {"_a": msg.credit})
+        """Return the credit of a consumed credited message (a no-op for control messages).
+
+        An ack the connection cannot take now (ours to the sender is still being (re)opened, e.g. it
+        registered our key a moment after us) is owed and sent as soon as it can go: each lost ack
+        would shrink the sender's window for good, and after ``window`` of them its data stalls.
+        """
+        if msg.credit is None:
+            return
+        if not self.send(msg.key, {"_a": msg.credit}):
+            self._owed.append((msg.key, msg.credit))
+            if self._paying is None or self._paying.done():
+                self._paying = asyncio.get_running_loop().create_task(self._pay_owed())
+
+    async def _pay_owed(self) -> None:
+        while self._owed:
+            await asyncio.sleep(_ACK_RETRY_S)
+            self._owed = [
+                (key, credit)
+                for key, credit in self._owed
+                if key in self._peers and not self.send(key, {"_a": credit})
+            ]
 
     def _send(self, peer: _Peer, header: dict[str, Any], payload: Any, *, quiet: bool = False) -> bool:
         data = msgpack.packb({**header, "_i": self.incarnation}, use_bin_type=True)
@@ -390,6 +413,8 @@ class PeerLink:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._paying is not None:
+            self._paying.cancel()
         for key in list(self._peers):
             self._drop_peer(key)
         self._auth.set_allowed(DOMAIN, ())

@@ -59,7 +59,6 @@ from services.train.compression import Codec, flatten, unflatten
 log = get_logger(__name__)
 
 _MAX_BUFFERED = 4096
-_ACK_RETRY_S = 0.05
 _KEEP_DECISIONS = 16
 GENESIS = "genesis"
 #: Key the group adds to a served state header (and removes on fetch): the lineage of that state.
@@ -181,7 +180,7 @@ class _Round:
             topology=group.topology,
             reduce_fn=group.reduce_fn,
             send=group._send_credited,
-            ack=group.ack,
+            ack=group.link.ack,
             on_complete=lambda: self.completed(ballot),
             codec=group.codec,
             result=group.buffers.take(self.flat.numel()),
@@ -212,7 +211,7 @@ class _Round:
             # rank): keep the chunk, unacknowledged, instead of losing it for good.
             self.early.append((rank, msg))
         else:
-            self.group.ack(msg)
+            self.group.link.ack(msg)
 
     def _may_start(self, ballot: Ballot) -> bool:
         promised = self.agreement.promised
@@ -242,7 +241,7 @@ class _Round:
         for exchange in self.exchanges.values():
             exchange.cancel()
         for _rank, msg in self.early:
-            self.group.ack(msg)
+            self.group.link.ack(msg)
         self.early.clear()
 
 
@@ -301,10 +300,7 @@ class PeerGroup:
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
-        #: Credits (peer key, generation) whose ack could not go out yet (see :meth:`ack`).
-        self._owed: list[tuple[str, int]] = []
-        self._paying: asyncio.Task[None] | None = None
-        self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of, ack=self.ack)
+        self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of)
         #: The agreement's time: only the time this rank could listen counts towards a peer's silence.
         self.clock = LoopClock(interval=min(0.02, timeout / 20), cap=min(0.1, timeout / 5))
         #: When (on :attr:`clock`) each peer key was last heard.
@@ -339,31 +335,6 @@ class PeerGroup:
         self.link.set_peers(endpoints)
         for key in endpoints:
             self.link.send(key, {"t": "hb", "r": self.rank})
-
-    def ack(self, msg: PeerMessage) -> None:
-        """Return the credit of a consumed message to its sender, later if it cannot go out now.
-
-        The link sends an ack once and drops it if our connection to the sender is still being
-        (re)opened, e.g. when the sender registered our key a moment after us; each dropped ack
-        shrinks the sender's window for good, and after ``window`` of them its data stalls. So an ack
-        that did not go out is owed and paid as soon as the connection takes it.
-        """
-        if msg.credit is None:
-            return
-        if not self.link.send(msg.key, {"_a": msg.credit}):
-            self._owed.append((msg.key, msg.credit))
-            if self._paying is None or self._paying.done():
-                self._paying = asyncio.get_running_loop().create_task(self._pay_owed())
-
-    async def _pay_owed(self) -> None:
-        while self._owed:
-            await asyncio.sleep(_ACK_RETRY_S)
-            peers = set(self.link.peer_keys())
-            self._owed = [
-                (key, credit)
-                for key, credit in self._owed
-                if key in peers and not self.link.send(key, {"_a": credit})
-            ]
 
     def _key_of(self, rank: int) -> str | None:
         return self._key_by_rank.get(rank)
@@ -418,7 +389,7 @@ class PeerGroup:
                     if old == step:
                         rnd.handle(rank, msg)
                     else:
-                        self.ack(msg)
+                        self.link.ack(msg)
             tick = min(max(self.timeout / 8, 0.01), 0.25)
             while not rnd.finished:
                 rnd.event.clear()
@@ -546,7 +517,7 @@ class PeerGroup:
             self.state.handle(rank, msg)
             return
         if kind == "rejoin":
-            self.ack(msg)
+            self.link.ack(msg)
             self._rejoiners.setdefault(non_negative(header, "step"), set()).add(rank)
             return
         if kind != "chunk" and kind != "refuse" and kind not in MESSAGE_TYPES:
@@ -562,7 +533,7 @@ class PeerGroup:
         elif step in self._decided:
             self._answer_decided(step, rank, msg)
         elif step in self._left:
-            self.ack(msg)
+            self.link.ack(msg)
             reply = answer_left(step, header)
             refused = self._left[step]
             if reply is not None:
@@ -571,7 +542,7 @@ class PeerGroup:
             if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
                 self._future.setdefault(step, []).append((rank, msg))
         else:
-            self.ack(msg)
+            self.link.ack(msg)
             reply = answer_behind(step, min(self._decided), msg.header) if self._past(step) else None
             if reply is not None:
                 # Older than all we remember: say so, or the late rank waits on us for good.
@@ -582,7 +553,7 @@ class PeerGroup:
         return bool(self._decided) and step < min(self._decided)
 
     def _answer_decided(self, step: int, rank: int, msg: PeerMessage) -> None:
-        self.ack(msg)
+        self.link.ack(msg)
         decision = self._decided[step]
         if msg.header.get("t") == "commit":
             try:
@@ -603,8 +574,6 @@ class PeerGroup:
             self._heartbeat.cancel()
         if self._clock_task is not None:
             self._clock_task.cancel()
-        if self._paying is not None:
-            self._paying.cancel()
         self.state.close()
         await self.link.aclose()
 

@@ -68,10 +68,8 @@ class StateTransfer:
         chunk_bytes: int,
         timeout: float,
         key_of: Callable[[int], str | None],
-        ack: Callable[[PeerMessage], None] | None = None,
     ) -> None:
         self.link = link
-        self._ack = ack if ack is not None else link.ack
         self.rank = rank
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.timeout = timeout
@@ -129,7 +127,7 @@ class StateTransfer:
             return
         fetch = self._fetches.get(req)
         if fetch is None or fetch.rank != rank or fetch.result is not None or fetch.error is not None:
-            self._ack(msg)
+            self.link.ack(msg)
             return
         fetch.heard = time.monotonic()
         try:
@@ -137,7 +135,7 @@ class StateTransfer:
         except ProtocolError as exc:
             fetch.error = exc.message
         finally:
-            self._ack(msg)
+            self.link.ack(msg)
             fetch.event.set()
 
     def _take(self, fetch: _Fetch, kind: str, header: Mapping[str, Any], msg: PeerMessage) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import pytest
@@ -226,3 +227,29 @@ async def test_a_restarted_peer_gets_fresh_credits(nodes: list[Node]) -> None:
     await b.next()
     await b.link.send_credited(a.keys.public, {"t": "data", "i": 2}, payload, timeout=1)
     assert (await a.next()).header["i"] == 2
+
+
+async def test_an_ack_the_link_could_not_send_is_owed_and_paid_once_it_can(nodes: list[Node]) -> None:
+    # Seen under load: our connection to a sender is still being re-opened (it registered our key a
+    # moment late) while its chunks arrive; every ack dropped then would shrink its window for good.
+    link = nodes[0].link
+    sent: list[tuple[str, dict[str, Any]]] = []
+    refuse = [3]
+
+    def send(key: str, header: dict[str, Any], payload: Any = None) -> bool:
+        if "_a" not in header:
+            return True
+        if refuse[0] > 0:
+            refuse[0] -= 1
+            return False
+        sent.append((key, header))
+        return True
+
+    peer_key = KeyPair.generate().public
+    link.set_peers({peer_key: "tcp://127.0.0.1:9"})
+    link.send = send  # type: ignore[method-assign]
+    link.ack(PeerMessage(peer_key, {"t": "chunk"}, None, credit=4))
+    link.ack(PeerMessage(peer_key, {"t": "hb"}))  # not credited: no ack
+    await until(lambda: bool(sent), what="the owed ack sent")
+    await asyncio.sleep(0.2)
+    assert sent == [(peer_key, {"_a": 4})] and refuse == [0]

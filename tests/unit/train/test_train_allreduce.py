@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -367,36 +366,6 @@ def test_a_refusal_that_got_lost_is_repeated_so_both_sides_fail() -> None:
     finally:
         for rank in ranks:
             rank.close()
-
-
-def test_an_ack_the_link_could_not_send_is_owed_and_paid_once_it_can() -> None:
-    # Seen under load: our connection to a sender is still being re-opened (it registered our key a
-    # moment late) while its chunks arrive; every ack dropped then would shrink its window for good.
-    (rank,) = make_ranks(1, timeout=1)
-    try:
-        link = rank.group.link
-        sent: list[tuple[str, dict[str, Any]]] = []
-        refuse = [3]
-
-        def send(key: str, header: dict[str, Any], payload: Any = None) -> bool:
-            if "_a" not in header:
-                return True  # heartbeats
-            if refuse[0] > 0:
-                refuse[0] -= 1
-                return False
-            sent.append((key, header))
-            return True
-
-        peer_key = KeyPair.generate().public
-        rank.do(lambda: link.set_peers({peer_key: "tcp://127.0.0.1:9"}))
-        link.send = send  # type: ignore[method-assign]
-        rank.do(lambda: rank.group.ack(PeerMessage(peer_key, {"t": "chunk"}, None, credit=4)))
-        rank.do(lambda: rank.group.ack(PeerMessage(peer_key, {"t": "hb"})))  # not credited: no ack
-        wait_until(lambda: bool(sent))
-        time.sleep(0.2)
-        assert sent == [(peer_key, {"_a": 4})] and refuse == [0]
-    finally:
-        rank.close()
 
 
 def test_a_rank_alone_returns_its_own_tensors_as_the_mean() -> None:
