@@ -118,8 +118,8 @@ class Codec:
             raise InvalidRequest(f"{self.name} payload of {raw.numel()} bytes cannot hold {numel} elements")
         if out is not None and (out.dtype != torch.float32 or out.shape != (numel,)):
             raise ValueError(f"decode writes {numel} float32 values into a 1-D tensor of that size")
-        if self.name == "none" or numel == 0:
-            values = raw.view(torch.float32) if numel else torch.empty(0, dtype=torch.float32)
+        if self.name == "none":
+            values = raw.view(torch.float32)
             return values if out is None else out.copy_(values)
         if out is None:
             out = torch.empty(numel, dtype=torch.float32)
