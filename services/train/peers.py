@@ -37,7 +37,6 @@ log = get_logger(__name__)
 __all__ = ["PeerInfo", "PeerRegistry", "bind_endpoint", "follow", "listen_port", "open_group"]
 
 
-
 @dataclass(frozen=True)
 class PeerInfo:
     """One registered peer of a task; ``public_key`` is normalised to Z85."""

@@ -26,8 +26,6 @@ LONG_PROMPT = [{"role": "user", "content": " ".join(f"Line {i}: the tide comes i
 GREEDY = {"max_tokens": 640, "temperature": 0.0, "ignore_eos": True, "logprobs": True, "seed": 3}
 
 
-
-
 def _answer(resp: Response) -> tuple[list[str], list[float]]:
     assert resp.status == 200, resp.body[:500]
     content = resp.json()["choices"][0]["logprobs"]["content"]
@@ -49,7 +47,7 @@ def test_body_engine_and_sdpa_attention_agree_with_the_served_logprobs(vllm_serv
     tops = {}
     for mode in ("engine", "sdpa"):
         result = one_result(rpc(vllm_serving, "mlnode_body_logprobs",
-                           {"token_ids": prompt, "top": 5, "hooked": True, "attention": mode}))
+                                {"token_ids": prompt, "top": 5, "hooked": True, "attention": mode}))
         tops[mode] = result["top"]
         assert [lp for _tok, lp in result["top"]] == pytest.approx(want, abs=1e-4), mode
     assert [t for t, _ in tops["engine"]] == [t for t, _ in tops["sdpa"]]
