@@ -20,6 +20,7 @@ import uvicorn
 
 from node.errors import ConfigError
 from node.logging import configure, get_logger
+from services.inference.validation.request import DEFAULT_MODE, MODES
 
 from .checkpoint import load_or_synthesize
 from .fault import ENV_VAR, hang_after
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences stepped together")
     p.add_argument("--cpu-threads", type=_positive, default=1, help="torch intra-op threads")
+    p.add_argument("--logprobs-mode", choices=MODES, default=DEFAULT_MODE,
+                   help="logprobs of a request that names no logprobs_mode (vLLM's flag)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.cpu_threads)
     names = tuple(args.served_model_name or [args.model])
-    app = EngineApp(EngineSettings(args.model, names, args.max_num_seqs, args.seed, hang))
+    app = EngineApp(EngineSettings(args.model, names, args.max_num_seqs, args.seed, hang, args.logprobs_mode))
     config = uvicorn.Config(
         app,
         host=args.host,

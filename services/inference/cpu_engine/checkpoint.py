@@ -24,7 +24,7 @@ from node.logging import get_logger
 from .chat_template import CHAT_TEMPLATE
 from .config import ModelConfig, resolve_dtype
 from .model import LlamaModel, expected_shapes
-from .tokenizer import BOS, EOS, EOT, ByteTokenizer, special_token_names, tokenizer_json
+from .tokenizer import BOS, EOS, EOT, Tokenizer, special_token_names, tokenizer_json
 
 log = get_logger(__name__)
 
@@ -163,12 +163,12 @@ class LoadedModel:
 
     config: ModelConfig
     model: LlamaModel
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     max_model_len: int
 
 
 def load(path: Path, dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
-    """Load a model directory written by :func:`create_tiny` (or any byte-level HF Llama / Qwen3 one)."""
+    """Load a model directory written by :func:`create_tiny` (or any HF Llama / Qwen3 one)."""
     cfg = ModelConfig.from_dir(path)
     limit = max_model_len or cfg.max_position_embeddings
     if limit > cfg.max_position_embeddings:
@@ -176,8 +176,7 @@ def load(path: Path, dtype: str = "auto", max_model_len: int | None = None) -> L
             f"--max-model-len {limit} exceeds the model's max_position_embeddings "
             f"{cfg.max_position_embeddings}"
         )
-    tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
-    tokenizer.add_eos(cfg.eos_token_ids)
+    tokenizer = Tokenizer.from_dir(path, cfg.eos_token_ids)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} ids but config vocab_size is {cfg.vocab_size}"

@@ -51,9 +51,23 @@ class _Common(_Body):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    # The network's extras: its validators replay a completion with these (forced decoding).
-    enforced_str: str | None = None
-    enforced_tokens: list[int] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = []
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    # The network's fields (see services.inference.validation.request), checked there; any JSON here.
+    enforced_str: Any = None
+    enforced_tokens: Any = None
+    logprobs_mode: Any = None
 
 
 class ChatBody(_Common):

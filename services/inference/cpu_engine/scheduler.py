@@ -18,7 +18,7 @@ import torch
 from node.logging import get_logger
 
 from .checkpoint import LoadedModel
-from .sampling import SamplingParams, TokenMasks, choose, describe
+from .sampling import Sampler, SamplingParams
 from .sequence import Emission, Sequence
 
 log = get_logger(__name__)
@@ -35,7 +35,6 @@ class Scheduler:
         self.loaded = loaded
         self.deliver = deliver
         self.max_num_seqs = max_num_seqs
-        self.masks = TokenMasks(loaded.tokenizer, loaded.config.vocab_size)
         self._rng = random.Random(seed)
         self._cond = threading.Condition()
         self._waiting: dict[int, Sequence] = {}
@@ -73,13 +72,17 @@ class Scheduler:
             self._cond.notify_all()
 
     def submit(
-        self, seq_id: int, prompt: list[int], params: SamplingParams, forced: list[int] | None = None
+        self, seq_id: int, prompt: list[int], params: SamplingParams, forced: tuple[int, ...] | None = None
     ) -> None:
+        tok = self.loaded.tokenizer
         with self._cond:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             gen = torch.Generator()
             gen.manual_seed(seed % 2**64)
-            seq = Sequence(seq_id, prompt, params, self.loaded.tokenizer, forced, gen)
+            stop_ids = frozenset(t for t in (tok.eos_token_id, *tok.extra_stop_ids, *params.stop_token_ids)
+                                 if t is not None)
+            sampler = Sampler(params, self.loaded.config.vocab_size, prompt, stop_ids, gen)
+            seq = Sequence(seq_id, prompt, params, tok, sampler, self.loaded.max_model_len, forced)
             self._waiting[seq_id] = seq
             self._live[seq_id] = seq
             self._cond.notify()
@@ -143,12 +146,8 @@ class Scheduler:
                     seq.cache = model.new_cache()
                     self.prompt_tokens += len(seq.prompt)
                 logits = model.forward(seq.next_input(), seq.cache)
-                token = seq.forced_token()
-                if token is None:
-                    mask = self.masks.for_state(seq.pending_utf8, seq.remaining)
-                    token = choose(logits, mask, seq.params, seq.generator)
                 self.generation_tokens += 1
-                emission = seq.accept(describe(logits, token, seq.params))
+                emission = seq.accept(seq.sampler.step(logits, seq.forced_token()))
         except Exception as exc:
             log.exception("sequence_failed", seq_id=seq.seq_id, error=repr(exc))
             seq.finish_reason = "error"

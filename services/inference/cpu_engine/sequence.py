@@ -1,20 +1,28 @@
-"""One request's decoding state: accepted tokens, stop handling, and what may be shown yet.
+"""One request's decoding state: accepted tokens, when the answer ends, and the text shown so far.
 
-Text is released to the client only when it cannot change any more: the tail that could still become a
-stop string (which is cut from the output) or that is half of a multi-byte character is held back until
-the next token settles it. So streamed chunks always concatenate to the final text, and every chunk is
-valid UTF-8.
+The rules are vLLM's (``v1/core/sched/utils.py::check_stop`` and ``v1/engine/detokenizer.py``), so both
+engines end the same answer at the same token and say why:
+
+* the end-of-sequence token (unless ``ignore_eos``) or a stop id ends it with ``stop``; that token is in
+  the answer's ids and logprobs but not in its text (unless ``include_stop_str_in_output``);
+* ``max_tokens`` or the context length ends it with ``length``;
+* a stop string (checked once more than ``min_tokens`` tokens are out) ends it with ``stop`` and cuts the
+  text there; the tokens stay.
+
+Every accepted token is released at once with its logprobs; its text may lag behind: the tail that could
+still become a stop string is held back until the next token settles it, and a token that ends inside a
+multi-byte character shows its text once the character is complete. Streamed chunks therefore always
+concatenate to the final text.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from .model import KVCache
-from .sampling import SamplingParams, TokenOut, utf8_pending
-from .tokenizer import ByteTokenizer
+from .sampling import Sampler, SamplingParams, TokenOut
+from .tokenizer import TextStream, Tokenizer
 
 
 @dataclass
@@ -24,6 +32,25 @@ class Emission:
     text: str
     tokens: list[TokenOut]
     finish_reason: str | None = None
+    #: vLLM's ``stop_reason``: the stop id or stop string that ended the answer (None otherwise).
+    stop_reason: int | str | None = None
+
+
+def find_stop(text: str, new_chars: int, stops: tuple[str, ...], keep: bool) -> tuple[str, int] | None:
+    """The stop string completed earliest within the last ``new_chars`` characters, and the length the
+    text is cut to (vLLM's ``check_stop_strings``)."""
+    best: tuple[str, int, int] | None = None
+    for stop in stops:
+        index = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
+        if index == -1:
+            continue
+        end = index + len(stop)
+        if best is None or end < best[2]:
+            best = (stop, index, end)
+    if best is None:
+        return None
+    stop, index, end = best
+    return stop, (end if keep else index)
 
 
 @dataclass
@@ -33,87 +60,79 @@ class Sequence:
     seq_id: int
     prompt: list[int]
     params: SamplingParams
-    tokenizer: ByteTokenizer
-    forced: list[int] | None = None
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    tokenizer: Tokenizer
+    sampler: Sampler
+    max_model_len: int = sys.maxsize
+    forced: tuple[int, ...] | None = None
     cache: KVCache | None = None
     cancelled: bool = False
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     out: list[TokenOut] = field(default_factory=list)
-    text: bytearray = field(default_factory=bytearray)
-    ends: list[int] = field(default_factory=list)
-    pending_utf8: bytes = b""
-    released_tokens: int = 0
-    released_bytes: int = 0
+    text: str = ""
+    released_chars: int = 0
+    _stream: TextStream | None = None
 
     def __post_init__(self) -> None:
-        # Forced tokens are replayed verbatim: stop strings do not apply to them.
-        self.stops = [s.encode("utf-8") for s in self.params.stop if s] if self.forced is None else []
-
-    @property
-    def max_new(self) -> int:
-        return len(self.forced) if self.forced is not None else self.params.max_tokens
+        self._stream = self.tokenizer.stream(self.prompt, skip_special_tokens=self.params.skip_special_tokens)
+        p = self.params
+        stops = () if p.ignore_eos else self.tokenizer.extra_stop_ids
+        self._stop_ids = frozenset((*p.stop_token_ids, *stops))
+        self._eos = None if p.ignore_eos else self.tokenizer.eos_token_id
+        held = p.stop and not p.include_stop_str_in_output
+        self._holdback = max(len(s) for s in p.stop) - 1 if held else 0
 
     @property
     def remaining(self) -> int:
-        return self.max_new - len(self.out)
+        return self.params.max_tokens - len(self.out)
 
     def next_input(self) -> list[int]:
         """Tokens the model has not seen yet: the prompt first, then the last accepted token."""
         return [self.out[-1].id] if self.out else self.prompt
 
     def forced_token(self) -> int | None:
-        return self.forced[len(self.out)] if self.forced is not None else None
-
-    def accept(self, tok: TokenOut) -> Emission | None:
-        """Take the next token; return what became visible (and the finish), or None if nothing did."""
-        if self.forced is None and tok.id in self.tokenizer.eos_ids:
-            return self.finish("stop")
-        raw = self.tokenizer.token_bytes(tok.id)
-        self.out.append(tok)
-        self.text += raw
-        self.ends.append(len(self.text))
-        self.pending_utf8 = utf8_pending(self.pending_utf8, self.tokenizer.byte_of(tok.id))
+        """The id a validator's replay forces next: its ids in order, then the end-of-sequence token."""
         if self.forced is None:
-            for stop in self.stops:
-                if self.text.endswith(stop):
-                    self._drop_tail(len(self.text) - len(stop))
-                    return self.finish("stop")
-        if self.remaining <= 0:
-            return self.finish("stop" if self.forced is not None else "length")
-        return self._release(len(self.text) - self._holdback())
+            return None
+        step = len(self.out)
+        return self.forced[step] if step < len(self.forced) else self.tokenizer.end_id
 
-    def _holdback(self) -> int:
-        hold = len(self.pending_utf8)
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(stop[:k]):
-                    hold = k
-                    break
-        return hold
+    def accept(self, tok: TokenOut) -> Emission:
+        """Take the next token; return what it releases (with the finish, if it ended the answer)."""
+        self.out.append(tok)
+        self.sampler.accepted(tok.id)
+        finish: str | None = None
+        if tok.id == self._eos:
+            finish = "stop"
+        elif tok.id in self._stop_ids:
+            finish, self.stop_reason = "stop", tok.id
+        elif self.remaining <= 0 or len(self.prompt) + len(self.out) >= self.max_model_len:
+            finish = "length"
+        assert self._stream is not None
+        if finish == "stop" and not self.params.include_stop_str_in_output:
+            new = ""  # the stop token itself shows no text
+        else:
+            new = self._stream.step(tok.id)
+            self.text += new
+        if new and len(self.out) > self.params.min_tokens and self.params.stop:
+            found = find_stop(self.text, len(new), self.params.stop, self.params.include_stop_str_in_output)
+            if found is not None:
+                finish, self.stop_reason = "stop", found[0]
+                self.text = self.text[: found[1]]
+        if finish is not None:
+            return self.finish(finish, [tok])
+        return self._release(len(self.text) - self._holdback, [tok])
 
-    def _drop_tail(self, keep_bytes: int) -> None:
-        while self.out and self.ends[-1] > keep_bytes:
-            self.out.pop()
-            self.ends.pop()
-        del self.text[keep_bytes:]
-
-    def finish(self, reason: str) -> Emission:
+    def finish(self, reason: str, tokens: list[TokenOut] | None = None) -> Emission:
         """End the sequence: release everything still held back, with ``reason``."""
         self.finish_reason = reason
-        emission = self._release(len(self.text))
-        emission = emission or Emission("", [])
+        emission = self._release(len(self.text), tokens or [])
         emission.finish_reason = reason
+        emission.stop_reason = self.stop_reason
         return emission
 
-    def _release(self, boundary: int) -> Emission | None:
-        start_tok, start_byte = self.released_tokens, self.released_bytes
-        n = start_tok
-        while n < len(self.out) and self.ends[n] <= boundary:
-            n += 1
-        if n == start_tok:
-            return None
-        end_byte = self.ends[n - 1]
-        self.released_tokens, self.released_bytes = n, end_byte
-        text = bytes(self.text[start_byte:end_byte]).decode("utf-8", errors="replace")
-        return Emission(text, self.out[start_tok:n])
+    def _release(self, boundary: int, tokens: list[TokenOut]) -> Emission:
+        start = self.released_chars
+        end = max(start, boundary)
+        self.released_chars = end
+        return Emission(self.text[start:end], tokens)

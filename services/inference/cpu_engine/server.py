@@ -21,10 +21,11 @@ from typing import Any
 
 from node.errors import InvalidRequest
 from node.logging import get_logger
+from services.inference.validation.request import DEFAULT_MODE
 
 from .checkpoint import LoadedModel
 from .metrics import render_metrics
-from .openai_requests import chat_prompt, completion_prompt, parse
+from .openai_requests import EngineContext, chat_prompt, completion_prompt, parse
 from .openai_responses import ResponseBuilder
 from .poc_rpc import PocWorker
 from .scheduler import Scheduler
@@ -53,6 +54,8 @@ class EngineSettings:
     max_num_seqs: int = 64
     seed: int = 0
     hang_after: int | None = None
+    #: The logprobs a request that names no ``logprobs_mode`` gets (vLLM's ``--logprobs-mode``).
+    logprobs_mode: str = DEFAULT_MODE
 
 
 def _dumps(obj: Any) -> bytes:
@@ -76,6 +79,7 @@ class EngineApp:
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self.loaded: LoadedModel | None = None
+        self.context: EngineContext | None = None
         self.scheduler: Scheduler | None = None
         self.poc: PocWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -99,6 +103,8 @@ class EngineApp:
             scheduler.freeze()
         self.scheduler = scheduler
         self.poc = PocWorker(loaded.model, loaded.max_model_len)
+        self.context = EngineContext(loaded.tokenizer, loaded.max_model_len, loaded.config.vocab_size,
+                                     self.settings.logprobs_mode)
         self.loaded = loaded
 
     def shutdown(self) -> None:
@@ -250,11 +256,11 @@ class EngineApp:
     # -- POST routes ---------------------------------------------------------------------------------
 
     async def _tokenize(self, body: Any, _receive: Receive, send: Send) -> None:
-        assert self.loaded is not None
+        assert self.loaded is not None and self.context is not None
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")
-        tok = self.loaded.tokenizer
-        tokens = chat_prompt(body, tok) if body.get("messages") is not None else completion_prompt(body, tok)
+        ctx = self.context
+        tokens = chat_prompt(body, ctx) if body.get("messages") is not None else completion_prompt(body, ctx)
         await _send_json(
             send, 200, {"count": len(tokens), "max_model_len": self.loaded.max_model_len, "tokens": tokens}
         )
@@ -275,10 +281,10 @@ class EngineApp:
         await self._generate(body, receive, send, chat=True)
 
     async def _generate(self, body: Any, receive: Receive, send: Send, *, chat: bool) -> None:
-        loaded, scheduler = self.loaded, self.scheduler
-        assert loaded is not None and scheduler is not None
-        req = parse(body, loaded.tokenizer, loaded.max_model_len, chat=chat)
-        builder = ResponseBuilder(req, self.served_name, loaded.tokenizer)
+        scheduler, ctx = self.scheduler, self.context
+        assert scheduler is not None and ctx is not None
+        req = parse(body, ctx, chat=chat)
+        builder = ResponseBuilder(req, self.served_name)
         seq_id = next(self._ids)
         queue: asyncio.Queue[Emission | None] = asyncio.Queue()
         self._queues[seq_id] = queue

@@ -1,22 +1,24 @@
-"""A byte-level tokenizer that reads (and writes) the Hugging Face ``tokenizer.json`` format.
+"""The model's tokenizer, through Hugging Face ``tokenizers`` -- the library vLLM itself uses -- so a prompt
+becomes the same ids on both engines and generated ids become the same text.
 
-The ``tokenizers`` package is not a dependency, and our models need nothing more than one token per
-byte: a BPE model whose vocabulary is the 256 GPT-2 byte symbols, no merges, plus added special tokens.
-With no merges every UTF-8 byte is its own token, so encode/decode round-trip any text exactly and a
-text has exactly one tokenisation -- which is what makes ``enforced_str`` replay the original tokens.
+The engine reads what vLLM reads from a model directory: ``tokenizer.json``, the special tokens and the
+chat template of ``tokenizer_config.json`` (or ``chat_template.jinja``), the end-of-sequence ids of the
+generation config. Text is produced incrementally with ``tokenizers``' own ``DecodeStream`` seeded with
+the prompt, as vLLM's fast detokenizer does, so streamed text and whole answers agree with vLLM's.
 
-A byte-level BPE vocabulary with merges (Hugging Face Qwen3 checkpoints) is accepted too: the engine
-still encodes byte by byte (a valid tokenisation, every byte symbol is in the vocabulary) and never
-samples a merged token, so the one-tokenisation property holds; merged ids still decode to their bytes.
+This module also writes the ``tokenizer.json`` of our tiny models: a byte-level BPE whose vocabulary is
+the 256 GPT-2 byte symbols (no merges) plus special tokens, which both engines load.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import tokenizers
+from tokenizers.decoders import DecodeStream
 
 from node.errors import ConfigError
 
@@ -108,118 +110,100 @@ def tokenizer_json(vocab_size: int) -> dict[str, Any]:
     }
 
 
-class ByteTokenizer:
-    """Text <-> token ids, one id per UTF-8 byte plus special tokens that are never split."""
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path.name}: cannot read {path}: {exc}") from exc
+    return doc if isinstance(doc, dict) else {}
 
-    def __init__(
-        self, byte_ids: Sequence[int], specials: dict[str, int], merged: dict[int, bytes] | None = None
-    ) -> None:
-        if len(byte_ids) != 256:
-            raise ConfigError(f"tokenizer must map all 256 bytes, got {len(byte_ids)}")
-        self.byte_ids = list(byte_ids)
-        self.specials = dict(specials)
-        merged = merged or {}
-        self.vocab_size = max([*self.byte_ids, *self.specials.values(), *merged]) + 1
-        self._bytes_of: list[bytes | None] = [None] * self.vocab_size
-        self._merged: list[bytes | None] = [None] * self.vocab_size
-        for tid, raw in merged.items():
-            self._merged[tid] = raw
-        for b, tid in enumerate(self.byte_ids):
-            self._bytes_of[tid] = bytes([b])
-        self._special_of: dict[int, str] = {tid: name for name, tid in self.specials.items()}
-        names = sorted(self.specials, key=len, reverse=True)
-        self._special_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
-        self.bos_id = self.specials.get(BOS)
-        self.eos_ids = frozenset(self.specials[n] for n in (EOS, EOT) if n in self.specials)
+
+def _token_content(value: Any) -> str | None:
+    """A special token as ``tokenizer_config.json`` spells it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    """``chat_template.jinja`` when present (it wins, as in transformers), else the config's default."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class Tokenizer:
+    """Text <-> ids for one model directory, with the special tokens the engine stops on."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, eos_token: str | None = None,
+                 bos_token: str | None = None, chat_template: str | None = None,
+                 generation_eos: Sequence[int] = ()) -> None:
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(
+            tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special)
+        self.eos_token = eos_token
+        self.bos_token = bos_token
+        self.chat_template = chat_template
+        primary = backend.token_to_id(eos_token) if eos_token else None
+        extra = [t for t in generation_eos if t != primary]
+        #: vLLM's ``eos_token_id``: the tokenizer's end-of-sequence token (it always stops an answer).
+        self.eos_token_id: int | None = primary
+        #: The generation config's other end-of-sequence ids: vLLM adds them to every request's stop ids.
+        self.extra_stop_ids: tuple[int, ...] = tuple(dict.fromkeys(extra))
 
     @property
-    def chatml(self) -> bool:
-        """Whether chats use the ChatML (``<|im_start|>``, Qwen) format rather than Llama 3 headers."""
-        return CHATML_START in self.specials
-
-    def add_eos(self, ids: Iterable[int]) -> None:
-        """Also stop on ``ids`` (the model config's ``eos_token_id``), when they are special tokens."""
-        self.eos_ids = self.eos_ids | frozenset(i for i in ids if i in self._special_of)
+    def end_id(self) -> int | None:
+        """The token a forced answer ends with: the end-of-sequence token, else the first stop id."""
+        return self.eos_token_id if self.eos_token_id is not None else next(iter(self.extra_stop_ids), None)
 
     @classmethod
-    def from_file(cls, path: Path) -> ByteTokenizer:
-        """Load a byte-level BPE ``tokenizer.json`` (merged tokens are kept for decoding only)."""
+    def from_dir(cls, path: Path, config_eos: Sequence[int] = ()) -> Tokenizer:
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokenizer.json: cannot read {path}: {exc}") from exc
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, dict) or model.get("type") != "BPE":
-            raise ConfigError("tokenizer.json: model.type must be 'BPE'")
-        vocab = model.get("vocab")
-        if not isinstance(vocab, dict):
-            raise ConfigError("tokenizer.json: model.vocab must be an object")
-        specials: dict[str, int] = {}
-        for entry in doc.get("added_tokens") or []:
-            if isinstance(entry, dict) and isinstance(entry.get("id"), int):
-                specials[str(entry["content"])] = entry["id"]
-        byte_of_symbol = {sym: b for b, sym in enumerate(byte_symbols())}
-        byte_ids = [-1] * 256
-        merged: dict[int, bytes] = {}
-        for sym, tid in vocab.items():
-            if sym in specials:
-                continue
-            if not isinstance(tid, int) or not sym or any(c not in byte_of_symbol for c in sym):
-                raise ConfigError(f"tokenizer.json: model.vocab entry {sym!r} is not made of byte symbols")
-            if len(sym) == 1:
-                byte_ids[byte_of_symbol[sym]] = tid
-            else:
-                merged[tid] = bytes(byte_of_symbol[c] for c in sym)
-        if -1 in byte_ids:
-            raise ConfigError("tokenizer.json: model.vocab must cover all 256 byte symbols")
-        return cls(byte_ids, specials, merged)
+            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # the library raises its own exception type for a bad file
+            raise ConfigError(f"tokenizer.json: cannot load {path / 'tokenizer.json'}: {exc}") from exc
+        config = _read_json(path / "tokenizer_config.json")
+        generation = path / "generation_config.json"
+        eos = _ids(_read_json(generation).get("eos_token_id")) if generation.is_file() else list(config_eos)
+        return cls(backend, eos_token=_token_content(config.get("eos_token")),
+                   bos_token=_token_content(config.get("bos_token")),
+                   chat_template=_chat_template(path, config), generation_eos=eos)
 
-    def encode(self, text: str, *, add_bos: bool = False, parse_special: bool = True) -> list[int]:
-        """Token ids of ``text``; with ``parse_special`` special-token strings become their ids."""
-        ids: list[int] = [self.bos_id] if add_bos and self.bos_id is not None else []
-        if not parse_special or self._special_re is None:
-            ids.extend(self._encode_plain(text))
-            return ids
-        pos = 0
-        for match in self._special_re.finditer(text):
-            ids.extend(self._encode_plain(text[pos : match.start()]))
-            ids.append(self.specials[match.group()])
-            pos = match.end()
-        ids.extend(self._encode_plain(text[pos:]))
-        return ids
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Ids of ``text``; special-token strings in it become their ids, as in vLLM."""
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def _encode_plain(self, text: str) -> list[int]:
-        table = self.byte_ids
-        return [table[b] for b in text.encode("utf-8")]
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def token_bytes(self, tid: int) -> bytes:
-        """The text bytes of one token: special tokens contribute none (they are skipped in text)."""
-        if not 0 <= tid < self.vocab_size:
-            return b""
-        raw = self._bytes_of[tid] or self._merged[tid]
-        return raw if raw is not None else b""
+    def stream(self, prompt: Sequence[int], *, skip_special_tokens: bool) -> TextStream:
+        return TextStream(self, prompt, skip_special_tokens)
 
-    def byte_of(self, tid: int) -> int | None:
-        """The byte a token stands for, or None for special / unused ids."""
-        raw = self._bytes_of[tid] if 0 <= tid < self.vocab_size else None
-        return raw[0] if raw is not None else None
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
-        parts: list[bytes] = []
-        for tid in ids:
-            if not skip_special and tid in self._special_of:
-                parts.append(self._special_of[tid].encode("utf-8"))
-            else:
-                parts.append(self.token_bytes(tid))
-        return b"".join(parts).decode("utf-8", errors="replace")
+class TextStream:
+    """Incremental text of generated ids: ``step(id)`` returns the characters that id completes."""
 
-    def token_text(self, tid: int) -> str:
-        """How a token is shown in logprobs: its text, its special name, or ``bytes:\\xNN`` when the
-        byte alone is not valid UTF-8 (a unique spelling, so top-logprob maps never collide)."""
-        if tid in self._special_of:
-            return self._special_of[tid]
-        raw = self.token_bytes(tid)
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], skip_special_tokens: bool) -> None:
+        self._backend = tokenizer.backend
+        self._skip = skip_special_tokens
+        self._stream = DecodeStream(ids=list(prompt), skip_special_tokens=skip_special_tokens)
+
+    def step(self, token: int) -> str:
         try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            return self._stream.step(self._backend, token) or ""
+        except Exception:  # a non-monotonic prefix (rare byte-level case): restart, as vLLM does
+            self._stream = DecodeStream(skip_special_tokens=self._skip)
+            return self._stream.step(self._backend, token) or ""

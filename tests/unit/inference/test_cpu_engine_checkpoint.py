@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from node.errors import ConfigError
+from node.errors import ConfigError, InvalidRequest
 from services.inference.cpu_engine.chat_template import CHAT_TEMPLATE, render_chat
 from services.inference.cpu_engine.checkpoint import TINY_FILES, create_tiny, load, load_or_synthesize
 from tests.support.pocv2 import TINY_QWEN3
@@ -64,13 +64,23 @@ def test_layout_is_hugging_face_llama(tmp_path: Path) -> None:
     assert gen["eos_token_id"] == [257, 258]
 
 
-def test_chat_template_matches_its_jinja_form() -> None:
-    jinja2 = pytest.importorskip("jinja2")
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo 🙂"}]
-    rendered = jinja2.Template(CHAT_TEMPLATE).render(
-        messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=True
-    )
-    assert rendered == render_chat(messages)
+def test_chats_render_the_models_template() -> None:
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "héllo"},
+                                             {"type": "text", "text": "🙂"}]}]
+    rendered = render_chat(messages, CHAT_TEMPLATE, special={"bos_token": "<|begin_of_text|>"})
+    assert rendered == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
+                        "<|start_header_id|>user<|end_header_id|>\n\nhéllo\n🙂<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_a_template_cannot_reach_the_host() -> None:
+    """The template is rendered in Jinja's sandbox: no dunder access, no imports, no file reads."""
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(InvalidRequest, match="chat template"):
+        render_chat([{"role": "user", "content": "x"}], hostile)
+    with pytest.raises(InvalidRequest, match="no chat template"):
+        render_chat([{"role": "user", "content": "x"}], None)
 
 
 def test_load_checks_the_directory(tmp_path: Path) -> None:
@@ -114,12 +124,6 @@ def test_the_golden_qwen3_checkpoint_loads(tmp_path: Path) -> None:
     cfg = loaded.config
     assert (cfg.hidden_size, cfg.head_dim, cfg.rope_theta, cfg.qk_norm) == (64, 32, 1e6, True)
     tok = loaded.tokenizer
-    assert tok.chatml and tok.eos_ids == frozenset({2}) and tok.bos_id is None
-    prompt = render_chat([{"role": "user", "content": "hi"}], chatml=tok.chatml)
+    assert tok.eos_token_id == 2 and tok.extra_stop_ids == () and tok.bos_token is None
+    prompt = render_chat([{"role": "user", "content": "hi"}], tok.chat_template)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    template = json.loads((TINY_QWEN3 / "tokenizer_config.json").read_text())["chat_template"]
-    jinja2 = pytest.importorskip("jinja2")
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
-    assert jinja2.Template(template).render(messages=messages, add_generation_prompt=True) == render_chat(
-        messages, chatml=True
-    )

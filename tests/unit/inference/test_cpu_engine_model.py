@@ -64,7 +64,7 @@ def _reference_logits(w: dict[str, torch.Tensor], cfg: ModelConfig, ids: list[in
 
 
 def test_incremental_decoding_matches_the_reference(tiny_dir: Path, tiny: LoadedModel) -> None:
-    ids = tiny.tokenizer.encode("The quick brown fox 🦊 jumps", add_bos=True)
+    ids = tiny.tokenizer.encode("The quick brown fox 🦊 jumps", add_special_tokens=True)
     expected = _reference_logits(load_weights(tiny_dir), tiny.config, ids)
     cache = tiny.model.new_cache()
     got = [tiny.model.forward(ids[:5], cache)]
@@ -86,7 +86,7 @@ def test_kv_cache_growth_keeps_results(tiny: LoadedModel) -> None:
 
 
 def test_model_output_is_pinned(tiny: LoadedModel) -> None:
-    ids = tiny.tokenizer.encode("Hello", add_bos=True)
+    ids = tiny.tokenizer.encode("Hello", add_special_tokens=True)
     cache = tiny.model.new_cache()
     logits = tiny.model.forward(ids, cache)
     pinned = [1.4647382497787476, 0.8745797276496887, -2.066620111465454, -2.7906346321105957]
@@ -100,7 +100,7 @@ def test_model_output_is_pinned(tiny: LoadedModel) -> None:
 
 def test_float16_runs_close_to_float32(tiny_dir: Path, tiny: LoadedModel) -> None:
     half = load(tiny_dir, "float16")
-    ids = tiny.tokenizer.encode("Hello", add_bos=True)
+    ids = tiny.tokenizer.encode("Hello", add_special_tokens=True)
     full = tiny.model.forward(ids, tiny.model.new_cache())
     low = half.model.forward(ids, half.model.new_cache())
     assert low.dtype == torch.float32

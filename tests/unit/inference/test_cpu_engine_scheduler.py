@@ -66,13 +66,13 @@ def _scheduler(tiny: LoadedModel, max_num_seqs: int = 64) -> tuple[Scheduler, Co
 
 
 def _prompt(tiny: LoadedModel, text: str) -> list[int]:
-    return tiny.tokenizer.encode(text, add_bos=True)
+    return tiny.tokenizer.encode(text, add_special_tokens=True)
 
 
 @pytest.mark.timeout(60)
 def test_results_do_not_depend_on_the_batch(tiny: LoadedModel) -> None:
-    greedy = SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=3)
-    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=24, logprobs=True, top_logprobs=2)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=24, logprobs=2)
     sched, col = _scheduler(tiny)
     try:
         sched.submit(1, _prompt(tiny, "alone"), greedy)
@@ -91,28 +91,31 @@ def test_results_do_not_depend_on_the_batch(tiny: LoadedModel) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_forced_replay_reports_the_same_logprobs(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("mode", ["processed_logprobs", "raw_logprobs"])
+def test_forced_replay_reports_the_same_logprobs(tiny: LoadedModel, mode: str) -> None:
+    """A validator's replay (the executor's ids forced, the same sampling parameters) reports exactly the
+    executor's numbers: forcing picks the token after the distribution is taken."""
     sched, col = _scheduler(tiny)
     originals = {}
+    settings = {}
     try:
         for i in range(1, 13):
-            params = SamplingParams(
-                temperature=1.2, seed=100 + i, max_tokens=40, logprobs=True, top_logprobs=4
-            )
-            sched.submit(i, _prompt(tiny, f"prompt {i}"), params)
+            settings[i] = SamplingParams(temperature=0.6 + 0.1 * i, top_p=0.5 + 0.04 * i, top_k=i % 4 * 7,
+                                         repetition_penalty=1.1, presence_penalty=0.2, seed=100 + i,
+                                         max_tokens=40, logprobs=5, logprobs_mode=mode).normalised()
+            sched.submit(i, _prompt(tiny, f"prompt {i}"), settings[i])
         originals = col.wait(list(range(1, 13)))
-        for i, (text, tokens, _) in originals.items():
-            forced = tiny.tokenizer.encode(text, parse_special=False)
-            # Sampling only makes valid UTF-8, so the text re-encodes to exactly the sampled tokens.
-            assert forced == [t.id for t in tokens]
-            params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=4)
-            sched.submit(100 + i, _prompt(tiny, f"prompt {i}"), params, forced=forced)
+        for i, (_text, tokens, _) in originals.items():
+            replay = SamplingParams(**{**settings[i].__dict__, "seed": 999})
+            sched.submit(100 + i, _prompt(tiny, f"prompt {i}"), replay, forced=tuple(t.id for t in tokens))
         replays = col.wait([100 + i for i in originals])
     finally:
         sched.stop()
-    for i, (text, tokens, _) in originals.items():
-        r_text, r_tokens, reason = replays[100 + i]
-        assert r_text == text and reason == "stop"
+    assert any(lp == float("-inf") for _t, tokens, _r in originals.values() for t in tokens
+               for _id, lp in t.top) == (mode == "processed_logprobs")  # top-p/top-k masks show
+    for i, (text, tokens, reason) in originals.items():
+        r_text, r_tokens, r_reason = replays[100 + i]
+        assert (r_text, r_reason) == (text, reason)
         assert r_tokens == tokens  # ids, logprobs and top logprobs, bit for bit
 
 
@@ -134,8 +137,8 @@ def test_slots_are_capped_and_cancel_frees_them(tiny: LoadedModel) -> None:
     sched, col = _scheduler(tiny, max_num_seqs=2)
     long = [ord("x")] * 1500
     try:
-        sched.submit(1, _prompt(tiny, "a"), SamplingParams(), forced=long)
-        sched.submit(2, _prompt(tiny, "b"), SamplingParams(), forced=long)
+        sched.submit(1, _prompt(tiny, "a"), SamplingParams(max_tokens=1500), forced=tuple(long))
+        sched.submit(2, _prompt(tiny, "b"), SamplingParams(max_tokens=1500), forced=tuple(long))
         for i in range(3, 6):
             sched.submit(i, _prompt(tiny, "c"), SamplingParams(temperature=0.0, max_tokens=4))
         with col.cond:

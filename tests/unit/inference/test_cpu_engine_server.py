@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from services.inference.cpu_engine.checkpoint import create_tiny
+from services.inference.validation.compare import compare
+from services.inference.validation.network import enforced_tokens
 
 ROOT = Path(__file__).resolve().parents[3]
 MAX_LEN = 2048
@@ -127,7 +129,8 @@ def test_health_models_and_ignored_flags(engine: Engine, client: httpx.Client) -
 
 @pytest.mark.timeout(60)
 def test_completion_greedy_is_repeatable(client: httpx.Client) -> None:
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "foo": [1]}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "foo": [1],
+            "return_token_ids": True}
     first = client.post("/v1/completions", json=body).json()
     second = client.post("/v1/completions", json=body).json()
     assert first["object"] == "text_completion" and first["id"].startswith("cmpl-")
@@ -138,7 +141,9 @@ def test_completion_greedy_is_repeatable(client: httpx.Client) -> None:
     usage = first["usage"]
     assert usage["prompt_tokens"] == 1 + len(b"Once upon a time")
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert usage["completion_tokens"] == len(choice["text"].encode())
+    assert usage["completion_tokens"] == len(choice["token_ids"])
+    tokenized = client.post("/tokenize", json={"prompt": body["prompt"]}).json()
+    assert choice["prompt_token_ids"] == tokenized["tokens"]
 
 
 @pytest.mark.timeout(60)
@@ -163,38 +168,50 @@ def test_streaming_chat_matches_the_whole_response(client: httpx.Client) -> None
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def _numeric(entry: dict[str, Any]) -> bool:
+    return entry["token"].isdigit() and bytes(entry["bytes"]) == entry["token"].encode()
+
+
 @pytest.mark.timeout(60)
-def test_chat_enforced_str_replays_the_logprobs(client: httpx.Client) -> None:
-    body = {"messages": CHAT, "max_tokens": 32, "seed": 7, "logprobs": True, "top_logprobs": 3}
+def test_chat_logprobs_are_token_ids_and_a_validators_replay_reproduces_them(client: httpx.Client) -> None:
+    body = {"messages": CHAT, "max_tokens": 32, "seed": 7, "temperature": 0.9, "top_p": 0.8, "top_k": 3,
+            "logprobs": True, "top_logprobs": 5, "return_token_ids": True,
+            "logprobs_mode": "processed_logprobs"}
     original = client.post("/v1/chat/completions", json=body).json()["choices"][0]
-    text = original["message"]["content"]
     content = original["logprobs"]["content"]
-    assert len(content) == len(text.encode()) > 0
-    assert all(len(e["top_logprobs"]) == 3 for e in content)
-    assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
-    replay_body = {**body, "seed": 999, "temperature": 0.3, "enforced_str": text}
+    assert [int(e["token"]) for e in content] == original["token_ids"]
+    assert all(_numeric(e) and all(_numeric(t) for t in e["top_logprobs"]) for e in content)
+    assert all(len(e["top_logprobs"]) == 5 and e["top_logprobs"][0]["token"] == e["token"] for e in content)
+    assert any(t["logprob"] == -9999.0 for e in content for t in e["top_logprobs"])  # top-k masked slots
+    replay_body = {**body, "seed": 999, "enforced_tokens": enforced_tokens(content)}
     replay = client.post("/v1/chat/completions", json=replay_body).json()["choices"][0]
-    assert replay["message"]["content"] == text
-    replayed = replay["logprobs"]["content"]
-    assert [e["token"] for e in replayed] == [e["token"] for e in content]
-    for got, want in zip(replayed, content, strict=True):
-        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
-        for g, w in zip(got["top_logprobs"], want["top_logprobs"], strict=True):
-            assert g["token"] == w["token"] and g["logprob"] == pytest.approx(w["logprob"], abs=1e-5)
+    assert replay["message"]["content"] == original["message"]["content"]
+    assert replay["logprobs"]["content"][: len(content)] == content  # the same engine: bit for bit
+    assert compare(content, replay["logprobs"]["content"]).similarity == 1.0
+
+
+@pytest.mark.timeout(60)
+def test_enforced_str_forces_the_texts_tokens(client: httpx.Client) -> None:
+    body = {"messages": CHAT, "max_tokens": 32, "logprobs": True, "enforced_str": "Hi there!"}
+    answer = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert answer["message"]["content"] == "Hi there!" and answer["finish_reason"] == "stop"
+    ids = [int(e["token"]) for e in answer["logprobs"]["content"]]
+    assert ids[:-1] == list(b"Hi there!") and ids[-1] == 258  # then the end-of-sequence token
 
 
 @pytest.mark.timeout(60)
 def test_completion_logprobs_and_enforced_tokens(client: httpx.Client) -> None:
-    body = {"prompt": "abc", "max_tokens": 10, "seed": 3, "logprobs": 2}
+    body = {"prompt": "abc", "max_tokens": 10, "seed": 3, "logprobs": 2, "return_token_ids": True}
     original = client.post("/v1/completions", json=body).json()["choices"][0]
     lp = original["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert [int(t) for t in lp["tokens"]] == original["token_ids"]
     assert all(x <= 0 for x in lp["token_logprobs"])
+    assert all(t in top and len(top) <= 3 for t, top in zip(lp["tokens"], lp["top_logprobs"], strict=True))
     ids = client.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
-    forced = client.post("/tokenize", json={"prompt": original["text"], "add_special_tokens": False}).json()
-    replay = client.post("/v1/completions", json={**body, "enforced_tokens": forced["tokens"]}).json()
+    replay = client.post("/v1/completions", json={**body, "enforced_tokens": original["token_ids"]}).json()
     assert replay["choices"][0]["text"] == original["text"]
-    assert replay["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert replay["choices"][0]["logprobs"]["token_logprobs"][:10] == lp["token_logprobs"]
     by_ids = client.post("/v1/completions", json={**body, "prompt": ids}).json()
     assert by_ids["choices"][0]["text"] == original["text"]
 
@@ -234,7 +251,6 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("/v1/completions", {"prompt": 5}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
     ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}),
-    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN}),
     ("/v1/completions", {"prompt": "x" * MAX_LEN}),
     ("/v1/completions", {"prompt": "x", "n": 2}),
     ("/v1/completions", {"prompt": "x", "temperature": -1}),
@@ -243,10 +259,21 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("/v1/completions", {"prompt": "x", "stop": [1]}),
     ("/v1/completions", {"prompt": "x", "seed": "x"}),
     ("/v1/completions", {"prompt": "x", "enforced_tokens": [100000]}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": [-1]}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": {"tokens": [{"token": "-3"}]}}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": {"tokens": [{"token": 1.5}]}}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": {"tokens": "1 2"}}),
+    ("/v1/completions", {"prompt": "x", "enforced_tokens": {"tokens": [{"token": "1", "top_tokens": [{}]}]}}),
     ("/v1/completions", {"prompt": "x", "enforced_str": 5}),
-    ("/v1/completions", {"prompt": "x", "enforced_str": "y" * MAX_LEN}),
+    ("/v1/completions", {"prompt": "x", "logprobs_mode": "raw_logits"}),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [100000]}),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x": 1}}),
     ("/v1/chat/completions", {"messages": []}),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "maybe"}),
