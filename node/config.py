@@ -134,6 +134,9 @@ VARIABLES: tuple[Variable, ...] = (
              at_least_one_second, "engine_hang_s"),
     Variable("MLNODE_VERSION_TAG", "", "Version reported by /api/v1/state; empty: the package version.",
              _text, "version_tag"),
+    Variable("MLNODE_LOGPROBS_MODE", "processed_logprobs",
+             "Logprobs of a request that names no logprobs_mode: processed_logprobs (the network's) or "
+             "raw_logprobs.", _choice("processed_logprobs", "raw_logprobs"), "logprobs_mode"),
 )
 
 
@@ -155,6 +158,7 @@ class Settings:
     inference_autostart: Path | None
     engine_hang_s: float
     version_tag: str
+    logprobs_mode: str
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -2,14 +2,17 @@
 
 This is the composition root above ``node`` and ``services``: ``node.cli`` knows supervisord, keys and
 settings but no service, so the model command (a tiny CPU checkpoint, written by the inference
-service's CPU engine) is added here, and ``up --tiny-model-if-missing`` makes that model before the
-node starts.
+service's CPU engine) and ``validate`` (one inference the way the network runs and checks it) are added
+here, and ``up --tiny-model-if-missing`` makes that model before the node starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+from typing import Any
 
 from node import cli
 
@@ -32,6 +35,57 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_request(args: argparse.Namespace) -> dict[str, Any]:
+    messages = json.loads(args.messages) if args.messages else [{"role": "user", "content": args.prompt}]
+    body: dict[str, Any] = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
+                            "stream": args.stream}
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    return body
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Exit 0 when the validator would accept the executor's answer, 1 when not, 2 when a node failed."""
+    from services.inference.validation.check import CheckFailed, outcome_json, run_check
+
+    try:
+        outcome = run_check(args.executor, args.validator or args.executor, _user_request(args),
+                            token=args.token, validator_token=args.validator_token, mode=args.mode,
+                            timeout_s=args.timeout, seed=args.seed)
+    except (CheckFailed, ValueError) as exc:
+        print(f"mlnode validate: {exc}", file=sys.stderr)
+        return 2
+    print(outcome_json(outcome) if args.json else "\n".join(outcome.lines()))
+    return 0 if outcome.passed else 1
+
+
+def _add_validate(commands: argparse._SubParsersAction) -> None:
+    check = commands.add_parser(
+        "validate", help="send one inference as the Network Node does, replay it as a validator, compare",
+        description="Sends one chat request to --executor (a node's inference base URL) exactly as the "
+                    "Network Node rewrites it, replays the answer with enforced_tokens on --validator (the "
+                    "same node by default) and prints the similarity and verdict (> 0.99 passes).")
+    check.add_argument("--executor", required=True, help="base URL, e.g. http://node-a:5000")
+    check.add_argument("--validator", help="base URL of the validating node (default: the executor)")
+    check.add_argument("--model", required=True, help="the served model name")
+    check.add_argument("--prompt", default="Explain proof of compute in one paragraph.")
+    check.add_argument("--messages", help="a JSON list of chat messages (instead of --prompt)")
+    check.add_argument("--max-tokens", type=int, default=64)
+    check.add_argument("--temperature", type=float)
+    check.add_argument("--top-p", type=float)
+    check.add_argument("--top-k", type=int)
+    check.add_argument("--seed", type=int, help="the request's seed (default: one the client draws)")
+    check.add_argument("--stream", action="store_true", help="the executor streams its answer (SSE)")
+    check.add_argument("--mode", choices=["processed_logprobs", "raw_logprobs"],
+                       help="logprobs_mode (default: the chain's, processed_logprobs)")
+    check.add_argument("--token", help="bearer token of the executor (and the validator, unless given)")
+    check.add_argument("--validator-token")
+    check.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(fn=cmd_validate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -48,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     tiny.set_defaults(fn=cmd_create_tiny)
+    _add_validate(commands)
     return parser
 
 

@@ -5,8 +5,8 @@ asks (``backends``) at start, follows the service's ``backends`` events as they 
 every few seconds in case an event was missed (PUB/SUB drops what is published before a subscriber
 connects). Requests go to the least-loaded instance; with none healthy the answer is 503
 ``{"detail": "No inference backend available"}``. Only allowlisted paths are proxied (404 otherwise, see
-:mod:`.upstream_allowlist`), and enforced-decoding fields are made readable by stock vLLM on the way
-(:mod:`.upstream_enforced`).
+:mod:`.upstream_allowlist`); bodies go to the engine byte for byte (the network's fields, such as
+``enforced_tokens``, are read by the engines themselves).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from node.logging import get_logger
 from services.gateway.services import Services
 from services.gateway.upstream_allowlist import NOT_FOUND, allowed
 from services.gateway.upstream_balancer import Balancer
-from services.gateway.upstream_enforced import with_engine_args
 from services.gateway.upstream_relay import IDLE_TIMEOUT_S, ReverseProxy, send_json
 
 log = get_logger(__name__)
@@ -52,7 +51,7 @@ class InferenceProxy:
         self.services = services
         self.refresh_s = refresh_s
         self.balancer = Balancer(IDLE_TIMEOUT_S)
-        self.relay = ReverseProxy(self.balancer, rewrite=with_engine_args)
+        self.relay = ReverseProxy(self.balancer)
         self._tasks: list[asyncio.Task[None]] = []
         self._bus: LocalBus | None = None
 

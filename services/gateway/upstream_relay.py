@@ -1,9 +1,9 @@
 """The reverse proxy proper: one ASGI request in, one engine request out, the answer relayed as it comes.
 
-Byte-exact by construction: the request body is forwarded as received (never parsed, so unknown JSON
-fields such as ``enforced_str`` pass untouched; the one exception is an owner-supplied ``rewrite`` of
-POST bodies, see :mod:`.upstream_enforced`) and every response chunk is handed to the server the
-moment the engine's bytes arrive, which is what makes SSE token streaming work through the proxy.
+Byte-exact by construction: the request body is forwarded as received (never parsed, so the network's
+fields such as ``enforced_tokens`` reach the engine untouched) and every response chunk is handed to the
+server the moment the engine's bytes arrive, which is what makes SSE token streaming work through the
+proxy.
 Status and headers are kept except hop-by-hop ones (and ``date``/``server``, which the gateway's
 server sets itself, so the client never sees two). A client that disconnects aborts the engine
 connection, so the engine cancels the request and frees its batch slot.
@@ -25,8 +25,6 @@ log = get_logger(__name__)
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-#: ``rewrite(path, body)`` -> the body to send upstream (POST requests only).
-Rewrite = Callable[[str, bytes], bytes]
 
 NO_BACKEND = "No inference backend available"
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -123,10 +121,9 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
 class ReverseProxy:
     """ASGI app forwarding every request to the least-loaded healthy backend of ``balancer``."""
 
-    def __init__(self, balancer: Balancer, *, max_attempts: int = 3, rewrite: Rewrite | None = None) -> None:
+    def __init__(self, balancer: Balancer, *, max_attempts: int = 3) -> None:
         self.balancer = balancer
         self.max_attempts = max_attempts
-        self.rewrite = rewrite
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,8 +140,6 @@ class ReverseProxy:
         except ValueError as exc:
             await send_json(send, 413, {"detail": str(exc)})
             return
-        if self.rewrite is not None and scope["method"] == "POST":
-            body = self.rewrite(scope["path"], body)
         await self._forward(scope, receive, send, body)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:

@@ -5,7 +5,8 @@ vLLM runs under ``MLNODE_VLLM_PYTHON`` when set (an interpreter of a separate vL
 test tier's ``.venv-vllm``), else under the node's own interpreter. Its engines run with
 ``VLLM_SERVER_DEV_MODE=1`` so that the node's own components reach ``/collective_rpc`` on loopback (the
 proxy never exposes it), and on a host without GPUs with a CPU KV cache of ``VLLM_CPU_KVCACHE_SPACE``
-GiB (1 unless set: vLLM-CPU needs it sized).
+GiB (1 unless set: vLLM-CPU needs it sized), on the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``: the
+plugin's sampler is written for it) with the default logprobs mode in ``MLNODE_LOGPROBS_MODE``.
 vLLM runs one instance per block of ``tp*pp`` GPUs (the i-th block of the GPUs this node was given,
 respecting ``CUDA_VISIBLE_DEVICES``) on port ``INFERENCE_PORT+1+i``; the CPU engine runs one instance
 on ``INFERENCE_PORT+1``. Both come out as the same :class:`InstancePlan`, which the launcher runs
@@ -24,6 +25,8 @@ from node import gpu
 from node.errors import ConfigError
 from services.inference import vllm_cmd
 from services.inference.up_request import UpRequest
+from services.inference.validation.request import PROCESSED
+from services.inference.vllm_plugin.request_state import DEFAULT_MODE_ENV
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,11 @@ def vllm_python(environ: Mapping[str, str]) -> str:
     return environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
-def vllm_env(environ: Mapping[str, str], gpus: list[str]) -> dict[str, str]:
-    """One instance's environment: its GPUs, dev mode for ``/collective_rpc``, a CPU KV cache size."""
-    env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1"}
+def vllm_env(environ: Mapping[str, str], gpus: list[str], logprobs_mode: str = PROCESSED) -> dict[str, str]:
+    """One instance's environment: its GPUs, dev mode for ``/collective_rpc``, the V1 model runner, the
+    plugin's default logprobs mode, a CPU KV cache size."""
+    env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1",
+           "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode}
     if not gpus:
         env.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
     return env
@@ -96,23 +101,23 @@ def _port(inference_port: int, index: int) -> int:
 
 
 def plan_vllm(req: UpRequest, inference_port: int, environ: Mapping[str, str],
-              detected_gpus: int) -> list[InstancePlan]:
+              detected_gpus: int, logprobs_mode: str = PROCESSED) -> list[InstancePlan]:
     """One vLLM instance per GPU block (InvalidRequest for bad parallel sizes in additional_args)."""
-    tp, pp = vllm_cmd.parse_parallelism(list(req.additional_args))
+    args, mode = vllm_cmd.take_logprobs_mode(list(req.additional_args), logprobs_mode)
+    tp, pp = vllm_cmd.parse_parallelism(args)
     blocks = vllm_cmd.plan_instances(vllm_cmd.visible_gpus(environ, detected_gpus), tp, pp)
     plans = []
     for i, block in enumerate(blocks):
         port = _port(inference_port, i)
-        argv = vllm_cmd.vllm_command(req.model, req.dtype, list(req.additional_args), port,
-                                     python=vllm_python(environ))
-        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), vllm_env(environ, block)))
+        argv = vllm_cmd.vllm_command(req.model, req.dtype, args, port, python=vllm_python(environ))
+        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), vllm_env(environ, block, mode)))
     return plans
 
 
 def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
-             environ: Mapping[str, str]) -> list[InstancePlan]:
+             environ: Mapping[str, str], logprobs_mode: str = PROCESSED) -> list[InstancePlan]:
     """One CPU engine instance; ``model_dir`` is the stand-in for a model name (None: a directory)."""
-    args = list(req.additional_args)
+    args, mode = vllm_cmd.take_logprobs_mode(list(req.additional_args), logprobs_mode)
     model = req.model
     if model_dir is not None:
         model = str(model_dir)
@@ -120,7 +125,7 @@ def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
         if not names_given:
             args += ["--served-model-name", req.model]
     port = _port(inference_port, 0)
-    argv = vllm_cmd.cpu_engine_command(model, req.dtype, args, port)
+    argv = vllm_cmd.cpu_engine_command(model, req.dtype, args, port, logprobs_mode=mode)
     # Keep the CPU engine off any GPU this host might have (MLNODE_ENGINE=cpu on a GPU box).
     env = {**environ, "CUDA_VISIBLE_DEVICES": ""}
     return [InstancePlan(0, port, (), tuple(argv), env)]

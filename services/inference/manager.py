@@ -123,7 +123,8 @@ class EngineManager:
         kind = choose_engine(self.settings.engine)
         plans = None
         if kind is VLLM:  # planned now so that bad parallel sizes are a 400, not a failed start
-            plans = plan_vllm(req, self.settings.inference_port, self.environ, len(gpu.devices()))
+            plans = plan_vllm(req, self.settings.inference_port, self.environ, len(gpu.devices()),
+                                  self.settings.logprobs_mode)
         self.phase = "starting"
         self.request, self.kind, self.error = req, kind, None
         self.instances = []
@@ -222,7 +223,8 @@ class EngineManager:
                 if not Path(req.model).is_dir():
                     positions = requested_positions(req.additional_args)
                     stand_in = await tiny_model(req.model, self.dir / "models", positions)
-                plans = plan_cpu(req, stand_in, self.settings.inference_port, self.environ)
+                plans = plan_cpu(req, stand_in, self.settings.inference_port, self.environ,
+                                 self.settings.logprobs_mode)
             self.instances = [self._instance(p, kind) for p in plans]
             for n, inst in enumerate(self.instances):
                 if n and kind.stagger_s:

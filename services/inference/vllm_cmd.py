@@ -11,6 +11,10 @@ Precedence, where the request and ``additional_args`` both name a setting:
   legacy ``dtype`` field), so the node then adds no ``--dtype`` of its own.
 * ``--worker-extension-cls``: the node loads its vLLM plugin's worker extension (the PoC hooks) unless
   ``additional_args`` name a class of their own, which then must include those methods to serve PoC.
+* ``--logprobs-mode``: vLLM's meaning (the logprobs of requests that name no ``logprobs_mode``) is kept,
+  but the plugin chooses the mode per request, so vLLM itself always runs ``processed_logprobs`` and the
+  value (``raw_logprobs`` or ``processed_logprobs``; default ``MLNODE_LOGPROBS_MODE``) reaches the plugin
+  as ``MLNODE_LOGPROBS_MODE`` in the engine's environment. The CPU engine takes the flag as it is.
 
 Flag spellings follow vLLM's parser: ``--name value``, ``--name=value``, and underscores in long names
 (``--tensor_parallel_size``) mean the same as dashes.
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 
 from node.errors import InvalidRequest
 from node.logging import get_logger
+from services.inference.validation.request import MODES, PROCESSED
 from services.inference.vllm_plugin import WORKER_EXTENSION
 
 log = get_logger(__name__)
@@ -36,6 +41,7 @@ CPU_ENGINE_MODULE = "services.inference.cpu_engine"
 _TP = frozenset({"--tensor-parallel-size", "-tp"})
 _PP = frozenset({"--pipeline-parallel-size", "-pp"})
 _NODE_OWNED = frozenset({"--host", "--port", "--model"})
+LOGPROBS_MODE = "--logprobs-mode"
 _GPU_ENTRY = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/-]+)$")
 
 
@@ -85,6 +91,19 @@ def parse_parallelism(additional_args: list[str]) -> tuple[int, int]:
         else:
             pp = _size(name, value)
     return tp, pp
+
+
+def take_logprobs_mode(additional_args: list[str], default: str) -> tuple[list[str], str]:
+    """``additional_args`` without ``--logprobs-mode``, and the default mode it sets (the last one wins)."""
+    args = list(additional_args)
+    mode: str | None = None
+    for start, end, name, value in reversed(_flag_spans(args, frozenset({LOGPROBS_MODE}))):
+        if value not in MODES:
+            raise InvalidRequest(f"additional_args: {name} must be one of {', '.join(MODES)}, got {value!r}",
+                                 param="additional_args")
+        mode = mode or value
+        del args[start:end]
+    return args, mode or default
 
 
 def plan_instances(gpus: list[str], tp: int, pp: int) -> list[list[str]]:
@@ -137,9 +156,10 @@ def vllm_command(
     host: str = "127.0.0.1",
     python: str = sys.executable,
 ) -> list[str]:
-    """The vLLM OpenAI server command line for one instance (set CUDA_VISIBLE_DEVICES separately)."""
+    """The vLLM OpenAI server command line for one instance (set CUDA_VISIBLE_DEVICES and the plugin's
+    ``MLNODE_LOGPROBS_MODE`` separately; ``additional_args`` must not carry ``--logprobs-mode`` any more)."""
     return _engine_command(VLLM_MODULE, model, dtype, additional_args, port, host, python,
-                           (("--worker-extension-cls", WORKER_EXTENSION),))
+                           (("--worker-extension-cls", WORKER_EXTENSION), (LOGPROBS_MODE, PROCESSED)))
 
 
 def cpu_engine_command(
@@ -149,6 +169,8 @@ def cpu_engine_command(
     port: int,
     host: str = "127.0.0.1",
     python: str = sys.executable,
+    logprobs_mode: str = PROCESSED,
 ) -> list[str]:
     """The CPU engine's command line: same flags and precedence; it ignores the GPU-only ones."""
-    return _engine_command(CPU_ENGINE_MODULE, model, dtype, additional_args, port, host, python)
+    return _engine_command(CPU_ENGINE_MODULE, model, dtype, additional_args, port, host, python,
+                           ((LOGPROBS_MODE, logprobs_mode),))

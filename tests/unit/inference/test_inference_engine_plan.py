@@ -105,3 +105,20 @@ def test_vllm_on_a_cpu_host_gets_its_interpreter_dev_mode_kv_cache_and_the_plugi
     assert [a for a in plan.argv if "worker-extension" in a] == ["--worker-extension-cls=my.Ext"]
     [plan] = plan_vllm(UpRequest("m"), 5000, {}, detected_gpus=1)
     assert "VLLM_CPU_KVCACHE_SPACE" not in plan.env and plan.env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_vllm_runs_the_plugins_sampler_setup_with_the_default_mode() -> None:
+    """The V1 model runner and engine-wide processed logprobs (what the plugin is written for); the
+    request default travels to the plugin in the environment, from the node or the up request."""
+    [plan] = plan_vllm(UpRequest("m"), 5000, {}, detected_gpus=0)
+    mode = plan.argv.index("--logprobs-mode")
+    assert plan.argv[mode + 1] == "processed_logprobs" and plan.argv.count("--logprobs-mode") == 1
+    assert plan.env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert plan.env["MLNODE_LOGPROBS_MODE"] == "processed_logprobs"
+    [plan] = plan_vllm(UpRequest("m"), 5000, {}, detected_gpus=0, logprobs_mode="raw_logprobs")
+    assert plan.env["MLNODE_LOGPROBS_MODE"] == "raw_logprobs"
+    [plan] = plan_vllm(UpRequest("m", "auto", ("--logprobs-mode", "raw_logprobs")), 5000, {}, detected_gpus=0)
+    assert plan.env["MLNODE_LOGPROBS_MODE"] == "raw_logprobs" and plan.argv.count("--logprobs-mode") == 1
+    assert plan.argv[plan.argv.index("--logprobs-mode") + 1] == "processed_logprobs"
+    [plan] = plan_cpu(UpRequest("m", "auto", ("--logprobs-mode=raw_logprobs",)), None, 5000, {})
+    assert plan.argv[-2:] == ("--logprobs-mode", "raw_logprobs")

@@ -9,6 +9,7 @@ from services.inference.vllm_cmd import (
     cpu_engine_command,
     parse_parallelism,
     plan_instances,
+    take_logprobs_mode,
     visible_gpus,
     vllm_command,
 )
@@ -21,8 +22,10 @@ CLIENT_EXAMPLE = [
     "--gpu-memory-utilization", "0.9",
 ]  # fmt: skip
 VLLM = ["/py", "-m", "vllm.entrypoints.openai.api_server"]
-#: The node loads its plugin's worker extension (PoC hooks) into every vLLM worker.
-EXT = ("--worker-extension-cls", "services.inference.vllm_plugin.worker.MLNodeWorkerExtension")
+#: The node loads its plugin's worker extension (PoC hooks) into every vLLM worker, and runs vLLM with
+#: processed logprobs (the plugin picks each request's mode).
+EXT = ("--worker-extension-cls", "services.inference.vllm_plugin.worker.MLNodeWorkerExtension",
+       "--logprobs-mode", "processed_logprobs")
 
 
 @pytest.mark.parametrize(
@@ -107,5 +110,25 @@ def test_node_owns_host_port_model_and_args_own_dtype() -> None:
 def test_cpu_engine_command() -> None:
     assert cpu_engine_command("m", "auto", CLIENT_EXAMPLE, 5001, python="/py") == [
         "/py", "-m", "services.inference.cpu_engine",
-        "--model", "m", "--host", "127.0.0.1", "--port", "5001", "--dtype", "auto", *CLIENT_EXAMPLE,
+        "--model", "m", "--host", "127.0.0.1", "--port", "5001", "--dtype", "auto",
+        "--logprobs-mode", "processed_logprobs", *CLIENT_EXAMPLE,
     ]  # fmt: skip
+    raw = cpu_engine_command("m", "auto", [], 5001, python="/py", logprobs_mode="raw_logprobs")
+    assert raw[-2:] == ["--logprobs-mode", "raw_logprobs"]
+
+
+@pytest.mark.parametrize(("args", "left", "mode"), [
+    ([], [], "processed_logprobs"),
+    (["--seed", "1", "--logprobs-mode", "raw_logprobs"], ["--seed", "1"], "raw_logprobs"),
+    (["--logprobs-mode=raw_logprobs", "--logprobs_mode", "processed_logprobs"], [], "processed_logprobs"),
+])
+def test_the_default_logprobs_mode_comes_from_the_args_or_the_node(args: list[str], left: list[str],
+                                                                    mode: str) -> None:
+    assert take_logprobs_mode(args, "processed_logprobs") == (left, mode)
+    assert take_logprobs_mode([], "raw_logprobs") == ([], "raw_logprobs")
+
+
+@pytest.mark.parametrize("args", [["--logprobs-mode", "raw_logits"], ["--logprobs-mode"]])
+def test_a_logprobs_mode_the_network_does_not_use_is_refused(args: list[str]) -> None:
+    with pytest.raises(InvalidRequest, match="logprobs-mode must be one of"):
+        take_logprobs_mode(args, "processed_logprobs")
