@@ -101,6 +101,21 @@ def _text(_name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _token(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and (len(value) < 16 or not value.isprintable() or any(c.isspace() for c in value)):
+        raise ConfigError(f"{name} must be at least 16 printable characters without spaces (or empty)")
+    return value
+
+
+#: GONKA_METRICS values; anything else means "full" (with a warning at start, as the network's exporter).
+METRICS_MODES = ("full", "off")
+
+
+def _metrics_mode(_name: str, raw: str) -> str:
+    return raw.strip().lower() or "full"
+
+
 VARIABLES: tuple[Variable, ...] = (
     Variable("MLNODE_STATE_DIR", "~/.mlnode", "Keys, bus sockets, PoC outbox, logs, checkpoints.", _path,
              "state_dir"),
@@ -137,6 +152,15 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MLNODE_LOGPROBS_MODE", "processed_logprobs",
              "Logprobs of a request that names no logprobs_mode: processed_logprobs (the network's) or "
              "raw_logprobs.", _choice("processed_logprobs", "raw_logprobs"), "logprobs_mode"),
+    Variable("MLNODE_API_TOKEN", "",
+             "Bearer token both HTTP ports require (except /api/v1/clock, /livez, /readyz); empty: open.",
+             _token, "api_token"),
+    Variable("GONKA_METRICS", "full",
+             "/api/v1/metrics: full serves the network's schema v1, off answers 404 (other values: full).",
+             _metrics_mode, "gonka_metrics"),
+    Variable("MLNODE_DOWNLOAD_STALL_SECONDS", "600",
+             "A model download whose files stop growing this long is killed and retried.",
+             at_least_one_second, "download_stall_s"),
 )
 
 
@@ -159,6 +183,9 @@ class Settings:
     engine_hang_s: float
     version_tag: str
     logprobs_mode: str
+    api_token: str = field(default="", repr=False)
+    gonka_metrics: str = "full"
+    download_stall_s: float = 600.0
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -173,6 +200,11 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def network_metrics(self) -> bool:
+        """GONKA_METRICS: anything but ``off`` serves the schema."""
+        return self.gonka_metrics != "off"
 
     def service_dir(self, service: str) -> Path:
         """Where one service keeps its durable files (outbox, checkpoints, engine logs)."""

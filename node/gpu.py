@@ -28,6 +28,15 @@ def _load() -> Any:
         return _nvml
 
 
+def nvml() -> Any:
+    """The initialised ``pynvml`` module, or None where NVML is unavailable (a CPU host)."""
+    return _load()
+
+
+def unavailable_reason() -> str:
+    return _nvml_error
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

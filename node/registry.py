@@ -139,6 +139,18 @@ INFERENCE = Program("inference", "services.inference", "INFERENCE", (
                  "Times the inference service restarted the engine instance.", "restarts"),
     ), key="index"),
     Each(("values", "instances"), "engine_instance", key="index", passthrough="metrics"),
+    _gauge("mlnode_model_downloads_active", "Model downloads running now (at most 3).",
+           "values", "downloads", "active"),
+    _counter("mlnode_model_downloads_completed_total", "Model downloads finished and verified.",
+             "values", "downloads", "completed_total"),
+    _counter("mlnode_model_downloads_failed_total", "Model downloads given up (missing repo, or every "
+             "attempt failed).", "values", "downloads", "failed_total"),
+    Each(("values", "downloads", "tasks"), "task_id", (
+        _gauge("mlnode_model_download_bytes", "Bytes of the repo in the cache so far.", "downloaded_bytes"),
+        _gauge("mlnode_model_download_attempt", "Which attempt the download is on.", "attempt"),
+        _gauge("mlnode_model_download_elapsed_seconds", "Seconds since the download started.",
+               "elapsed_seconds"),
+    )),
 ))
 
 

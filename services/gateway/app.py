@@ -14,12 +14,15 @@ import falcon.asgi
 
 from node.config import Settings
 from node.errors import MLNodeError
-from services.gateway import errors
+from services.gateway import auth, errors
 from services.gateway.metrics import MeasuredServices
 from services.gateway.proxy import InferenceProxy
-from services.gateway.resources import gpu, health, metrics, node, openapi, service_routes
+from services.gateway.resources import gpu, health, metrics, network_metrics, node, openapi, service_routes
 from services.gateway.services import Services
+from services.gateway.upstream_relay import send_json
 
+#: Engine paths the management port proxies besides ``/v1/*`` (single-URL mode: one base URL for all).
+ENGINE_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -33,6 +36,8 @@ def management_app(services: Services, proxy: InferenceProxy) -> falcon.asgi.App
     app.add_error_handler(MLNodeError, errors.handle_mlnode_error)
     app.set_error_serializer(errors.serialize_http_error)
     app.add_route("/api/v1/state", node.State(services))
+    app.add_route("/api/v1/versions", node.Versions(services))
+    app.add_route("/api/v1/clock", node.Clock())
     app.add_route("/api/v1/stop", node.Stop(services))
     app.add_route("/api/v1/identity", node.Identity(services))
     for path in ("/health", "/livez"):
@@ -41,9 +46,8 @@ def management_app(services: Services, proxy: InferenceProxy) -> falcon.asgi.App
     app.add_route("/api/v1/gpu/devices", gpu.Devices())
     app.add_route("/api/v1/gpu/driver", gpu.Driver())
     service_routes.add_routes(app, services)
-    scrape = metrics.Metrics(services)
-    for path in ("/metrics", "/api/v1/metrics"):
-        app.add_route(path, scrape)
+    app.add_route("/metrics", metrics.Metrics(services))
+    app.add_route("/api/v1/metrics", network_metrics.NetworkMetrics(services))
     app.add_route("/api/v1/openapi.json", openapi.OpenApi(services.settings.version_tag))
     return app
 
@@ -61,11 +65,17 @@ class PortRouter:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        token = self.settings.api_token
+        if scope["type"] == "http" and (reason := auth.refusal(token, scope)) is not None:
+            await send_json(send, 401, {"detail": reason}, headers=[auth.CHALLENGE])
+            return
         server = scope.get("server") or ("", 0)
-        if server[1] == self.settings.inference_port:
-            await self.proxy(scope, receive, send)
-        elif scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
-            await self.proxy(scope, receive, send)  # 8080 also proxies the OpenAI routes
+        path = scope.get("path", "")
+        if server[1] == self.settings.inference_port or (
+                scope["type"] == "http" and (path.startswith("/v1/") or path in ENGINE_PATHS)):
+            if token:
+                auth.scrub(scope)
+            await self.proxy(scope, receive, send)  # the management port proxies the engine's API too
         else:
             await self.api(scope, receive, send)  # type: ignore[arg-type]
 

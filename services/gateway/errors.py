@@ -5,6 +5,7 @@ Answers use the client's error shape, ``{"detail": "<reason>"}``.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import falcon
@@ -29,6 +30,10 @@ STATUS_BY_KIND: dict[str, int] = {
     "key_file": 500,
     "internal": 500,
 }
+#: The Network Node keeps the first 4 KiB of an error body (network-node-today.md §5): a reason is cut in
+#: the middle to fit, so its start (what failed) and its end (an engine's last log lines) both arrive.
+MAX_ERROR_BYTES = 4000
+_HEAD_CHARS = 400
 
 
 def status_for(error: MLNodeError) -> int:
@@ -45,7 +50,26 @@ async def handle_mlnode_error(
     # A resource may have set its own type (``/metrics``: text) before failing: the answer is JSON.
     resp.content_type = falcon.MEDIA_JSON
     # An error may carry a structured detail (the fan-out's per-engine errors); else its message.
-    resp.media = {"detail": error.details.get("detail", error.message)}
+    detail = error.details.get("detail", error.message)
+    resp.media = {"detail": fit(detail) if isinstance(detail, str) else detail}
+
+
+def fit(detail: str, limit: int = MAX_ERROR_BYTES) -> str:
+    """``detail`` cut in the middle so that ``{"detail": …}`` is at most ``limit`` bytes of JSON."""
+    def size(text: str) -> int:
+        return len(json.dumps({"detail": text}).encode())
+
+    if size(detail) <= limit:
+        return detail
+    head, rest = detail[:_HEAD_CHARS], detail[_HEAD_CHARS:]
+    low, high = 0, len(rest)  # the longest tail that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if size(f"{head} [...] {rest[-mid:]}") <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    return f"{head} [...] {rest[-low:]}" if low else head[: max(0, limit // 8)]
 
 
 async def handle_unexpected(

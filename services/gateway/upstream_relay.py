@@ -80,10 +80,11 @@ def request_head(scope: Scope, authority: bytes, body_length: int) -> bytes:
     return b"".join(lines)
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any],
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(data)).encode())]})
+                "headers": [*_JSON_HEADERS, *(headers or ()), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
 
 

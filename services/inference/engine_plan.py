@@ -16,6 +16,7 @@ without caring which engine it is.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,11 +73,37 @@ def vllm_python(environ: Mapping[str, str]) -> str:
     return environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
+#: Run by the engine's interpreter: vLLM's version without importing vLLM (which takes seconds).
+_VERSION_PROBE = (
+    "import importlib.metadata as m, importlib.util as u, sys\n"
+    "if u.find_spec('vllm') is None: sys.exit('no module named vllm')\n"
+    "names = m.packages_distributions().get('vllm') or ['vllm']\n"
+    "print(m.version(names[0]))\n"
+)
+
+
+def vllm_version(environ: Mapping[str, str], timeout_s: float = 60.0) -> str:
+    """The version of vLLM in the interpreter that runs it; ConfigError with the fix when it has none."""
+    python = vllm_python(environ)
+    try:
+        proc = subprocess.run([python, "-c", _VERSION_PROBE], capture_output=True, text=True,
+                              timeout=timeout_s, env=dict(environ), check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        reason = f"{python} could not be run ({exc})"
+    else:
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip().splitlines()[-1]
+        reason = f"{python} cannot import vllm ({(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})"
+    raise ConfigError(f"MLNODE_ENGINE=vllm but {reason}: install vLLM there, point {VLLM_PYTHON_ENV} at an "
+                      "interpreter that has it, or set MLNODE_ENGINE=cpu")
+
+
 def vllm_env(environ: Mapping[str, str], gpus: list[str], logprobs_mode: str = PROCESSED) -> dict[str, str]:
     """One instance's environment: its GPUs, dev mode for ``/collective_rpc``, the V1 model runner, the
-    plugin's default logprobs mode, a CPU KV cache size."""
+    plugin's default logprobs mode, a CPU KV cache size, and no usage reports to vLLM's maintainers (the
+    network's rule for its engines)."""
     env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1",
-           "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode}
+           "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode, "VLLM_NO_USAGE_STATS": "1"}
     if not gpus:
         env.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
     return env
@@ -127,5 +154,5 @@ def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
     port = _port(inference_port, 0)
     argv = vllm_cmd.cpu_engine_command(model, req.dtype, args, port, logprobs_mode=mode)
     # Keep the CPU engine off any GPU this host might have (MLNODE_ENGINE=cpu on a GPU box).
-    env = {**environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**environ, "CUDA_VISIBLE_DEVICES": "", "VLLM_NO_USAGE_STATS": "1"}
     return [InstancePlan(0, port, (), tuple(argv), env)]

@@ -87,6 +87,12 @@ class Instance:
         counters = self.liveness.last_metrics if self.liveness is not None else {}
         return {"index": self.plan.index, "metrics": dict(counters)}
 
+    def metrics_text(self) -> tuple[str, float]:
+        """The engine's last ``/metrics`` text and when it was read; empty while it does not serve."""
+        if self.liveness is None or not self.healthy():
+            return "", 0.0
+        return self.liveness.last_text, self.liveness.last_text_at
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._supervise(), name=f"engine-{self.plan.index}")

@@ -89,6 +89,9 @@ class Observation:
 
     health_ok: bool
     metrics: Mapping[str, float] | None
+    #: The ``/metrics`` text as the engine wrote it, and when it was read (Unix time).
+    text: str = ""
+    at: float = 0.0
 
 
 class Liveness:
@@ -104,12 +107,17 @@ class Liveness:
         self._metrics_fresh = False
         #: The engine's own counters from its last answered ``/metrics`` (passed through to ours).
         self.last_metrics: dict[str, float] = {}
+        #: That answer's text and when it was read (relayed into the network's metrics).
+        self.last_text = ""
+        self.last_text_at = 0.0
 
     def observe(self, obs: Observation, now: float) -> None:
         moved = False
         self._metrics_fresh = obs.metrics is not None
         if obs.metrics is not None:
             self.last_metrics = dict(obs.metrics)
+            if obs.text:
+                self.last_text, self.last_text_at = obs.text, obs.at
             counters = tuple(obs.metrics.get(name, 0.0) for name in PROGRESS_COUNTERS)
             moved = self._counters is not None and counters != self._counters
             self._counters = counters

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -34,6 +35,7 @@ from services.inference.probe import Prober
 from services.inference.process_group import PidFile
 from services.inference.tiny_models import requested_positions, tiny_model
 from services.inference.up_request import UpRequest
+from services.inference.vllm_cmd import last_flag_value
 
 log = get_logger(__name__)
 
@@ -50,9 +52,12 @@ STATE = {"idle": "STOPPED", "starting": "STARTING", "running": "RUNNING", "faile
 class EngineManager:
     def __init__(self, settings: Settings, publish: Callable[[list[str]], None], *,
                  timing: Timing | None = None, max_restarts: int = MAX_RESTARTS,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 cached: Callable[[str, str | None], Path | None] | None = None) -> None:
         self.settings = settings
         self.publish = publish
+        #: (hub repo, revision) -> the snapshot of a complete cached download, else None.
+        self.cached = cached or (lambda _repo, _revision: None)
         self.environ = dict(os.environ if environ is None else environ)
         self.timing = timing or Timing.for_window(hang_window(self.environ))
         self.max_restarts = max_restarts
@@ -125,6 +130,9 @@ class EngineManager:
         if kind is VLLM:  # planned now so that bad parallel sizes are a 400, not a failed start
             plans = plan_vllm(req, self.settings.inference_port, self.environ, len(gpu.devices()),
                                   self.settings.logprobs_mode)
+            if self._from_cache(req) is not None:
+                # Complete in the node's cache: vLLM loads it from there without asking the hub.
+                plans = [dataclasses.replace(p, env={**p.env, "HF_HUB_OFFLINE": "1"}) for p in plans]
         self.phase = "starting"
         self.request, self.kind, self.error = req, kind, None
         self.instances = []
@@ -221,8 +229,12 @@ class EngineManager:
             if plans is None:
                 stand_in = None
                 if not Path(req.model).is_dir():
-                    positions = requested_positions(req.additional_args)
-                    stand_in = await tiny_model(req.model, self.dir / "models", positions)
+                    stand_in = await asyncio.to_thread(self._from_cache, req)
+                    if stand_in is not None:
+                        log.info("inference_model_from_cache", model=req.model, path=str(stand_in))
+                    else:
+                        positions = requested_positions(req.additional_args)
+                        stand_in = await tiny_model(req.model, self.dir / "models", positions)
                 plans = plan_cpu(req, stand_in, self.settings.inference_port, self.environ,
                                  self.settings.logprobs_mode)
             self.instances = [self._instance(p, kind) for p in plans]
@@ -248,6 +260,12 @@ class EngineManager:
                  instances=[i.url for i in self.instances], start_s=round(self.ended - (self.began or 0), 3))
         self._outcome.set_result(None)
         self._changed()
+
+    def _from_cache(self, req: UpRequest) -> Path | None:
+        """The cached snapshot of the hub model ``req`` names (``--revision`` when given), if complete."""
+        if Path(req.model).is_dir():
+            return None
+        return self.cached(req.model, last_flag_value(list(req.additional_args), ("--revision",)))
 
     def _instance(self, plan: InstancePlan, kind: EngineKind) -> Instance:
         return Instance(plan, kind, log_path=self.dir / f"engine-{plan.index}.log", marker=self.marker,

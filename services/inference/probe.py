@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
 
@@ -27,24 +28,27 @@ class Prober:
             return False
         return resp.status_code == 200
 
-    async def metrics(self, url: str) -> dict[str, float] | None:
+    async def metrics(self, url: str) -> str | None:
+        """The engine's ``/metrics`` text, or None when it did not answer 200."""
         try:
             resp = await self._client.get(f"{url}/metrics")
         except httpx.HTTPError:
             return None
         if resp.status_code != 200:
             return None
-        return parse_metrics(resp.text)
+        return resp.text
 
     async def observe(self, url: str) -> Observation:
         """Both endpoints at once; whatever has not answered within the timeout counts as no answer."""
         try:
-            health, metrics = await asyncio.wait_for(
+            health, text = await asyncio.wait_for(
                 asyncio.gather(self.health(url), self.metrics(url)), self.timeout_s + 0.5
             )
         except TimeoutError:
             return Observation(health_ok=False, metrics=None)
-        return Observation(health_ok=health, metrics=metrics)
+        if text is None:
+            return Observation(health_ok=health, metrics=None)
+        return Observation(health_ok=health, metrics=parse_metrics(text), text=text, at=time.time())
 
     async def close(self) -> None:
         await self._client.aclose()

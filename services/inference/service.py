@@ -29,16 +29,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.inference import InferenceUp
-from node.config import Settings
+from node.config import METRICS_MODES, Settings
 from node.errors import ConfigError, MLNodeError
 from node.identity import NodeKeys
 from node.logging import get_logger
 from node.mode import STOPPED, ModeStore
 from node.process import bootstrap, fail
+from services.inference.engine_plan import VLLM, choose_engine, vllm_version
+from services.inference.instance import Instance
 from services.inference.manager import EngineManager
+from services.inference.models.cache import hub_cache_dir
+from services.inference.models.handlers import ModelHandlers
+from services.inference.network_metrics import Collector
 from services.inference.up_request import UpRequest, parse_up_request
 
 log = get_logger(__name__)
@@ -50,7 +57,12 @@ class InferenceService(Service):
 
     def __init__(self, settings: Settings, keys: NodeKeys, manager: EngineManager | None = None) -> None:
         super().__init__(settings, keys)
-        self.manager = manager or EngineManager(settings, self._publish_backends)
+        self.models = ModelHandlers(settings, self._served_repos)
+        self.manager = manager or EngineManager(settings, self._publish_backends,
+                                                cached=self.models.cache.served_path)
+        self.collector = Collector(hub_cache_dir(), self._serving)
+        #: Checked before anything is served: MLNODE_ENGINE=vllm without vLLM stops the process (exit 78).
+        self.vllm_version = engine_version(settings, self.manager.environ)
         self.modes = ModeStore(settings.state_dir)
         self.route("up_start", self._up_start, InferenceUp)
         self.route("up_replace", self._up_replace, InferenceUp)
@@ -58,13 +70,15 @@ class InferenceService(Service):
         self.route("up_status", self._up_status)
         self.route("down", self._down)
         self.route("backends", self._backends)
+        self.route("network_metrics", self._network_metrics)
+        self.models.register(self.route)
 
     # -- Service ---------------------------------------------------------------------------------------
     def is_active(self) -> bool:
         return self.manager.is_active()
 
     async def status(self) -> dict[str, Any]:
-        return self.manager.status()
+        return {**self.manager.status(), "vllm_version": self.vllm_version}
 
     async def stop(self) -> dict[str, Any]:
         return await self.manager.down()
@@ -73,11 +87,21 @@ class InferenceService(Service):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.manager.pidfile.sweep)
         await self._resume_or_autostart()
+        await self.collector.start()
+        await self.models.downloads.resume()
+        mode = self.settings.gonka_metrics
+        if mode not in METRICS_MODES:
+            log.warning("gonka_metrics_unknown", value=mode, serving="full")
+        log.info("network_metrics", GONKA_METRICS=mode, served=self.settings.network_metrics,
+                 hf_cache=str(self.models.cache.cache_dir))
 
     async def metrics(self) -> dict[str, Any]:
-        return {"instances": [inst.engine_metrics() for inst in self.manager.instances]}
+        return {"instances": [inst.engine_metrics() for inst in self.manager.instances],
+                "downloads": self.models.downloads.metrics()}
 
     async def shutdown(self) -> None:
+        await self.models.downloads.close()
+        await self.collector.close()
         await self.manager.close()
 
     # -- bus handlers ----------------------------------------------------------------------------------
@@ -111,6 +135,17 @@ class InferenceService(Service):
     def _publish_backends(self, urls: list[str]) -> None:
         self.events.publish("backends", urls)
 
+    async def _network_metrics(self, _payload: Any, _caller: Caller) -> Any:
+        return msgspec.to_builtins(await self.collector.snapshot())
+
+    def _serving(self) -> tuple[UpRequest | None, list[Instance]]:
+        manager = self.manager
+        return (manager.request if manager.is_active() else None), list(manager.instances)
+
+    def _served_repos(self) -> list[str]:
+        request, _ = self._serving()
+        return [request.model] if request is not None else []
+
     # -- start-up ------------------------------------------------------------------------------------
     async def _resume_or_autostart(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,6 +176,18 @@ class InferenceService(Service):
             return False
         log.info("inference_started_at_boot", why=why, model=body.get("model"))
         return True
+
+
+def engine_version(settings: Settings, environ: dict[str, str]) -> str | None:
+    """vLLM's version when vLLM is the engine; ConfigError when it is required and missing."""
+    if settings.engine == "vllm":
+        return vllm_version(environ)
+    if settings.engine == "auto" and choose_engine("auto") is VLLM:
+        try:
+            return vllm_version(environ)
+        except ConfigError:
+            return None
+    return None
 
 
 def main() -> None:

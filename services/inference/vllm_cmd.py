@@ -174,3 +174,9 @@ def cpu_engine_command(
     """The CPU engine's command line: same flags and precedence; it ignores the GPU-only ones."""
     return _engine_command(CPU_ENGINE_MODULE, model, dtype, additional_args, port, host, python,
                            ((LOGPROBS_MODE, logprobs_mode),))
+
+
+def last_flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value the last of ``names`` (any spelling vLLM accepts) is given in ``args``; None if absent."""
+    spans = _flag_spans(list(args), frozenset(names))
+    return spans[-1][3] if spans else None

@@ -1,16 +1,37 @@
-"""Node-level routes: ``/api/v1/state``, ``/api/v1/stop``, ``/api/v1/identity``."""
+"""Node-level routes: ``/api/v1/state``, ``/api/v1/versions``, ``/api/v1/clock``, ``/api/v1/stop``,
+``/api/v1/identity``.
+
+``state`` is polled by the Network Node with a 5 s timeout (anything but 200 marks the node FAILED), so
+it asks the services with a short deadline and never an engine: each service answers ``status`` from
+memory, and one that does not answer in time is reported from the node's claim (as while it restarts).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import time
 from urllib.parse import urlsplit
 
 import falcon.asgi
+import msgspec
 
+from contracts import node as contract
 from contracts import pow_v2
 from node import __version__
 from services.gateway.services import Report, Services
+
+#: Seconds ``state`` and ``versions`` wait for a service's status (they answer within a second).
+STATE_TIMEOUT_S = 0.7
+
+
+def version_of(services: Services) -> str:
+    return services.settings.version_tag or __version__
+
+
+def serving(inference: Report) -> bool:
+    """An engine serves: the inference service is running its ``up`` and has a healthy instance."""
+    status = inference.status
+    return inference.active and status.get("state") == "RUNNING" and bool(status.get("backends"))
 
 
 class State:
@@ -18,30 +39,57 @@ class State:
         self.services = services
 
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        reports = await self.services.reports()
+        reports = await self.services.reports(timeout=STATE_TIMEOUT_S)
         state = self.services.node_state(reports)
-        body: dict[str, object] = {"state": state}
-        body["version"] = self.services.settings.version_tag or __version__
-        body.update(poc_status=None, inference_healthy=None, loaded_model=None)
+        body = contract.NodeState(state=state, version=version_of(self.services))
         inference = reports["inference"]
         if state == "INFERENCE" and inference.reachable:
-            body.update(poc_fields(inference.status, reports["pow"]))
-        resp.media = body
+            body = poc_fields(body, inference, reports["pow"])
+        resp.media = msgspec.to_builtins(body)
 
 
-def poc_fields(inference: dict[str, Any], pow_report: Report) -> dict[str, Any]:
-    """pow-v2.md §2.7: the engines' PoC v2 status aggregated like ``/inference/pow/status``."""
-    found = {urlsplit(u).port for u in inference.get("backends") or [] if isinstance(u, str)}
+def poc_fields(body: contract.NodeState, inference: Report, pow_report: Report) -> contract.NodeState:
+    """pow-v2.md §2.7: the engines' PoC v2 status aggregated like ``/inference/pow/status``; the model
+    and the validation flag while an engine serves (ours run validation jobs beside chat)."""
+    status = inference.status
+    found = {urlsplit(u).port for u in status.get("backends") or [] if isinstance(u, str)}
     ports = sorted(p for p in found if p is not None)
-    fields: dict[str, Any] = {"inference_healthy": bool(inference.get("healthy", False)) and bool(ports),
-                              "loaded_model": inference.get("model")}
+    up = serving(inference)
+    model = status.get("model") if up and isinstance(status.get("model"), str) else None
+    body = msgspec.structs.replace(body, inference_healthy=bool(status.get("healthy", False)) and bool(ports),
+                                   loaded_model=model, poc_validation_inference=up)
     if not ports:
-        return {**fields, "poc_status": pow_v2.NO_BACKENDS}
+        return msgspec.structs.replace(body, poc_status=pow_v2.NO_BACKENDS)
     per_port = pow_report.status.get("poc_v2") if pow_report.reachable else None
     if not isinstance(per_port, dict):
-        return {**fields, "poc_status": None}  # pow is restarting: we do not know
+        return body  # pow is restarting: we do not know
     statuses = [str(per_port.get(str(port), pow_v2.IDLE)) for port in ports]
-    return {**fields, "poc_status": pow_v2.aggregate(statuses)}
+    return msgspec.structs.replace(body, poc_status=pow_v2.aggregate(statuses))
+
+
+class Versions:
+    """The reference MLNode's ``/api/v1/versions``: answered in every state."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        inference = await self.services.report("inference", timeout=STATE_TIMEOUT_S)
+        vllm = inference.status.get("vllm_version") if inference.reachable else None
+        body = contract.Versions(version=version_of(self.services),
+                                 vllm_version=vllm if isinstance(vllm, str) and vllm else None,
+                                 poc_validation_inference=serving(inference))
+        resp.media = msgspec.to_builtins(body)
+
+
+class Clock:
+    """Liveness and clock probe: 204, the wall clock at entry and just before the answer, in Unix ns."""
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        received = time.time_ns()
+        resp.status = falcon.HTTP_204
+        resp.set_header("X-Server-Recv-Ns", str(received))
+        resp.set_header("X-Server-Send-Ns", str(max(received, time.time_ns())))
 
 
 class Stop:

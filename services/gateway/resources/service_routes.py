@@ -22,6 +22,7 @@ import msgspec
 from contracts import pow_v2
 from contracts.checked import Refuse, decode_json
 from contracts.inference import InferenceUp
+from contracts.models import ModelRef
 from contracts.pow import InitDto, ProofBatch
 from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest
@@ -57,6 +58,8 @@ class Route:
     guard_as: str | None = None
     #: Bus deadline for the request (default: MLNODE_BUS_TIMEOUT).
     timeout_s: float | None = None
+    #: The HTTP status of a success.
+    success: int = 200
 
 
 ROUTES: tuple[Route, ...] = (
@@ -94,6 +97,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/train/peers", "train", "train.peers.list", guarded=False, query=("task_id",)),
     Route("POST", "/api/v1/train/peers/remove", "train", "train.peers.remove",
           body=TrainPeerRemove, guarded=False, as_sent=True),
+    # The model cache (network-node-today.md §3): any node state, the inference process keeps it.
+    Route("POST", "/api/v1/models/status", "inference", "models.status", body=ModelRef, guarded=False),
+    Route("POST", "/api/v1/models/download", "inference", "models.download", body=ModelRef, guarded=False,
+          success=202),
+    Route("DELETE", "/api/v1/models", "inference", "models.delete", body=ModelRef, guarded=False),
+    Route("GET", "/api/v1/models/list", "inference", "models.list", guarded=False),
+    Route("GET", "/api/v1/models/space", "inference", "models.space", guarded=False),
 )
 
 
@@ -130,6 +140,7 @@ class ServiceRoute:
             result = await self.services.call(row.service, row.kind, payload, timeout=row.timeout_s)
         if row.wait_kind is not None:
             result = await self.services.call(row.service, row.wait_kind, payload, timeout=row.wait_timeout_s)
+        resp.status = row.success
         resp.media = result
 
     async def _claim(self, row: Route, payload: Any) -> Any:
