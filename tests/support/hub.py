@@ -5,7 +5,7 @@ The real hub is not reachable here. This serves what ``snapshot_download`` asks 
 listing, with LFS sha256s), and ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``,
 ``ETag``, ``Range`` for resumed downloads), with the hub's ``X-Error-Code`` for a missing repo, revision
 or file. Faults on demand: the next GETs of a file answer 500, or one GET sends part of a file and then
-hangs until released (a stalled download).
+hangs until released (a stalled download) or drops the connection.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class Repo:
 
 @dataclass
 class Stall:
-    """Send ``after`` bytes of ``path``'s next GET, then hold the connection until ``release``."""
+    """Send ``after`` bytes of ``path``'s next GET, then hold the connection until ``release`` (a hung
+    transfer) or, with ``drop``, close it (a connection lost mid-file)."""
 
     path: str
     after: int
+    drop: bool = False
     release: threading.Event = field(default_factory=threading.Event)
     hit: threading.Event = field(default_factory=threading.Event)
 
@@ -99,8 +101,8 @@ class Hub:
         with self._lock:
             self.failures[path] = self.failures.get(path, 0) + times
 
-    def stall(self, path: str, after: int) -> Stall:
-        stall = Stall(path, after)
+    def stall(self, path: str, after: int, drop: bool = False) -> Stall:
+        stall = Stall(path, after, drop)
         with self._lock:
             self.stalls.append(stall)
         return stall
@@ -199,7 +201,8 @@ class Hub:
         req.wfile.write(body[: stall.after])
         req.wfile.flush()
         stall.hit.set()
-        stall.release.wait(120)
+        if not stall.drop:
+            stall.release.wait(120)
         req.close_connection = True
 
     def _take_stall(self, name: str) -> Stall | None:

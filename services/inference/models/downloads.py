@@ -212,6 +212,9 @@ class Downloads:
         finally:
             if proc.returncode is None:
                 await self._kill(proc)
+                # A killed attempt cannot clean up: its partial file (huggingface_hub names each one
+                # after its process, so none is ever resumed by another) would stay in the cache.
+                await asyncio.to_thread(_discard_partial, self.cache.repo_dir(task.ref.hf_repo))
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(reader, 5)
             task.pgid = None
@@ -278,6 +281,12 @@ class Downloads:
             atomic_write_json(self.directory / "tasks.json", doc)
         except Exception as exc:  # a full disk costs the resume after a restart, never the download
             log.warning("model_downloads_not_saved", error=str(exc))
+
+
+def _discard_partial(folder: Path) -> None:
+    for path in (folder / "blobs").glob("*.incomplete"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _size(folder: Path) -> int:
