@@ -71,9 +71,10 @@ def _supervisord_running(settings: Settings) -> bool:
     return True
 
 
-def _http_json(url: str, timeout: float = 3.0) -> tuple[int, Any]:
+def _http_json(url: str, timeout: float = 3.0, token: str = "") -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
@@ -98,7 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         try:
-            status, body = _http_json(f"{api}/api/v1/state", timeout=2)
+            status, body = _http_json(f"{api}/api/v1/state", timeout=2, token=settings.api_token)
             if status == 200:
                 print(f"MLNode {__version__} is up (state: {body.get('state')})")
                 print(f"  management API  {api}   (GET /api/v1/state, /health)")
@@ -173,7 +174,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings()
     services = asyncio.run(_statuses(settings))
     try:
-        code, state = _http_json(f"{_local_url(settings, settings.api_port)}/api/v1/state")
+        code, state = _http_json(f"{_local_url(settings, settings.api_port)}/api/v1/state",
+                                 token=settings.api_token)
         node_state: Any = state if code == 200 else {"error": f"HTTP {code}"}
     except OSError as exc:
         node_state = {"error": f"gateway unreachable: {exc}"}

@@ -135,10 +135,17 @@ class Node:
         return int(out) if out.isdigit() else 0
 
     def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        return request(self.api_port, method, path, body, **kw)
+        return request(self.api_port, method, path, body, **self._auth(kw))
 
     def inference(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
-        return request(self.inference_port, method, path, body, **kw)
+        return request(self.inference_port, method, path, body, **self._auth(kw))
+
+    def _auth(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """With MLNODE_API_TOKEN set, requests carry it unless the test passes its own headers."""
+        token = self.env.get("MLNODE_API_TOKEN")
+        if token and "headers" not in kw:
+            kw = {**kw, "headers": {"Authorization": f"Bearer {token}"}}
+        return kw
 
     def wait_services(self, timeout: float = 60) -> dict[str, Any]:
         """Until /health says every process answers; returns the last /health body."""
