@@ -20,3 +20,23 @@ class InferenceUp(msgspec.Struct):
     model: Annotated[Name, msgspec.Meta(description="A model name or a local directory.")]
     dtype: Dtype | None = "auto"
     additional_args: list[Argument] | None = []
+
+
+class UpAnswer(msgspec.Struct):
+    """What ``up`` (``{"status": "OK"}`` once serving), ``up/async`` (``starting``) and ``down`` answer."""
+
+    status: str
+    model: str | msgspec.UnsetType = msgspec.UNSET
+    engine: str | msgspec.UnsetType = msgspec.UNSET
+    detail: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class UpStatus(msgspec.Struct):
+    """``GET /api/v1/inference/up/status``: progress of the last start."""
+
+    status: Literal["not_started", "in_progress", "completed", "failed", "cancelled"]
+    is_starting: bool
+    is_running: bool
+    elapsed_seconds: float
+    error: str | None
+    model: str | msgspec.UnsetType | None = msgspec.UNSET

@@ -15,9 +15,10 @@ from msgspec import Meta, Struct
 from contracts.checked import PATTERN_PHRASES
 
 _PART = r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*"
-REPO_ID = rf"^{_PART}(?:/{_PART})?$"
+_END = r"$(?!\n)"  # Python's "$" would also match before a final newline
+REPO_ID = rf"^{_PART}(?:/{_PART})?{_END}"
 PATTERN_PHRASES[REPO_ID] = "a Hugging Face repo id such as 'org/name' (letters, digits, '_', '.', '-')"
-REVISION = r"^[A-Za-z0-9_]+(?:[./-][A-Za-z0-9_]+)*$"
+REVISION = r"^[A-Za-z0-9_]+(?:[./-][A-Za-z0-9_]+)*" + _END
 PATTERN_PHRASES[REVISION] = "a commit hash, branch or tag (letters, digits, '_', '.', '-', '/'; no '..')"
 
 HfRepo = Annotated[str, Meta(pattern=REPO_ID, max_length=96,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 NodeMode = Literal["POW", "INFERENCE", "TRAIN", "STOPPED"]
@@ -94,8 +93,3 @@ class GpuDriver(Struct):
     driver_version: str
     cuda_driver_version: str
     nvml_version: str
-
-
-def schema_of(kind: Any) -> dict[str, Any]:
-    """A stand-alone JSON Schema of ``kind`` (tests; the document uses shared components)."""
-    return msgspec.json.schema(kind)

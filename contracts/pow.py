@@ -6,7 +6,7 @@ out in the description, so the published document still tells the client every r
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -17,8 +17,8 @@ MAX_BATCH_NONCES = 100_000
 
 
 class PowParams(msgspec.Struct, kw_only=True):
-    """PoC v1 model shape. Also required: dim divisible by n_heads, n_heads divisible by n_kv_heads,
-    dim / n_heads even. Unknown fields are ignored."""
+    """PoC v1 model shape. Also required, between fields: dim must be divisible by n_heads, n_heads
+    must be divisible by n_kv_heads, dim / n_heads must be even for rotary. Unknown fields are ignored."""
 
     dim: Positive
     n_layers: Positive
@@ -81,8 +81,9 @@ class InitDto(msgspec.Struct, kw_only=True):
 
 
 class ProofBatch(msgspec.Struct, kw_only=True):
-    """One participant's claimed nonces and distances, checked against the loaded round. nonces and
-    dist have the same number of entries. Unknown fields are ignored."""
+    """One participant's claimed nonces and distances, checked against the loaded round. Between
+    fields: nonces and dist have the same number of entries (refused as 'nonces has N
+    entries but dist has M'). Unknown fields are ignored."""
 
     public_key: Text
     block_hash: Text
@@ -94,3 +95,36 @@ class ProofBatch(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if len(self.nonces) != len(self.dist):
             raise ValueError(f"nonces has {len(self.nonces)} entries but dist has {len(self.dist)}")
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+PowState = Literal["IDLE", "NOT_LOADED", "LOADING", "GENERATING", "VALIDATING", "STOPPED", "MIXED"]
+
+
+class PowStatus(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/pow/status``: the round's status and counters."""
+
+    status: PowState
+    is_model_initialized: bool | msgspec.UnsetType = msgspec.UNSET
+    nonces_computed: int | msgspec.UnsetType = msgspec.UNSET
+    valid_found: int | msgspec.UnsetType = msgspec.UNSET
+    nonces_per_second: float | msgspec.UnsetType = msgspec.UNSET
+    batches_validated: int | msgspec.UnsetType = msgspec.UNSET
+    fraud_detected: int | msgspec.UnsetType = msgspec.UNSET
+    outbox: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class PowAnswer(msgspec.Struct, kw_only=True):
+    """What the PoC v1 starts, phase flips and stop answer."""
+
+    status: str
+    pow_status: PowStatus | msgspec.UnsetType = msgspec.UNSET
+
+
+class PowQueued(msgspec.Struct, kw_only=True):
+    """``POST /api/v1/pow/validate``: the batch is queued; the verdict goes to ``{url}/validated``."""
+
+    status: str
+    queued: int | msgspec.UnsetType = msgspec.UNSET
+    nonces: int | msgspec.UnsetType = msgspec.UNSET

@@ -13,7 +13,7 @@ pow parses it with these Structs, the engines produce it.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -101,7 +101,8 @@ class StatTest(Struct):
 
 class Generate(Struct):
     """``POST /api/v1/inference/pow/generate``: artifacts of explicit nonces, or their validation.
-    Also required: with ``validation``, its artifacts name exactly the set of ``nonces``."""
+    Also required: with ``validation``, its artifacts name exactly the set of ``nonces`` (refused as
+    'validation.artifacts nonces must match nonces field')."""
 
     block_hash: Text
     block_height: Count
@@ -162,3 +163,41 @@ def check_scheme(params: PocParams) -> None:
     """Only the prefill scheme exists as a release; a decode request must not get prefill artifacts."""
     if params.decode or params.max_tokens > 0:
         raise Unprocessable("decode PoC scheme not supported (params.decode / params.max_tokens)")
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+class InitAnswer(Struct):
+    """``init/generate``: how many engines run a loop, and each engine's answer."""
+
+    status: str
+    backends: int
+    n_groups: int
+    results: list[Any]
+    errors: list[Any] | UnsetType | None = UNSET
+
+
+class GenerateAnswer(Struct):
+    """queued: ``request_id`` is ``port:uuid`` and ``queued_count``; completed (``wait``): the result."""
+
+    status: Literal["queued", "completed"]
+    request_id: str
+    queued_count: int | UnsetType = UNSET
+
+
+class JobAnswer(Struct):
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    request_id: str
+    error: str | UnsetType = UNSET
+
+
+class StatusAnswer(Struct):
+    """Per engine IDLE or GENERATING with config and stats, aggregated."""
+
+    status: Literal["GENERATING", "MIXED", "IDLE", "NO_BACKENDS"]
+    backends: list[Any]
+
+
+class StopAnswer(Struct):
+    status: str
+    results: list[Any] | UnsetType = UNSET

@@ -260,3 +260,41 @@ class TrainPeerRemove(msgspec.Struct, forbid_unknown_fields=True):
 
     task_id: Annotated[PeerText, msgspec.Meta(description="The task's id (train_env TASK_ID).")]
     node_id: PeerText
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+class TrainStatus(msgspec.Struct, kw_only=True):
+    """``train/status`` (whether training runs, plus progress) and what start and stop answer."""
+
+    status: Annotated[bool | str, msgspec.Meta(
+        description="train/status: whether training runs; start/stop: the outcome.")]
+    state: Literal["STARTING", "RUNNING", "STOPPING", "FINISHED", "STOPPED", "FAILED"] | msgspec.UnsetType = \
+        msgspec.UNSET
+    notes: Annotated[list[str], msgspec.Meta(description="Request fields accepted but not honoured.")] \
+        | msgspec.UnsetType = msgspec.UNSET
+    task_id: str | msgspec.UnsetType = msgspec.UNSET
+    rank: int | msgspec.UnsetType = msgspec.UNSET
+    world_size: int | msgspec.UnsetType = msgspec.UNSET
+    outer_step: int | msgspec.UnsetType = msgspec.UNSET
+    inner_step: int | msgspec.UnsetType = msgspec.UNSET
+    total_steps: int | msgspec.UnsetType = msgspec.UNSET
+    loss: float | msgspec.UnsetType | None = msgspec.UNSET
+    loss_ema: float | msgspec.UnsetType | None = msgspec.UNSET
+    contributors: list[int] | msgspec.UnsetType = msgspec.UNSET
+    peers: list[TrainPeer] | msgspec.UnsetType = msgspec.UNSET
+    bytes_sent: int | msgspec.UnsetType = msgspec.UNSET
+    bytes_received: int | msgspec.UnsetType = msgspec.UNSET
+    bytes_exchanged: int | msgspec.UnsetType = msgspec.UNSET
+    weights_digest: Annotated[str | None, msgspec.Meta(
+        description="sha256 of the global weights (float32, parameter order) after the last outer step; "
+                    "equal on every node of a run.")] | msgspec.UnsetType = msgspec.UNSET
+    error: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class TrainPeerList(msgspec.Struct, kw_only=True):
+    """One task's peers (``?task_id=``) or, without it, every task's under ``tasks``."""
+
+    task_id: str | msgspec.UnsetType = msgspec.UNSET
+    peers: list[TrainPeer] | msgspec.UnsetType = msgspec.UNSET
+    tasks: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET

@@ -127,8 +127,8 @@ def test_a_stalled_download_is_killed_and_retried(node: Node, hub: Hub) -> None:
     downloaded(node, "org/stalls")
     stall.release.set()
     events = [e for e in node.log_lines("inference") if e.get("task_id") == "org/stalls:latest"]
-    assert [e["event"] for e in events if e["event"] in ("model_download_stalled", "model_download_finished")] \
-        == ["model_download_stalled", "model_download_finished"]
+    seen = [e["event"] for e in events if e["event"] in ("model_download_stalled", "model_download_finished")]
+    assert seen == ["model_download_stalled", "model_download_finished"]
     repo = Path(node.env["HF_HOME"]) / "hub" / "models--org--stalls"
     assert (repo / "snapshots" / commit / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert not list((repo / "blobs").glob("*.incomplete")), "the killed attempt left its partial file"
@@ -162,7 +162,8 @@ def test_at_most_three_downloads_and_delete_cancels_a_running_one(node: Node, hu
     for i in range(3):
         hub.add(f"org/slow{i}", {f"w{i}.safetensors": os.urandom(1 << 20)})
         stalls.append(hub.stall(f"w{i}.safetensors", after=4096))
-        assert post(node, "/api/v1/models/download", {"hf_repo": f"org/slow{i}", "hf_commit": None}).status == 202
+        resp = post(node, "/api/v1/models/download", {"hf_repo": f"org/slow{i}", "hf_commit": None})
+        assert resp.status == 202
     for stall in stalls:
         assert stall.hit.wait(30)
     refused = post(node, "/api/v1/models/download", {"hf_repo": "org/tiny-other", "hf_commit": None})
@@ -206,7 +207,8 @@ def test_downloaded_stays_downloaded_without_the_hub_and_unverified_is_partial(n
     listed = node.api("GET", "/api/v1/models/list").json()["models"]
     assert {"model": {"hf_repo": "org/hand-copied", "hf_commit": "c" * 40}, "status": "PARTIAL"} in listed
     # Verified files that were damaged since are no longer complete.
-    (Path(node.env["HF_HOME"]) / "hub" / "models--org--offline" / "snapshots" / commit / "m.safetensors").unlink()
+    cache = Path(node.env["HF_HOME"]) / "hub"
+    (cache / "models--org--offline" / "snapshots" / commit / "m.safetensors").unlink()
     assert status(node, "org/offline")["status"] == "PARTIAL"
 
 

@@ -91,7 +91,8 @@ def test_state_and_versions_while_stopped(node: Node) -> None:
     assert state["state"] == "STOPPED" and isinstance(state["version"], str) and state["version"]
     assert {k: state[k] for k in ("poc_status", "inference_healthy", "loaded_model",
                                   "poc_validation_inference")} == {
-        "poc_status": None, "inference_healthy": None, "loaded_model": None, "poc_validation_inference": False}
+        "poc_status": None, "inference_healthy": None, "loaded_model": None,
+        "poc_validation_inference": False}
     versions = node.api("GET", "/api/v1/versions")
     assert (versions.status, versions.json()) == (200, {"version": state["version"], "vllm_version": None,
                                                         "poc_validation_inference": False})
@@ -117,7 +118,8 @@ def test_token_is_required_on_both_ports_except_the_probes(node: Node) -> None:
                            headers=headers)
             assert resp.status == 401, (port, headers, resp.body)
             assert resp.json()["detail"] and resp.headers["www-authenticate"].startswith("Bearer")
-    for path in ("/api/v1/stop", "/api/v1/models/list", "/metrics", "/api/v1/metrics", "/health", "/v1/models"):
+    for path in ("/api/v1/stop", "/api/v1/models/list", "/metrics", "/api/v1/metrics", "/health",
+                 "/v1/models"):
         assert request(node.api_port, "GET" if path != "/api/v1/stop" else "POST", path).status == 401, path
     assert request(node.api_port, "GET", "/livez").status == 200
     ready = request(node.api_port, "GET", "/readyz")
@@ -211,7 +213,8 @@ def test_network_metrics_are_the_schema_and_nothing_else(serving: Node) -> None:
     (config, _), = by_name["mlnode_config_info"]
     assert config == {"model_name": SERVED, "dtype": "float16", "replicas": "1", "max_num_seqs": "",
                       "max_model_len": "512", "tensor_parallel_size": "", "pipeline_parallel_size": ""}
-    sources = {(lab["source"], lab.get("replica")) for lab, _ in by_name["mlnode_source_scrape_timestamp_seconds"]}
+    stamps = by_name["mlnode_source_scrape_timestamp_seconds"]
+    sources = {(lab["source"], lab.get("replica")) for lab, _ in stamps}
     assert sources == {("vllm", "0"), ("host", None)}  # no NVML on this host: no nvml source
     assert all(abs(v - time.time()) < 300 for _, v in by_name["mlnode_source_scrape_timestamp_seconds"])
     for name, rows in by_name.items():

@@ -100,6 +100,10 @@ class Node:
             MLNODE_ENGINE="cpu",
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
+            # The model cache: a private hub cache, and no hub but a local one a test names (nothing
+            # a test does may reach the real hub).
+            HF_HOME=str(root / "hf"),
+            HF_ENDPOINT="http://127.0.0.1:9",
         )
         self.env.pop("MLNODE_INFERENCE_AUTOSTART", None)
         self.env.update(env)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import falcon.asgi
+import msgspec
 
+from contracts.node import GpuDevices, GpuDriver
 from node import gpu
 
 
 class Devices:
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         found = await asyncio.to_thread(gpu.devices)
-        resp.media = {"devices": found, "count": len(found)}
+        resp.media = msgspec.to_builtins(msgspec.convert({"devices": found, "count": len(found)}, GpuDevices))
 
 
 class Driver:
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        resp.media = await asyncio.to_thread(gpu.driver)
+        driver = await asyncio.to_thread(gpu.driver)
+        resp.media = msgspec.to_builtins(msgspec.convert(driver, GpuDriver))

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import falcon.asgi
+import msgspec
 
+from contracts.node import Health as HealthAnswer
+from contracts.node import Ready as ReadyAnswer
 from node import gpu
 from node.registry import MODE_OF
 from services.gateway.services import Services
@@ -33,16 +36,11 @@ class Health:
                 down.append(service)
             managers[service] = entry
         healthy = not down
-        body: dict[str, Any] = {
-            "status": "healthy" if healthy else "unhealthy",
-            "service_state": self.services.node_state(reports),
-            "gpu": gpu.summary(),
-            "managers": managers,
-        }
-        if down:
-            body["down"] = down
+        body = HealthAnswer(status="healthy" if healthy else "unhealthy",
+                            service_state=self.services.node_state(reports), gpu=gpu.summary(),
+                            managers=managers, down=down or None)
         resp.status = 200 if healthy else 503
-        resp.media = body
+        resp.media = msgspec.to_builtins(body)
 
 
 class Ready:
@@ -57,9 +55,9 @@ class Ready:
         if active:
             status = reports[active[0]].status
             ready = bool(status.get("ready", status.get("healthy", True)))
-            body: dict[str, Any] = {"ready": ready, "service_state": MODE_OF[active[0]]}
+            body = ReadyAnswer(ready=ready, service_state=MODE_OF[active[0]])
         else:
             ready = all(r.reachable for r in reports.values())
-            body = {"ready": ready, "service_state": self.services.node_state(reports)}
+            body = ReadyAnswer(ready=ready, service_state=self.services.node_state(reports))
         resp.status = 200 if ready else 503
-        resp.media = body
+        resp.media = msgspec.to_builtins(body)

@@ -99,7 +99,7 @@ class Stop:
     async def on_post(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         # Shielded: a client that hangs up must not leave the node half stopped.
         await asyncio.shield(self.services.stop_all())
-        resp.media = {"status": "OK"}
+        resp.media = msgspec.to_builtins(contract.Status(status="OK"))
 
 
 class Identity:
@@ -108,9 +108,6 @@ class Identity:
 
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         pair = self.services.keys.identity
-        resp.media = {
-            "public_key": pair.public,
-            "public_key_z85": pair.public,
-            "public_key_hex": pair.public_hex,
-            "key_type": "curve25519",
-        }
+        resp.media = msgspec.to_builtins(contract.Identity(
+            public_key=pair.public, public_key_z85=pair.public, public_key_hex=pair.public_hex,
+            key_type="curve25519"))

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 import falcon.testing
 import jsonschema
+import msgspec
 import pytest
 
+from contracts.node import GpuDevices, GpuDriver
 from node import config, gpu
-from services.gateway import answers
 from services.gateway.app import PortRouter
 
 
@@ -27,7 +28,7 @@ def nvml_present() -> bool:
 def test_devices_have_the_contract_shape(client: falcon.testing.TestClient) -> None:
     resp = client.simulate_get("/api/v1/gpu/devices")
     assert resp.status_code == 200
-    jsonschema.validate(resp.json, answers.GPU_DEVICES)
+    jsonschema.validate(resp.json, msgspec.json.schema(GpuDevices))
     assert resp.json["count"] == len(resp.json["devices"])
     if not nvml_present():
         assert resp.json == {"devices": [], "count": 0}
@@ -45,7 +46,7 @@ def test_driver_is_a_503_without_nvml_else_the_versions(client: falcon.testing.T
         assert "\n" not in resp.json["detail"]
     else:
         assert resp.status_code == 200
-        jsonschema.validate(resp.json, answers.GPU_DRIVER)
+        jsonschema.validate(resp.json, msgspec.json.schema(GpuDriver))
         major, minor = resp.json["cuda_driver_version"].split(".")
         assert int(major) >= 10 and minor.isdigit()
 
