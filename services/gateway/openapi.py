@@ -67,7 +67,8 @@ NODE_ROUTES: dict[tuple[str, str], Doc] = {
     ("GET", "/api/v1/identity"): Doc("The node's CURVE public key (peers and operators pin it).",
                                      node_contract.Identity, {}),
     ("GET", "/health"): Doc("Every process answers (200) or not (503, `down` names them).",
-                            node_contract.Health, {503: "Unhealthy: a process does not answer."}, same_shape=(503,)),
+                            node_contract.Health, {503: "Unhealthy: a process does not answer."},
+                            same_shape=(503,)),
     ("GET", "/livez"): Doc("Same as /health (no token needed).", node_contract.Health,
                            {503: "Unhealthy: a process does not answer."}, same_shape=(503,)),
     ("GET", "/readyz"): Doc("The active service can do its job (or, stopped, every process answers); "

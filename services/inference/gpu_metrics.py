@@ -138,7 +138,7 @@ class XidWatcher:
             return [(g, x, float(n)) for (g, x), n in sorted(self.counts.items())]
 
     def _wait(self, events: Any, indices: dict[Any, str]) -> None:
-        nvml = self.nvml
+        nvml: Any = self.nvml
         try:
             while not self._stop.is_set():
                 try:

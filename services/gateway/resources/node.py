@@ -41,7 +41,7 @@ class State:
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         reports = await self.services.reports(timeout=STATE_TIMEOUT_S)
         state = self.services.node_state(reports)
-        body = contract.NodeState(state=state, version=version_of(self.services))
+        body = msgspec.convert({"state": state, "version": version_of(self.services)}, contract.NodeState)
         inference = reports["inference"]
         if state == "INFERENCE" and inference.reachable:
             body = poc_fields(body, inference, reports["pow"])

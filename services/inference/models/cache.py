@@ -128,8 +128,9 @@ class ModelCache:
             if repo.repo_type != "model":
                 continue
             for rev in sorted(repo.revisions, key=lambda r: r.commit_hash):
-                status = "DOWNLOADED" if self.complete(repo.repo_id, rev.commit_hash) else "PARTIAL"
-                models.append(CachedModel(CachedRef(repo.repo_id, rev.commit_hash), status))
+                done = self.complete(repo.repo_id, rev.commit_hash)
+                models.append(CachedModel(CachedRef(repo.repo_id, rev.commit_hash),
+                                          "DOWNLOADED" if done else "PARTIAL"))
         return ModelList(models)
 
     def space(self) -> Space:

@@ -61,8 +61,8 @@ def verify(api: Any, repo_id: str, commit: str,
             continue
         local = snapshot / entry.path
         lfs = entry.lfs is not None
-        expected = (entry.lfs.sha256 if lfs else entry.blob_id).lower()
-        size = int(entry.lfs.size if lfs else entry.size)
+        expected = (entry.lfs.sha256 if entry.lfs is not None else entry.blob_id).lower()
+        size = int(entry.lfs.size if entry.lfs is not None else entry.size)
         try:
             ok = local.stat().st_size == size and _hash(local, lfs, size, verified) == expected
         except OSError:
