@@ -83,4 +83,5 @@ def test_peer_routes_are_exempt_from_the_409_rule_and_claim_nothing() -> None:
                          ("POST", "/api/v1/train/peers/remove")}
     assert all(not r.guarded and not r.claims for r in rows.values())
     assert rows[("GET", "/api/v1/train/peers")].query == ("task_id",)
-    assert all(r.guarded for r in ROUTES if not r.path.startswith("/api/v1/train/peers"))
+    # The only others exempt: the model cache (it runs nothing and answers in every mode).
+    assert all(r.guarded for r in ROUTES if not r.path.startswith(("/api/v1/train/peers", "/api/v1/models")))
