@@ -48,9 +48,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n.stop()
 
 
-def test_both_paths_serve_the_node_at_rest(node: Node) -> None:
+def test_the_operator_set_serves_the_node_at_rest(node: Node) -> None:
+    """``/metrics`` is ours; ``/api/v1/metrics`` is the network's schema v1 (test_network_node_today)."""
     version = node.api("GET", "/api/v1/state").json()["version"]
-    for path in ("/metrics", "/api/v1/metrics"):
+    assert f'mlnode_version_info{{version="{version}"}}' in scrape(node, "/api/v1/metrics")
+    for path in ("/metrics",):
         m = scrape(node, path)
         assert m[f'mlnode_build_info{{version="{version}"}}'] == 1
         assert m['mlnode_node_state{state="STOPPED"}'] == 1 and m['mlnode_node_state{state="POW"}'] == 0
