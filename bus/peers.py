@@ -6,12 +6,14 @@ authenticated ``User-Id`` of every received message names the sending peer. The 
 the keys given to :meth:`PeerLink.set_peers`, and every message is re-checked against that list on
 arrival, so a key that is removed stops being heard at once, even on a connection that is already open.
 
-A message is a msgpack header frame plus an optional raw payload frame. Bulk payloads are *credited*:
-each peer may have at most ``window`` credited messages outstanding, and the receiver returns a credit
+A message is a header frame plus an optional raw payload frame. The header is a typed msgpack map
+(:class:`Frame`): the link's own fields — ``i`` the sender's incarnation (a restart resets credits),
+``g`` the credit generation of a credited message, ``a`` an ack — and the sender's message ``m``, which
+the link hands on undecoded (:attr:`PeerMessage.body`): its reader decodes it once, with the type it
+expects, and nothing here needs to know what peers say. Bulk payloads are *credited*: each peer may
+have at most ``window`` credited messages outstanding, and the receiver returns a credit
 (:meth:`PeerLink.ack`) only after it has consumed the payload. A slow receiver therefore throttles its
-senders instead of making them queue a whole payload in ZeroMQ's buffers. Header keys starting with ``_``
-belong to the link: ``_i`` the sender's incarnation (a restart resets credits), ``_g`` the credit
-generation of a credited message, ``_a`` an ack.
+senders instead of making them queue a whole payload in ZeroMQ's buffers.
 
 A connection the peer refused at the handshake (it had not registered our key yet) is re-opened, and
 the credited messages queued on it are sent again: nothing gets through a connection before its
@@ -28,9 +30,9 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-import msgpack
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -61,12 +63,35 @@ _HANDSHAKE_EVENTS = (
 _MONITOR_IDS = itertools.count()
 
 
+#: Incarnations and credit generations: what a 48-bit random start plus one per re-open can reach.
+_Counter = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
+_NIL = msgspec.Raw(b"\xc0")  # msgpack nil: a frame without a message (an ack)
+class Frame(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A received header frame: the link's own fields and the sender's message, still undecoded."""
+
+    i: _Counter
+    g: _Counter | None = None
+    a: _Counter | None = None
+    m: msgspec.Raw = _NIL
+
+
+class _Outgoing(msgspec.Struct, omit_defaults=True):
+    """What :class:`Frame` decodes, as the sender writes it (``m`` is any msgspec-encodable value)."""
+
+    i: int
+    g: int | None = None
+    a: int | None = None
+    m: Any = None
+
+
 @dataclass(frozen=True)
 class PeerMessage:
-    """One received message; ``credit`` is set when the sender waits for :meth:`PeerLink.ack`."""
+    """One received message: ``body`` is the sender's message as msgpack, for its reader to decode
+    (e.g. ``msgspec.msgpack.decode(msg.body, type=...)``); ``credit`` is set when the sender waits for
+    :meth:`PeerLink.ack`."""
 
     key: str
-    header: dict[str, Any]
+    body: msgspec.Raw
     payload: memoryview | None = None
     credit: int | None = None
 
@@ -90,20 +115,26 @@ class _Peer:
     #: Whether the current socket ever completed its handshake (then it may have delivered messages).
     shook: bool = False
     #: Credited messages queued on a socket that has not completed its handshake yet.
-    unsure: list[tuple[dict[str, Any], Any]] = field(default_factory=list)
+    unsure: list[tuple[Any, Any]] = field(default_factory=list)
 
 
-def decode_header(frame: bytes) -> dict[str, Any]:
-    """A header frame as a dict with string keys; ProtocolError on anything else."""
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def decode_frame(frame: bytes | memoryview) -> Frame:
+    """A header frame as the link's fields plus the undecoded message; ProtocolError on anything else."""
     if len(frame) > HEADER_LIMIT:
         raise ProtocolError(f"header frame of {len(frame)} bytes exceeds {HEADER_LIMIT}")
     try:
-        doc = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many types on garbage
-        raise ProtocolError(f"undecodable header ({type(exc).__name__})") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("header is not a map")
-    return doc
+        decoded = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"malformed header ({exc})"[:200]) from None
+    except msgspec.DecodeError:
+        raise ProtocolError("undecodable header") from None
+    if (decoded.a is None) == (decoded.m == _NIL):
+        raise ProtocolError("a header carries either a message or an ack")
+    return decoded
 
 
 class PeerLink:
@@ -219,13 +250,13 @@ class PeerLink:
     def _resend_unsure(self, peer: _Peer) -> None:
         """Queue again, in order, the credited messages lost with a socket that never got through."""
         unsure, peer.unsure = peer.unsure, []
-        for header, payload in unsure:
+        for message, payload in unsure:
             peer.outstanding += 1
-            if self._send(peer, {**header, "_g": peer.gen}, payload, quiet=True):
-                peer.unsure.append((header, payload))
+            if self._send(peer, _Outgoing(self.incarnation, g=peer.gen, m=message), payload, quiet=True):
+                peer.unsure.append((message, payload))
             else:
                 peer.outstanding -= 1
-                log.warning("peer_resend_failed", peer=peer.key[:8], t=header.get("t"))
+                log.warning("peer_resend_failed", peer=peer.key[:8])
         if unsure:
             log.info("peer_credited_resent", peer=peer.key[:8], messages=len(peer.unsure))
 
@@ -253,15 +284,16 @@ class PeerLink:
         return peer.last_heard if peer else None
 
     # -- sending ------------------------------------------------------------------------------
-    def send(self, key: str, header: dict[str, Any], payload: Any = None) -> bool:
-        """Send a control message now; False if the peer is unknown or its queue is full."""
+    def send(self, key: str, message: Any, payload: Any = None) -> bool:
+        """Send a control message now (any msgspec-encodable value); False if the peer is unknown or
+        its queue is full."""
         peer = self._peers.get(key)
         if peer is None:
             return False
-        return self._send(peer, header, payload)
+        return self._send(peer, _Outgoing(self.incarnation, m=message), payload)
 
     async def send_credited(
-        self, key: str, header: dict[str, Any], payload: Any = None, *, timeout: float | None = None
+        self, key: str, message: Any, payload: Any = None, *, timeout: float | None = None
     ) -> None:
         """Send once the peer has a free credit and a connection; the receiver must :meth:`ack` it.
 
@@ -275,9 +307,9 @@ class PeerLink:
                 raise Unavailable(f"peer {key[:8]} is not a registered peer of this task")
             if peer.outstanding < self.window:
                 peer.outstanding += 1
-                if self._send(peer, {**header, "_g": peer.gen}, payload, quiet=True):
+                if self._send(peer, _Outgoing(self.incarnation, g=peer.gen, m=message), payload, quiet=True):
                     if not peer.shook:
-                        peer.unsure.append((header, payload))
+                        peer.unsure.append((message, payload))
                     return
                 peer.outstanding -= 1
                 wait: Any = asyncio.sleep(_RETRY_MIN / 2)  # not connected (yet): try again shortly
@@ -302,7 +334,7 @@ class PeerLink:
         """
         if msg.credit is None:
             return
-        if not self.send(msg.key, {"_a": msg.credit}):
+        if not self._send_ack(msg.key, msg.credit):
             self._owed.append((msg.key, msg.credit))
             if self._paying is None or self._paying.done():
                 self._paying = asyncio.get_running_loop().create_task(self._pay_owed())
@@ -313,11 +345,15 @@ class PeerLink:
             self._owed = [
                 (key, credit)
                 for key, credit in self._owed
-                if key in self._peers and not self.send(key, {"_a": credit})
+                if key in self._peers and not self._send_ack(key, credit)
             ]
 
-    def _send(self, peer: _Peer, header: dict[str, Any], payload: Any, *, quiet: bool = False) -> bool:
-        data = msgpack.packb({**header, "_i": self.incarnation}, use_bin_type=True)
+    def _send_ack(self, key: str, credit: int) -> bool:
+        peer = self._peers.get(key)
+        return peer is not None and self._send(peer, _Outgoing(self.incarnation, a=credit), None)
+
+    def _send(self, peer: _Peer, frame: _Outgoing, payload: Any, *, quiet: bool = False) -> bool:
+        data = _encoder.encode(frame)
         try:
             if payload is None:
                 peer.sock.send(data, flags=zmq.NOBLOCK)
@@ -366,10 +402,8 @@ class PeerLink:
         if peer is None or not self._auth.is_allowed(DOMAIN, key):
             # Revoked after this connection authenticated: stop hearing it.
             raise ProtocolError(f"sender {(key or '?')[:8]} is not a registered peer")
-        header = decode_header(frames[1].bytes)
-        incarnation = header.pop("_i", None)
-        if not isinstance(incarnation, int):
-            raise ProtocolError("header lacks the sender's incarnation")
+        frame = decode_frame(frames[1].buffer)
+        incarnation = frame.i
         peer.last_heard = time.monotonic()
         self.bytes_received += sum(len(f) for f in frames[1:])
         if incarnation != peer.incarnation:
@@ -379,16 +413,13 @@ class PeerLink:
                 peer.outstanding = 0
                 peer.freed.set()
             peer.incarnation = incarnation
-        if "_a" in header:
-            if header["_a"] == peer.gen and peer.outstanding > 0:
+        if frame.a is not None:  # an ack
+            if frame.a == peer.gen and peer.outstanding > 0:
                 peer.outstanding -= 1
                 peer.freed.set()
             return
-        credit = header.pop("_g", None)
-        if credit is not None and not isinstance(credit, int):
-            raise ProtocolError("credit generation is not an integer")
         payload = frames[2].buffer if len(frames) == 3 else None
-        msg = PeerMessage(peer.key, header, payload, credit)
+        msg = PeerMessage(peer.key, frame.m, payload, frame.g)
         try:
             self._handler(msg)
         except ProtocolError as exc:

@@ -27,6 +27,7 @@ COMPRESSIONS = ("none", "fp16", "int8")
 #: nodes of one run; 1024 keeps the scales at 0.4 % of the int8 bytes.
 BLOCK = 1024
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class NonFinitePseudoGradient(InvalidRequest):
@@ -143,11 +144,18 @@ class Codec:
         return self.decode(self.encode(flat), flat.numel())
 
 
+def all_finite(values: Tensor) -> bool:
+    """True unless ``values`` (a floating-point tensor) holds NaN or inf.
+
+    One allocation-free pass: any NaN/inf makes the sum non-finite; only then (or on an overflowing
+    sum of finite values) look closer.
+    """
+    return not values.numel() or math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
+
+
 def check_finite(flat: Tensor) -> None:
     """Refuse NaN/inf clearly: averaged in, they would silently wreck every node's weights."""
-    # One allocation-free pass: any NaN/inf makes the sum non-finite; only then (or on an overflowing
-    # sum of finite values) look closer.
-    if flat.numel() and not math.isfinite(float(flat.sum())) and not bool(torch.isfinite(flat).all()):
+    if not all_finite(flat):
         bad = int((~torch.isfinite(flat)).sum())
         raise NonFinitePseudoGradient(
             f"the pseudo-gradient holds {bad} non-finite value(s) (NaN/inf): the inner loop diverged; "

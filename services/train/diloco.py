@@ -8,7 +8,8 @@ the global weights, bit-identical on all ranks.
 
 The global ("outer") weights live in their own tensors, separate from the model the inner loop
 trains; a pseudo-gradient is outer - inner, and after the outer step the model restarts from the new
-outer weights. Rejoining peers receive outer weights and momentum via :meth:`export_sync_state`.
+outer weights. Rejoining peers receive outer weights and momentum via :meth:`export_sync_state`; what
+a peer sends may only be loaded in one of :meth:`DiLoCoWorker.sync_layouts` (this model's tensors).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contracts.collective import TensorSpec
 from node.errors import InvalidRequest, ProtocolError
 from node.logging import get_logger
 from services.train.compression import Codec, compressed_mean
@@ -34,8 +36,9 @@ from services.train.optim import build_inner_optimizer, build_outer_optimizer, i
 log = get_logger(__name__)
 
 STATE_VERSION = 1
-SYNC_VERSION = 1
 _EMA_DECAY = 0.9
+#: Name prefixes of the tensors of a sync state: outer weights, then outer momentum buffers.
+WEIGHTS, MOMENTUM = "outer.", "momentum."
 
 
 @dataclass
@@ -49,6 +52,17 @@ class Contributors:
 
 
 Reduce = Callable[[list[Tensor], Contributors], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class SyncState:
+    """What one rank gives another to rejoin: the round start it describes, and named tensors (the
+    outer weights, then — after the first outer step — the momentum buffers)."""
+
+    outer_step: int
+    inner_step: int
+    names: list[str]
+    tensors: list[Tensor]
 
 
 def solo_reduce(
@@ -250,38 +264,36 @@ class DiLoCoWorker:
 
     # -- rejoin: what one peer sends another ---------------------------------------------------
 
-    def export_sync_state(self) -> tuple[dict[str, Any], list[Tensor]]:
-        """Header plus flat tensors (outer weights, then momentum buffers) as of this round's start."""
+    def export_sync_state(self) -> SyncState:
+        """The outer weights and momentum buffers as of this round's start, named as :meth:`sync_layouts`."""
         buffers = [self.outer_opt.state.get(outer, {}).get("momentum_buffer") for outer in self.outer_params]
         has_momentum = all(buf is not None for buf in buffers)
         round_start = min(self.outer_steps_done * self.plan.diloco.inner_steps, self.plan.optim.total_steps)
-        header = {
-            "version": SYNC_VERSION,
-            "outer_step": self.outer_steps_done,
-            "inner_step": round_start,
-            "names": list(self.names),
-            "shapes": [list(outer.shape) for outer in self.outer_params],
-            "momentum": has_momentum,
-        }
-        tensors = [outer.detach().clone() for outer in self.outer_params]
+        names = [WEIGHTS + name for name in self.names]
+        tensors = [outer.detach().float().clone() for outer in self.outer_params]
         if has_momentum:
-            tensors += [buf.detach().clone() for buf in buffers if buf is not None]
-        return header, tensors
+            names += [MOMENTUM + name for name in self.names]
+            tensors += [buf.detach().float().clone() for buf in buffers if buf is not None]
+        return SyncState(self.outer_steps_done, round_start, names, tensors)
 
-    def load_sync_state(self, header: Mapping[str, Any], tensors: Sequence[Tensor]) -> None:
+    def sync_layouts(self) -> list[list[TensorSpec]]:
+        """The tensors a sync state for this model holds: the weights alone (before the first outer
+        step), or the weights and their momentum; float32, this model's names and shapes."""
+        shapes = [(name, tuple(param.shape)) for name, param in zip(self.names, self.params, strict=True)]
+        weights = [TensorSpec(WEIGHTS + name, "float32", shape) for name, shape in shapes]
+        momentum = [TensorSpec(MOMENTUM + name, "float32", shape) for name, shape in shapes]
+        return [weights, weights + momentum]
+
+    def load_sync_state(self, state: SyncState) -> None:
         """Adopt a peer's global weights, momentum and step; the inner loop restarts from the round start."""
-        if header.get("version") != SYNC_VERSION:
-            raise ProtocolError(f"sync state version must be {SYNC_VERSION}, got {header.get('version')!r}")
-        if list(header.get("names", [])) != self.names:
-            raise ProtocolError("sync state names do not match this model's parameters")
+        layouts = [[spec.name for spec in layout] for layout in self.sync_layouts()]
+        if state.names not in layouts or len(state.tensors) != len(state.names):
+            raise ProtocolError("sync state tensors are not this model's outer weights (and momentum)")
+        tensors = state.tensors
         n = len(self.outer_params)
-        has_momentum = bool(header.get("momentum"))
-        if len(tensors) != n * (2 if has_momentum else 1):
-            raise ProtocolError(
-                f"sync state carries {len(tensors)} tensors, expected {n * (2 if has_momentum else 1)}"
-            )
+        has_momentum = len(tensors) == 2 * n
         self._check_like_params(tensors[:n], "sync state weight", ProtocolError)
-        outer_step, inner_step = int(header["outer_step"]), int(header["inner_step"])
+        outer_step, inner_step = state.outer_step, state.inner_step
         if outer_step < 0 or inner_step != min(
             outer_step * self.plan.diloco.inner_steps, self.plan.optim.total_steps
         ):

@@ -28,8 +28,9 @@ from node.errors import MLNodeError, Unavailable
 from node.logging import get_logger
 from services.train.checkpoint import checkpoint_due, resume, save_checkpoint
 from services.train.collective.group import Excluded, PeerGroup
+from services.train.collective.state import Snapshot
 from services.train.config import TrainPlan
-from services.train.diloco import Contributors, DiLoCoWorker, Progress, Reduce, solo_reduce
+from services.train.diloco import Contributors, DiLoCoWorker, Progress, Reduce, SyncState, solo_reduce
 from services.train.model import enable_determinism
 
 log = get_logger(__name__)
@@ -119,6 +120,7 @@ class Runner:
             "last_checkpoint": self.last_checkpoint,
             "rejoins": self.rejoins,
             "waiting_for_quorum": self.group is not None and self.group.waiting_for_quorum,
+            "peers_dropped": self.group.dropped() if self.group is not None else [],
             "error": self.error,
             "elapsed_s": round(time.time() - self.started_at, 3),
         }
@@ -213,9 +215,11 @@ class Runner:
         """Publish the round-start state a rejoining peer fetches (on the loop: it owns the group)."""
         if self.group is None:
             return
-        header, tensors = worker.export_sync_state()
+        state = worker.export_sync_state()
         group = self.group
-        self.loop.call_soon_threadsafe(group.serve_state, header, tensors)
+        self.loop.call_soon_threadsafe(
+            group.serve_state, state.outer_step, state.inner_step, state.names, state.tensors
+        )
 
     def _join_running(self, worker: DiLoCoWorker) -> bool:
         """At start (a restart, a second ``train_start``): if a peer we hear is past our step, take its
@@ -224,20 +228,21 @@ class Runner:
         group = self._require_group()
         floor = worker.outer_steps_done + 1
         heard = self._heard_ranks(wait_s=min(group.timeout, 2.0))
+        layouts = worker.sync_layouts()
         for rank in heard:
 
-            def fetch(r: int = rank) -> Coroutine[Any, Any, tuple[dict[str, Any], list[Tensor]]]:
-                return group.fetch_state(rank=r, timeout=group.timeout)
+            def fetch(r: int = rank) -> Coroutine[Any, Any, Snapshot]:
+                return group.fetch_state(layouts, rank=r, timeout=group.timeout)
 
             try:
-                header, tensors = self._await(fetch)
+                snapshot = self._await(fetch)
             except Unavailable as exc:
                 log.info("train_start_sync_skipped", peer=rank, reason=exc.message)
                 continue
-            theirs = int(header.get("outer_step", -1))
+            theirs = snapshot.outer_step
             loaded = theirs >= floor
             if loaded:
-                self._load(worker, header, tensors)
+                self._load(worker, snapshot)
                 self._after_outer(worker)
             log.info("train_synced", peer=rank, their_step=theirs, outer_step=worker.outer_steps_done,
                      loaded=loaded)
@@ -268,14 +273,15 @@ class Runner:
         group = self._require_group()
         deadline = time.monotonic() + group.join_timeout + 4 * group.timeout
         last = "no peer answered"
+        layouts = worker.sync_layouts()
         while not self._stop.is_set():
             try:
-                header, tensors = self._await(lambda: group.fetch_state(timeout=group.timeout))
-                if int(header.get("outer_step", -1)) > beyond:
-                    self._load(worker, header, tensors)
+                snapshot = self._await(lambda: group.fetch_state(layouts, timeout=group.timeout))
+                if snapshot.outer_step > beyond:
+                    self._load(worker, snapshot)
                     self._after_outer(worker)
                     return
-                last = f"peers are still at outer step {header.get('outer_step')}"
+                last = f"peers are still at outer step {snapshot.outer_step}"
             except Unavailable as exc:
                 last = exc.message
             if time.monotonic() > deadline:
@@ -283,9 +289,11 @@ class Runner:
             time.sleep(_POLL_S * 4)
         raise StopRequested
 
-    def _load(self, worker: DiLoCoWorker, header: dict[str, Any], tensors: list[Tensor]) -> None:
+    def _load(self, worker: DiLoCoWorker, snapshot: Snapshot) -> None:
         group = self._require_group()
-        worker.load_sync_state(header, tensors)
+        worker.load_sync_state(
+            SyncState(snapshot.outer_step, snapshot.inner_step, list(snapshot.names), snapshot.tensors)
+        )
         self._await(lambda: group.rejoin(worker.outer_steps_done))
         self.rejoins += 1
         self.progress = worker.progress()

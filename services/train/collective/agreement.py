@@ -21,7 +21,9 @@ the next-lowest rank), which proposes a new ballot without it. A rank left out o
 so and must resynchronise; so must a rank whose ``ready`` names another *lineage* (history of applied
 decisions) than the coordinator's. Every phase message is idempotent and repeated now and then, so a
 message lost with a re-opened connection only costs time. This module is pure logic: the caller
-supplies sending, liveness, the data plane and a clock, which keeps every transition testable.
+supplies sending, liveness, the data plane and a clock, which keeps every transition testable. The
+messages are the typed ones of :mod:`contracts.collective`, decoded and checked by the caller (ranks
+within the world, a proposer's ballot its own) before they reach :meth:`StepAgreement.handle`.
 
 Heartbeats only prove that a peer is alive, not that it still works on this step, so no rank ever
 waits on a peer without asking it: a member asks its coordinator (``ask``, or ``done`` once its data
@@ -48,79 +50,46 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.errors import ProtocolError
+from contracts.collective import (
+    QUESTIONS,
+    Accepted,
+    AgreementMessage,
+    Ask,
+    Ballot,
+    Behind,
+    Commit,
+    Decision,
+    Done,
+    Facts,
+    Leave,
+    Nack,
+    Prepare,
+    Promise,
+    Ready,
+    Start,
+    StepMessage,
+    Suspect,
+)
 from node.logging import get_logger
 
 log = get_logger(__name__)
 
-Ballot = tuple[int, int]
-"""``(epoch, proposer rank)``; compared by :func:`ballot_key`."""
+__all__ = ["GENESIS", "Ballot", "Decision", "Hooks", "StepAgreement", "answer_after", "answer_behind",
+           "answer_left", "ballot_key"]
 
-MESSAGE_TYPES = (
-    "ready", "prepare", "promise", "nack", "start", "done", "commit", "suspect", "leave", "ask", "behind"
-)
-#: Messages a peer sends while it waits for this rank; a rank that finished the step still answers them.
-QUESTIONS = ("ready", "prepare", "start", "done", "suspect", "ask")
-
-Accepted = tuple[Ballot, tuple[int, ...]]
-"""A ballot this rank reported ``done`` for, with that ballot's view."""
+#: Payload facts of a caller that has none to compare (the agreement itself never looks at them).
+NO_FACTS = Facts(n=0, c="none")
+#: The lineage of state that went through no decision yet.
+GENESIS = "genesis"
 
 
 def ballot_key(ballot: Ballot) -> tuple[int, int]:
     """Newer epochs win; within an epoch the lower rank wins (it is the preferred coordinator)."""
     return (ballot[0], -ballot[1])
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The outcome of a step: average the data of ``ballot`` over ``ranks``; ``auth`` decided it."""
-
-    auth: Ballot
-    ballot: Ballot
-    ranks: tuple[int, ...]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"auth": list(self.auth), "ballot": list(self.ballot), "ranks": list(self.ranks)}
-
-    @classmethod
-    def from_wire(cls, doc: Any) -> Decision:
-        if not isinstance(doc, Mapping):
-            raise ProtocolError("decision is not a map")
-        return cls(
-            parse_ballot(doc.get("auth")), parse_ballot(doc.get("ballot")), parse_ranks(doc.get("ranks"))
-        )
-
-
-def parse_ballot(value: Any) -> Ballot:
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        raise ProtocolError("field 'ballot' must be [epoch, rank] with non-negative integers")
-    return (int(value[0]), int(value[1]))
-
-
-def parse_accepted(value: Any) -> Accepted | None:
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ProtocolError("field 'accepted' must be [ballot, view] or null")
-    return parse_ballot(value[0]), parse_ranks(value[1])
-
-
-def parse_ranks(value: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) > 4096
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        raise ProtocolError("field 'ranks' must be a list of non-negative integers")
-    return tuple(sorted(set(value)))
 
 
 @dataclass
@@ -139,7 +108,7 @@ class _Proposal:
 class Hooks:
     """What the agreement needs from its owner."""
 
-    send: Callable[[int, dict[str, Any]], None]
+    send: Callable[[int, StepMessage], None]
     """Send a control message to a rank (fire and forget)."""
     silent_for: Callable[[int], float]
     """Seconds since anything was heard from a rank (counted from the step's start at most)."""
@@ -165,7 +134,7 @@ class StepAgreement:
         *,
         timeout: float,
         join_timeout: float,
-        lineage: str = "",
+        lineage: str = GENESIS,
         quorum: int = 1,
     ) -> None:
         self.step = step
@@ -188,6 +157,8 @@ class StepAgreement:
         self.gathering = True
         self.gave_up: set[int] = set()
         self.suspected: set[int] = set()
+        #: Ranks that may not take part in this step whatever they say (see :meth:`exclude`).
+        self.barred: set[int] = set()
         self.promised: Ballot | None = None
         self.max_epoch = 0
         self.view: tuple[int, ...] = ()
@@ -206,7 +177,7 @@ class StepAgreement:
         self.proposal: _Proposal | None = None
         self.decision: Decision | None = None
         self.excluded_reason: str | None = None
-        self._ready_extra: dict[str, Any] = {}
+        self._facts = NO_FACTS
         self._announced = now
 
     # -- outcome ------------------------------------------------------------------------------
@@ -224,56 +195,42 @@ class StepAgreement:
         """True while this rank reaches too few ranks to propose and follows nobody."""
         return self.no_quorum_since is not None and self.proposal is None and self.coordinator == self.me
 
-    def begin(self, extra: Mapping[str, Any] | None = None) -> None:
-        """Announce readiness to every peer (``extra`` rides along, e.g. the payload size)."""
-        self._ready_extra = {**(extra or {}), "lineage": self.lineage}
+    def begin(self, facts: Facts = NO_FACTS) -> None:
+        """Announce readiness to every peer (``facts``, what our payload is, ride along)."""
+        self._facts = facts
         self._announced = self.hooks.clock()
         for rank in sorted(self.peers):
-            self._send(rank, "ready", **self._ready_extra)
+            self._send_ready(rank)
         self.tick()
 
     # -- inputs -------------------------------------------------------------------------------
-    def handle(self, sender: int, header: Mapping[str, Any]) -> None:
-        """Process one message of this step from ``sender`` (ProtocolError if malformed)."""
-        if self.finished or sender == self.me:
+    def handle(self, sender: int, message: AgreementMessage) -> None:
+        """Process one message of this step from ``sender`` (decoded and checked by the caller)."""
+        if self.finished or sender == self.me or sender in self.barred:
             return
-        kind = header.get("t")
-        if kind == "ready":
-            lineage = header.get("lineage")
-            self._on_ready(sender, lineage if isinstance(lineage, str) else "")
-        elif kind == "prepare":
-            self._on_prepare(sender, self._ballot_of(sender, header), parse_ranks(header.get("view")))
-        elif kind == "promise":
-            applied = header.get("applied")
-            self._on_promise(
-                sender,
-                parse_ballot(header.get("ballot")),
-                None if applied is None else Decision.from_wire(applied),
-                parse_accepted(header.get("accepted")),
-            )
-        elif kind == "nack":
-            self._on_nack(sender, parse_ballot(header.get("ballot")))
-        elif kind == "start":
-            self._on_start(sender, self._ballot_of(sender, header), parse_ranks(header.get("view")))
-        elif kind == "done":
-            self._on_done(sender, parse_ballot(header.get("ballot")))
-        elif kind == "commit":
-            self._on_commit(sender, Decision.from_wire(header.get("decision")))
-        elif kind == "suspect":
-            theirs = header.get("ballot")
-            self._on_suspect(
-                parse_ranks(header.get("ranks")), None if theirs is None else parse_ballot(theirs)
-            )
-        elif kind == "leave":
-            self._on_leave(sender)
-        elif kind == "ask":
-            theirs = header.get("ballot")
-            self._on_ask(sender, None if theirs is None else parse_ballot(theirs))
-        elif kind == "behind":
-            at = header.get("at")
-            self.behind(at if isinstance(at, int) and not isinstance(at, bool) else self.step + 1)
-        else:
-            raise ProtocolError(f"unknown agreement message type {kind!r}"[:120])
+        match message:
+            case Ready():
+                self._on_ready(sender, message.lineage)
+            case Prepare():
+                self._on_prepare(sender, message.ballot, message.view)
+            case Promise():
+                self._on_promise(sender, message.ballot, message.applied, message.accepted)
+            case Nack():
+                self._on_nack(sender, message.ballot)
+            case Start():
+                self._on_start(sender, message.ballot, message.view)
+            case Done():
+                self._on_done(sender, message.ballot)
+            case Commit():
+                self._on_commit(sender, message.decision)
+            case Suspect():
+                self._on_suspect(message.suspects, message.ballot)
+            case Leave():
+                self._on_leave(sender)
+            case Ask():
+                self._on_ask(sender, message.ballot)
+            case Behind():
+                self.behind(message.at)
 
     def data_complete(self, ballot: Ballot) -> None:
         """The data plane holds the full result of ``ballot``."""
@@ -287,7 +244,7 @@ class StepAgreement:
             self._check_dones()
         elif self.promised == ballot and self.coordinator == ballot[1]:
             self._accept(ballot)
-            self._send(ballot[1], "done", ballot=list(ballot))
+            self._send(ballot[1], Done, ballot=ballot)
 
     def suspect(self, ranks: set[int]) -> None:
         """Treat ``ranks`` as failed for this step (e.g. they sent data that does not fit)."""
@@ -297,6 +254,16 @@ class StepAgreement:
             self.suspected |= ranks - {self.me}
         else:
             self._suspect(ranks)
+
+    def exclude(self, ranks: set[int]) -> None:
+        """Leave ``ranks`` out of this step for good: suspected, and never taken back by what they say
+        (a peer that was dropped, or whose payload cannot be averaged with ours)."""
+        ranks = ranks - {self.me}
+        self.barred |= ranks
+        self.gave_up |= ranks
+        self.suspect(ranks)
+        if self.gathering and self.expected <= self.ready | self.gave_up:
+            self._end_gather()
 
     def tick(self) -> None:
         """Act on timeouts and repeat the message of the current phase; call a few times per ``timeout``."""
@@ -310,13 +277,13 @@ class StepAgreement:
             self._announced = now
         if self.waiting_for_quorum:
             if resend:  # keep knocking: a healed link answers (a commit, a start, or a ready to retry with)
-                for rank in sorted(self.peers):
-                    self._send(rank, "ready", **self._ready_extra)
+                for rank in sorted(self.peers - self.barred):
+                    self._send_ready(rank)
             return
         if self.gathering:
             if resend:
                 for rank in sorted(self.expected - self.ready - self.gave_up):
-                    self._send(rank, "ready", **self._ready_extra)
+                    self._send_ready(rank)
             for rank in self.expected - self.ready - self.gave_up:
                 if self.hooks.silent_for(rank) > self.timeout or now - self.began > self.join_timeout:
                     log.info("peer_not_ready", step=self.step, rank=rank)
@@ -330,7 +297,7 @@ class StepAgreement:
                 self._suspect(set(proposal.view) - proposal.promises)
             elif resend:
                 for rank in sorted(set(proposal.view) - proposal.promises):
-                    self._send(rank, "prepare", ballot=list(proposal.ballot), view=list(proposal.view))
+                    self._send(rank, Prepare, ballot=proposal.ballot, view=proposal.view)
             return
         if proposal is not None and proposal.running:
             # Never count ourselves: we are not "silent" while our own data is still incomplete.
@@ -345,7 +312,7 @@ class StepAgreement:
                 self._suspect(quiet)
             elif resend:
                 for rank in sorted(set(proposal.view) - proposal.dones - {self.me}):
-                    self._send(rank, "start", ballot=list(proposal.ballot), view=list(proposal.view))
+                    self._send(rank, Start, ballot=proposal.ballot, view=proposal.view)
             return
         if self.started is not None and self.started not in self.completed:
             quiet = {r for r in self.hooks.waiting_on() if self.hooks.silent_for(r) > self.timeout}
@@ -377,7 +344,7 @@ class StepAgreement:
     # -- phases -------------------------------------------------------------------------------
     def _end_gather(self) -> None:
         self.gathering = False
-        candidates = self.ready - self.suspected
+        candidates = self.ready - self.suspected - self.barred
         coordinator = min(candidates)
         if coordinator == self.me:
             self._propose(candidates)
@@ -394,7 +361,7 @@ class StepAgreement:
         if strangers:
             log.warning("peers_diverged", step=self.step, ranks=sorted(strangers))
             members = members - strangers
-        view = tuple(sorted(members | {self.me}))
+        view = tuple(sorted((members - self.barred) | {self.me}))
         if len(view) < self.quorum:
             self._lose_quorum(view)
             return
@@ -406,7 +373,7 @@ class StepAgreement:
         log.info("step_proposed", step=self.step, ballot=list(ballot), view=list(view))
         for rank in view:
             if rank != self.me:
-                self._send(rank, "prepare", ballot=list(ballot), view=list(view))
+                self._send(rank, Prepare, ballot=ballot, view=view)
         self._check_promises()
 
     def _lose_quorum(self, view: tuple[int, ...]) -> None:
@@ -438,12 +405,13 @@ class StepAgreement:
             return
         carried = self._maybe_decided(proposal)
         if carried is not None:
-            log.info("step_carried_over", step=self.step, ballot=list(carried[0]), view=list(carried[1]))
-            self._commit(Decision(proposal.ballot, carried[0], carried[1]), skip=None)
+            log.info("step_carried_over", step=self.step, ballot=list(carried.ballot),
+                     view=list(carried.view))
+            self._commit(Decision(proposal.ballot, carried.ballot, carried.view), skip=None)
             return
         proposal.running = True
         for rank in sorted((self.ready | set(proposal.view)) - {self.me}):
-            self._send(rank, "start", ballot=list(proposal.ballot), view=list(proposal.view))
+            self._send(rank, Start, ballot=proposal.ballot, view=proposal.view)
         self._start(proposal.ballot)
 
     def _maybe_decided(self, proposal: _Proposal) -> Accepted | None:
@@ -456,19 +424,19 @@ class StepAgreement:
         reports = {**proposal.accepted, self.me: self.accepted}
         newest = max(
             (a for r, a in reports.items() if a is not None and r in proposal.view),
-            key=lambda a: ballot_key(a[0]),
+            key=lambda a: ballot_key(a.ballot),
             default=None,
         )
         if newest is None:
             return None
-        ballot, view = newest
-        if all((reports.get(r) or ((-1, -1), ()))[0] == ballot for r in proposal.view if r in view):
+        ballot, view = newest.ballot, newest.view
+        if all((a := reports.get(r)) is not None and a.ballot == ballot for r in proposal.view if r in view):
             return newest
         return None
 
     def _accept(self, ballot: Ballot) -> None:
-        if self.accepted is None or ballot_key(ballot) > ballot_key(self.accepted[0]):
-            self.accepted = (ballot, self.view)
+        if self.accepted is None or ballot_key(ballot) > ballot_key(self.accepted.ballot):
+            self.accepted = Accepted(ballot, self.view)
 
     def _start(self, ballot: Ballot) -> None:
         if self.started == ballot:
@@ -486,10 +454,9 @@ class StepAgreement:
 
     def _commit(self, decision: Decision, skip: int | None) -> None:
         self.decision = decision
-        wire = decision.to_wire()
         for rank in sorted((self.ready | self.askers | set(self.view) | set(decision.ranks)) - {self.me}):
             if rank != skip:
-                self._send(rank, "commit", decision=wire)
+                self._send(rank, Commit, decision=decision)
         if self.me not in decision.ranks:
             self.excluded_reason = f"step {self.step} was decided without rank {self.me}"
         elif decision.ballot not in self.completed:
@@ -539,13 +506,13 @@ class StepAgreement:
         if started is not None and started in self.completed and started == newest:
             if rank == started[1]:
                 self._accept(started)
-            self._send(rank, "done", ballot=list(started))
+            self._send(rank, Done, ballot=started)
         else:
-            self._send(rank, "ask", ballot=None if newest is None else list(newest))
+            self._send(rank, Ask, ballot=newest)
 
     def _reelect(self) -> None:
         basis = set(self.view) if self.view else set(self.ready)
-        candidates = (basis - self.suspected) | {self.me}
+        candidates = (basis - self.suspected - self.barred) | {self.me}
         coordinator = min(candidates)
         if coordinator == self.me:
             self._propose(candidates)
@@ -553,12 +520,7 @@ class StepAgreement:
         self.coordinator = coordinator
         self.waiting_since = self.hooks.clock()
         newest = self._newest()  # the new coordinator must outbid what we promised the old one
-        self._send(
-            coordinator,
-            "suspect",
-            ranks=sorted(self.suspected),
-            ballot=None if newest is None else list(newest),
-        )
+        self._send(coordinator, Suspect, suspects=tuple(sorted(self.suspected)), ballot=newest)
 
     # -- message handlers ---------------------------------------------------------------------
     def _accepts(self, ballot: Ballot) -> bool:
@@ -584,7 +546,7 @@ class StepAgreement:
         self.lineages[sender] = lineage
         proposal = self.proposal
         if proposal is not None and proposal.running and sender not in proposal.view:
-            self._send(sender, "start", ballot=list(proposal.ballot), view=list(proposal.view))
+            self._send(sender, Start, ballot=proposal.ballot, view=proposal.view)
         if self.gathering:
             self.tick()
         elif self.waiting_for_quorum:
@@ -594,12 +556,11 @@ class StepAgreement:
     def _on_prepare(self, sender: int, ballot: Ballot, view: tuple[int, ...]) -> None:
         if not self._accepts(ballot):
             assert self.promised is not None
-            self._send(sender, "nack", ballot=list(self.promised))
+            self._send(sender, Nack, ballot=self.promised)
             return
         self._adopt_ballot(sender, ballot, view)
         if not self.finished:
-            accepted = None if self.accepted is None else [list(self.accepted[0]), list(self.accepted[1])]
-            self._send(sender, "promise", ballot=list(ballot), applied=None, accepted=accepted)
+            self._send(sender, Promise, ballot=ballot, applied=None, accepted=self.accepted)
 
     def _on_promise(
         self, sender: int, ballot: Ballot, applied: Decision | None, accepted: Accepted | None = None
@@ -639,13 +600,13 @@ class StepAgreement:
         proposal = self.proposal
         if proposal is not None:
             if proposal.running and sender not in proposal.dones:
-                self._send(sender, "start", ballot=list(proposal.ballot), view=list(proposal.view))
+                self._send(sender, Start, ballot=proposal.ballot, view=proposal.view)
             elif not proposal.running and sender in proposal.view and sender not in proposal.promises:
-                self._send(sender, "prepare", ballot=list(proposal.ballot), view=list(proposal.view))
+                self._send(sender, Prepare, ballot=proposal.ballot, view=proposal.view)
             return
         newest = self._newest()
         if newest is not None and (theirs is None or ballot_key(newest) > ballot_key(theirs)):
-            self._send(sender, "nack", ballot=list(newest))
+            self._send(sender, Nack, ballot=newest)
 
     def _on_leave(self, sender: int) -> None:
         """``sender`` is out of this step (it left, or it was left out and finished without us)."""
@@ -657,7 +618,7 @@ class StepAgreement:
     def _on_start(self, sender: int, ballot: Ballot, view: tuple[int, ...]) -> None:
         if not self._accepts(ballot):
             assert self.promised is not None
-            self._send(sender, "nack", ballot=list(self.promised))
+            self._send(sender, Nack, ballot=self.promised)
             return
         if self.promised != ballot or self.coordinator != sender:
             self._adopt_ballot(sender, ballot, view)
@@ -697,38 +658,27 @@ class StepAgreement:
             self._reelect()
 
     # -- helpers ------------------------------------------------------------------------------
-    @staticmethod
-    def _ballot_of(sender: int, header: Mapping[str, Any]) -> Ballot:
-        ballot = parse_ballot(header.get("ballot"))
-        if ballot[1] != sender:
-            raise ProtocolError(f"rank {sender} sent a ballot proposed by rank {ballot[1]}")
-        return ballot
+    def _send_ready(self, rank: int) -> None:
+        self._send(rank, Ready, lineage=self.lineage, facts=self._facts)
 
-    def _send(self, rank: int, kind: str, **fields: Any) -> None:
-        self.hooks.send(rank, {"t": kind, "step": self.step, **fields})
+    def _send(self, rank: int, kind: type[StepMessage], **fields: Any) -> None:
+        self.hooks.send(rank, kind(r=self.me, step=self.step, **fields))
 
 
-def answer_after(
-    decision: Decision, step: int, sender: int, header: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """How a rank that already applied ``decision`` answers a late message of that step (or None)."""
-    kind = header.get("t")
-    if kind == "prepare":
-        try:
-            ballot = parse_ballot(header.get("ballot"))
-        except ProtocolError:
-            return None
-        return {"t": "promise", "step": step, "ballot": list(ballot), "applied": decision.to_wire()}
-    if kind in QUESTIONS:
-        return {"t": "commit", "step": step, "decision": decision.to_wire()}
+def answer_after(decision: Decision, me: int, message: StepMessage) -> StepMessage | None:
+    """How rank ``me``, which already applied ``decision``, answers a late message of that step."""
+    if isinstance(message, Prepare):
+        return Promise(r=me, step=message.step, ballot=message.ballot, applied=decision)
+    if isinstance(message, QUESTIONS):
+        return Commit(r=me, step=message.step, decision=decision)
     return None
 
 
-def answer_behind(step: int, oldest: int, header: Mapping[str, Any]) -> dict[str, Any] | None:
-    """How a rank answers a question about a step older than every decision it still remembers."""
-    return {"t": "behind", "step": step, "at": oldest} if header.get("t") in QUESTIONS else None
+def answer_behind(oldest: int, me: int, message: StepMessage) -> StepMessage | None:
+    """How rank ``me`` answers a question about a step older than every decision it still remembers."""
+    return Behind(r=me, step=message.step, at=oldest) if isinstance(message, QUESTIONS) else None
 
 
-def answer_left(step: int, header: Mapping[str, Any]) -> dict[str, Any] | None:
-    """How a rank that left ``step`` (excluded, or gave up) answers a late question of that step."""
-    return {"t": "leave", "step": step} if header.get("t") in QUESTIONS else None
+def answer_left(me: int, message: StepMessage) -> StepMessage | None:
+    """How rank ``me``, which left the step (excluded, or gave up), answers a late question of it."""
+    return Leave(r=me, step=message.step) if isinstance(message, QUESTIONS) else None

@@ -18,6 +18,13 @@ decoded form, exactly what the others receive), and a reducer encodes the mean b
 and keeps the decoded form itself. Shards and chunks are cut on the codec's block grid, so each chunk
 encodes exactly as the matching slice of the whole payload would: the result equals
 :func:`~services.train.compression.compressed_mean` whatever the view.
+
+Nothing a peer sends is averaged in unchecked. Each mean is checked for NaN/inf right after it is
+computed, while its chunk is still in cache (one allocation-free sum): if it is not finite, a
+contribution was not (or was so large the sum overflowed), and those contributors are a
+:class:`~.faults.PeerFault` — the chunk never reaches the result or the all-gather. Every gathered
+chunk is checked the same way as it is decoded. Honest ranks check their own payload before sending
+(:meth:`~services.train.compression.Codec.check`), so only a broken or hostile peer trips these.
 """
 
 from __future__ import annotations
@@ -27,24 +34,26 @@ import functools
 import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from contracts.collective import Chunk
 from node.errors import MLNodeError, ProtocolError
 from node.logging import get_logger
-from services.train.collective.tensors import ChunkHeader, byte_view, check_chunk_bytes, chunk_spans
-from services.train.compression import Codec
+from services.train.collective.faults import PeerFault
+from services.train.collective.tensors import byte_view, check_chunk_bytes, chunk_spans
+from services.train.compression import FLOAT32_MAX, Codec, NonFinitePseudoGradient, all_finite
 
 log = get_logger(__name__)
 
 TOPOLOGIES = ("scatter_gather", "all_to_all")
 
 ReduceFn = Callable[[Mapping[int, Sequence[Tensor]]], list[Tensor]]
-SendFn = Callable[[int, dict[str, Any], memoryview], Awaitable[None]]
+SendFn = Callable[[int, Chunk, memoryview], Awaitable[None]]
 #: What a sender queue holds: makes one chunk's header and payload when its turn comes.
-Outgoing = Callable[[], tuple[dict[str, Any], memoryview]]
+Outgoing = Callable[[], tuple[Chunk, memoryview]]
 
 
 def shard_bounds(numel: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -159,15 +168,11 @@ class Exchange:
             self._wires[(j, k)] = wire
         return wire
 
-    def _contribution(self, j: int, k: int) -> tuple[dict[str, Any], memoryview]:
-        payload = byte_view(self._wire(j, k))
-        return self._header("rs", j, k, self._spans[j][k][0], len(payload)), payload
+    def _contribution(self, j: int, k: int) -> tuple[Chunk, memoryview]:
+        return self._chunk("rs", j, k), byte_view(self._wire(j, k))
 
-    def _header(self, phase: str, shard: int, chunk: int, offset: int, nbytes: int) -> dict[str, Any]:
-        lo, hi = self._bounds[shard]
-        dtype = self.codec.wire_dtype
-        head = ChunkHeader(self.step, self.me, shard, chunk, offset, dtype, (hi - lo,), nbytes)
-        return {"t": "chunk", "ph": phase, "ballot": list(self.ballot), **head.to_wire()}
+    def _chunk(self, phase: Literal["rs", "ag"], shard: int, chunk: int) -> Chunk:
+        return Chunk(r=self.me, step=self.step, ballot=self.ballot, phase=phase, shard=shard, chunk=chunk)
 
     async def _pump(self, rank: int) -> None:
         queue = self._queues[rank]
@@ -194,71 +199,72 @@ class Exchange:
         """Ranks that still owe this rank chunks."""
         return {r for r, n in self._expect.items() if self._got[r] < n}
 
-    def handle(self, sender: int, header: Mapping[str, Any], payload: memoryview | None, msg: Any) -> None:
-        """Take one chunk of this ballot; ProtocolError (and the chunk acked) if it does not fit."""
+    def handle(self, sender: int, chunk: Chunk, payload: memoryview | None, msg: Any) -> None:
+        """Take one chunk of this ballot from ``sender``; ProtocolError (and the chunk acked) if it does
+        not fit, :class:`~.faults.PeerFault` if values in it (or in the mean it completed) are not finite."""
         try:
-            consumed = self._take(sender, header, payload, msg)
+            consumed = self._take(sender, chunk, payload, msg)
+        except _Consumed as exc:  # refused by the reduction, which acked every chunk it took
+            raise exc.fault from None
         except ProtocolError:
             self._ack(msg)
             raise
         if consumed:
             self._ack(msg)
 
-    def _take(self, sender: int, header: Mapping[str, Any], payload: memoryview | None, msg: Any) -> bool:
-        head = ChunkHeader.from_wire(header)
-        phase = header.get("ph")
-        if head.rank != sender or sender not in self.view or sender == self.me:
-            raise ProtocolError(
-                f"chunk from rank {sender} claims rank {head.rank} or comes from outside the view"
-            )
-        j, k = head.tensor, head.chunk
-        if j >= len(self._bounds):
-            raise ProtocolError(f"chunk for shard {j} of a {len(self._bounds)}-shard all-reduce")
+    def _take(self, sender: int, chunk: Chunk, payload: memoryview | None, msg: Any) -> bool:
+        if sender not in self.view or sender == self.me:
+            raise ProtocolError(f"chunk from rank {sender}, which is outside the view {list(self.view)}")
+        j, k = chunk.shard, chunk.chunk
         data = payload if payload is not None else memoryview(b"")
-        self._check_fits(head, len(data))
-        lo = self._bounds[j][0] + head.offset
-        hi = lo + self._spans[j][k][1]
-        if phase == "rs":
+        self._check_fits(j, k, len(data))
+        off, length = self._spans[j][k]
+        lo = self._bounds[j][0] + off
+        hi = lo + length
+        if chunk.phase == "rs":
             if self.me not in self.owners(j):
                 raise ProtocolError(
                     f"rank {sender} sent shard {j} to rank {self.me}, which does not reduce it"
                 )
             entries = self._pending.setdefault((j, k), {})
             if sender in entries or (j, k) in self._reduced:
-                return _duplicate(self.step, sender, phase, j, k)
+                return _duplicate(self.step, sender, chunk.phase, j, k)
             entries[sender] = (data, msg)
             self._got[sender] += 1
             if len(entries) == len(self.view) - 1:
-                self._reduce(j, k)
+                try:
+                    self._reduce(j, k)
+                except PeerFault as fault:
+                    raise _Consumed(fault) from None
             return False
-        if phase == "ag":
-            if self.topology != "scatter_gather" or sender != self.view[j]:
-                raise ProtocolError(f"unexpected gathered chunk {k} of shard {j} from rank {sender}")
-            if (j, k) in self._gathered:
-                return _duplicate(self.step, sender, phase, j, k)
-            if hi > lo:
-                self.codec.decode(data, hi - lo, out=self.result[lo:hi])
-            self._gathered.add((j, k))
-            self._got[sender] += 1
-            self._finish_one()
-            return True
-        raise ProtocolError(f"chunk phase must be 'rs' or 'ag', got {phase!r}"[:80])
+        if self.topology != "scatter_gather" or sender != self.view[j]:
+            raise ProtocolError(f"unexpected gathered chunk {k} of shard {j} from rank {sender}")
+        if (j, k) in self._gathered:
+            return _duplicate(self.step, sender, chunk.phase, j, k)
+        if hi > lo:
+            mean = self.codec.decode(data, hi - lo, out=self.result[lo:hi])
+            if not all_finite(mean):  # the chunk is still in cache: one more read of it, no allocation
+                raise PeerFault(
+                    f"rank {sender} gathered non-finite values (NaN/inf) into shard {j} at step {self.step}",
+                    (sender,),
+                )
+        self._gathered.add((j, k))
+        self._got[sender] += 1
+        self._finish_one()
+        return True
 
-    def _check_fits(self, head: ChunkHeader, payload_len: int) -> None:
+    def _check_fits(self, j: int, k: int, payload_len: int) -> None:
         """Refuse a chunk unless it is exactly one chunk of this exchange's grid, in its format."""
-        j, k = head.tensor, head.chunk
-        lo, hi = self._bounds[j]
-        if head.dtype != self.codec.wire_dtype or head.shape != (hi - lo,):
+        if j >= len(self._spans) or k >= len(self._spans[j]):
             raise ProtocolError(
-                f"chunk of shard {j} is {head.dtype}{list(head.shape)}, "
-                f"expected {self.codec.wire_dtype}{[hi - lo]} ({self.codec.name} compression)"
+                f"chunk {k} of shard {j} is off the grid of this {len(self._spans)}-shard all-reduce"
             )
-        spans = self._spans[j]
-        on_grid = k < len(spans) and head.offset == spans[k][0]
-        if not on_grid or head.nbytes != self.codec.wire_nbytes(spans[k][1]):
-            raise ProtocolError(f"chunk {k} of shard {j} is off this all-reduce's chunk grid")
-        if payload_len != head.nbytes:
-            raise ProtocolError(f"chunk payload is {payload_len} bytes, its header says {head.nbytes}")
+        expected = self.codec.wire_nbytes(self._spans[j][k][1])
+        if payload_len != expected:
+            raise ProtocolError(
+                f"chunk {k} of shard {j} carries {payload_len} bytes, expected {expected} "
+                f"({self.codec.name} compression)"
+            )
 
     def _reduce(self, j: int, k: int) -> None:
         off, length = self._spans[j][k]
@@ -275,6 +281,10 @@ class Exchange:
         wire: Tensor | None = None
         if hi > lo:
             mean = self._reduce_fn(parts)[0]
+            if len(parts) > 1 and not all_finite(mean):  # one read of the fresh mean, no allocation
+                for _data, msg in entries.values():
+                    self._ack(msg)
+                raise self._refusal(j, k, parts)
             if codec.name == "none":
                 self.result[lo:hi].copy_(mean)
             else:
@@ -285,7 +295,7 @@ class Exchange:
         self._reduced.add((j, k))
         if self.topology == "scatter_gather":
             payload = byte_view(wire if wire is not None else self.result[lo:hi])
-            gathered = (self._header("ag", j, k, off, len(payload)), payload)
+            gathered = (self._chunk("ag", j, k), payload)
             for rank in self.view:
                 if rank != self.me:
                     self._queues[rank].put_nowait(functools.partial(_same, gathered))
@@ -300,7 +310,33 @@ class Exchange:
             self._on_complete()
 
 
-def _same(item: tuple[dict[str, Any], memoryview]) -> tuple[dict[str, Any], memoryview]:
+    def _refusal(self, j: int, k: int, parts: Mapping[int, Sequence[Tensor]]) -> PeerFault:
+        """Whose contribution made a mean non-finite: non-finite values, else (the sum overflowed) values
+        beyond ``FLOAT32_MAX / len(view)``, the most a mean of the view can hold without overflowing."""
+        peers = {rank: tensors[0] for rank, tensors in parts.items() if rank != self.me}
+        bad = sorted(rank for rank, tensor in peers.items() if not bool(torch.isfinite(tensor).all()))
+        what = "non-finite values (NaN/inf)"
+        if not bad:
+            limit = FLOAT32_MAX / len(self.view)
+            bad = sorted(rank for rank, tensor in peers.items() if float(tensor.abs().max()) > limit)
+            what = f"values beyond {limit:.3g} (their mean overflows float32)"
+        if not bad:
+            raise NonFinitePseudoGradient(
+                f"this rank's pseudo-gradient holds values beyond {FLOAT32_MAX / len(self.view):.3g}: "
+                "averaged over the view they overflow float32 (the inner loop diverged)"
+            )
+        return PeerFault(f"rank(s) {bad} sent {what} for shard {j}, chunk {k} at step {self.step}", bad)
+
+
+class _Consumed(Exception):
+    """A fault found by a reduction, which already acked every chunk it took (the current one too)."""
+
+    def __init__(self, fault: PeerFault) -> None:
+        super().__init__(fault.message)
+        self.fault = fault
+
+
+def _same(item: tuple[Chunk, memoryview]) -> tuple[Chunk, memoryview]:
     return item
 
 

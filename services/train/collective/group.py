@@ -4,7 +4,8 @@
 (authenticated transport), a :class:`~.agreement.StepAgreement` per step (who takes part), an
 :class:`~.exchange.Exchange` per attempt (moving and reducing the data), plus heartbeats so that a
 peer busy with its inner steps is told apart from a dead one. Ranks come from the registry, or, for a
-registered key without one, from the rank the peer states in every message (first claim wins).
+registered key without one, from the rank the peer states in every message (first claim wins; never
+rank 0, the preferred coordinator, which only the registry gives).
 
 State transfer (:mod:`.state`) is a second use of the same link: :meth:`PeerGroup.serve_state`
 publishes a snapshot and :meth:`PeerGroup.fetch_state` pulls one from a peer. A rank left out of a
@@ -16,29 +17,62 @@ Each rank also keeps a *lineage*, a digest of every decision its state went thro
 ``ready`` message, the coordinator averages only ranks of its own lineage, and a fetched snapshot
 carries the lineage of the rank that served it. So state that diverged (a rank that went on alone
 while partitioned, a restart from an old checkpoint) is never silently mixed into the average.
+
+**Peers are untrusted input.** :meth:`PeerGroup._on_message` is the one edge: every message is decoded
+there into its :mod:`contracts.collective` type and checked against the registry and the world (its
+sender speaks only for its own rank, every rank it names is in the world, only chunks carry payloads)
+before anything acts on it. Messages about steps more than :data:`HORIZON` ahead of this rank are not
+kept, and each peer may park at most :data:`_MAX_BUFFERED_PER_PEER` for later steps. A peer that
+breaks the protocol (:class:`~.faults.PeerFault`: a message that does not decode or claims another
+rank, NaN/inf data, a state that is not this model's) is *dropped*: logged once as ``peer_dropped``,
+left out of the step in progress and of every later one, and no longer heard or answered until its
+registration changes. Payloads whose facts (size, compression) differ from ours are a configuration
+mismatch, not a fault; see :meth:`_Round.misfit` for when that fails the step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
+import msgspec
 import zmq.asyncio
 from torch import Tensor
 
 from bus.auth import Authenticator
 from bus.peers import PeerLink, PeerMessage
+from contracts.collective import (
+    AgreementMessage,
+    AnyMessage,
+    Chunk,
+    Commit,
+    Compression,
+    Facts,
+    Heartbeat,
+    Leave,
+    Ready,
+    Refuse,
+    Rejoin,
+    StateChunk,
+    StateEnd,
+    StateError,
+    StateHeader,
+    StateRequest,
+    StepMessage,
+)
 from node.errors import Conflict, InvalidRequest, MLNodeError, ProtocolError, Unavailable
 from node.identity import KeyPair
 from node.logging import get_logger
 from services.train.collective.agreement import (
-    MESSAGE_TYPES,
+    GENESIS,
     Ballot,
     Decision,
     Hooks,
@@ -47,22 +81,27 @@ from services.train.collective.agreement import (
     answer_behind,
     answer_left,
     ballot_key,
-    parse_ballot,
 )
 from services.train.collective.buffers import Buffers
 from services.train.collective.exchange import Exchange, ReduceFn
-from services.train.collective.state import KINDS as STATE_KINDS
-from services.train.collective.state import StateTransfer, non_negative
+from services.train.collective.faults import PeerFault
+from services.train.collective.state import Layouts, Snapshot, StateTransfer
 from services.train.collective.tensors import DEFAULT_CHUNK_BYTES, check_chunk_bytes
-from services.train.compression import Codec, flatten, unflatten
+from services.train.compression import Codec, NonFinitePseudoGradient, flatten, unflatten
 
 log = get_logger(__name__)
 
 _MAX_BUFFERED = 4096
+#: Messages one peer may have parked for steps this rank has not begun (a few per step suffice).
+_MAX_BUFFERED_PER_PEER = 64
+#: Chunks of one peer kept while their ballot's start is on its way, per chunk its window allows.
+_EARLY_PER_CREDIT = 4
 _KEEP_DECISIONS = 16
-GENESIS = "genesis"
-#: Key the group adds to a served state header (and removes on fetch): the lineage of that state.
-LINEAGE_KEY = "_lineage"
+#: How many steps past its own a rank keeps messages for: a live peer is at most one step ahead
+#: (two would mean it decided a step without us, which its answers tell us anyway).
+HORIZON = 2
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+_STATE_MESSAGES = (StateRequest, StateHeader, StateChunk, StateEnd, StateError)
 
 
 class LoopClock:
@@ -122,17 +161,25 @@ class Reduced:
 class _Round:
     """One step in progress: its agreement, the exchange of each ballot tried, chunks that came early."""
 
-    def __init__(self, group: PeerGroup, step: int, flat: Tensor, peers: set[int], expected: set[int]):
+    def __init__(
+        self, group: PeerGroup, step: int, flat: Tensor, facts: Facts, peers: set[int], expected: set[int]
+    ):
         self.group = group
         self.step = step
         self.flat = flat
+        self.facts = facts
         self.began = group.clock()
         self.event = asyncio.Event()
         self.error: MLNodeError | None = None
+        #: Whether :attr:`error` is a mismatch of payload facts (late questions then get "refuse").
+        self.mismatched = False
+        #: Ranks whose payload facts differ from ours, as they said.
+        self.misfits: dict[int, Facts] = {}
         self.exchanges: dict[Ballot, Exchange] = {}
         self.current: Exchange | None = None
         self.data_heard = -math.inf
-        self.early: list[tuple[int, PeerMessage]] = []
+        self.early: list[tuple[int, Chunk, PeerMessage]] = []
+        self._early_count: Counter[int] = Counter()
         hooks = Hooks(
             send=group._send_rank,
             silent_for=self.silent_for,
@@ -189,27 +236,36 @@ class _Round:
         self.current = exchange
         exchange.start()
         early, self.early = self.early, []
-        for rank, msg in early:
-            self.take_chunk(rank, msg)
+        self._early_count.clear()
+        for rank, chunk, msg in early:
+            group.guarded(rank, functools.partial(self.take_chunk, rank, chunk, msg))
 
     def completed(self, ballot: Ballot) -> None:
         self.agreement.data_complete(ballot)
         self.wake()
 
-    def take_chunk(self, rank: int, msg: PeerMessage) -> None:
-        ballot = parse_ballot(msg.header.get("ballot"))
+    def take_chunk(self, rank: int, chunk: Chunk, msg: PeerMessage) -> None:
         current = self.current
-        if current is not None and current.ballot == ballot:
+        if current is not None and current.ballot == chunk.ballot:
             self.data_heard = self.group.clock()
             try:
-                current.handle(rank, msg.header, msg.payload, msg)
-            except ProtocolError as exc:
+                current.handle(rank, chunk, msg.payload, msg)
+            except PeerFault:
+                raise
+            except ProtocolError as exc:  # maybe not its fault (see faults.py): out of this step only
                 log.warning("allreduce_bad_chunk", step=self.step, peer=rank, error=exc.message)
                 self.agreement.suspect({rank})
-        elif self._may_start(ballot) and len(self.early) < _MAX_BUFFERED:
+            except NonFinitePseudoGradient as exc:  # our own values overflow the mean
+                self.error = exc
+        elif (
+            self._may_start(chunk.ballot)
+            and len(self.early) < _MAX_BUFFERED
+            and self._early_count[rank] < _EARLY_PER_CREDIT * self.group.link.window
+        ):
             # Its start message is still on its way (the sender heard it first, maybe from another
             # rank): keep the chunk, unacknowledged, instead of losing it for good.
-            self.early.append((rank, msg))
+            self.early.append((rank, chunk, msg))
+            self._early_count[rank] += 1
         else:
             self.group.link.ack(msg)
 
@@ -219,18 +275,56 @@ class _Round:
             promised is None or ballot_key(ballot) >= ballot_key(promised)
         )
 
-    def handle(self, rank: int, msg: PeerMessage) -> None:
-        kind = msg.header.get("t")
-        if kind == "chunk":
-            self.take_chunk(rank, msg)
+    def handle(self, rank: int, message: StepMessage, msg: PeerMessage) -> None:
+        """One message of this step from ``rank``; :class:`~.faults.PeerFault` if it broke the protocol."""
+        if isinstance(message, Chunk):
+            self.take_chunk(rank, message, msg)
+        elif isinstance(message, Refuse):
+            self.group.link.ack(msg)
+            if message.facts == self.facts:
+                raise PeerFault(f"rank {rank} refused step {self.step} for payload facts equal to ours", ())
+            self.misfit(rank, message.facts)
+        elif isinstance(message, Ready) and message.facts != self.facts:
+            self.group._send_rank(rank, Refuse(r=self.group.rank, step=self.step, facts=self.facts))
+            self.misfit(rank, message.facts)
         else:
-            ours = self.group.payload_facts(self.flat)
-            if kind == "ready" and _facts(msg.header) != ours:
-                # Different models or formats: a configuration error on both sides, so both fail loudly.
-                self.group._send_rank(rank, {"t": "refuse", "step": self.step, **ours})
-                self.error = _mismatch(rank, self.step, msg.header, ours)
-            else:
-                self.agreement.handle(rank, msg.header)
+            self.group.link.ack(msg)
+            self.agreement.handle(rank, cast(AgreementMessage, message))  # what is left is the agreement's
+        self.wake()
+
+    def misfit(self, rank: int, theirs: Facts) -> None:
+        """``rank``'s payload cannot be averaged with ours (another model size or compression).
+
+        The step fails here — loudly: it is a configuration error — only once the ranks that may share
+        our facts can no longer make a quorum, i.e. more than ``world - quorum`` ranks differ. Until
+        then the differing ranks are left out of the step like failed ones. So the side that holds a
+        majority of the world goes on and the minority fails, and a single peer's ``refuse`` removes
+        only that peer from a step of three or more ranks (with two, either side's refuse fails both:
+        neither is a majority on its own, as for the quorum itself).
+        """
+        if rank in self.misfits or self.finished:
+            return
+        self.misfits[rank] = theirs
+        group = self.group
+        fails = len(self.misfits) > group.world_size - group.quorum
+        (log.error if fails else log.warning)(
+            "peer_payload_mismatch", step=self.step, peer=rank, theirs=_show(theirs), ours=_show(self.facts),
+            differing=sorted(self.misfits), fails_step=fails,
+        )
+        if fails:
+            self.error = _mismatch(rank, self.step, theirs, self.facts)
+            self.mismatched = True
+        else:
+            self.agreement.exclude({rank})
+
+    def drop(self, rank: int) -> None:
+        """``rank`` was dropped: out of this step, and its parked chunks let go."""
+        if not self.finished:
+            self.agreement.exclude({rank})
+        for _rank, _chunk, msg in [e for e in self.early if e[0] == rank]:
+            self.group.link.ack(msg)
+        self.early = [e for e in self.early if e[0] != rank]
+        self._early_count.pop(rank, None)
         self.wake()
 
     def wake(self) -> None:
@@ -240,7 +334,7 @@ class _Round:
     def close(self) -> None:
         for exchange in self.exchanges.values():
             exchange.cancel()
-        for _rank, msg in self.early:
+        for _rank, _chunk, msg in self.early:
             self.group.link.ack(msg)
         self.early.clear()
 
@@ -289,17 +383,24 @@ class PeerGroup:
         self._registered: dict[str, int | None] = {}
         self._rank_by_key: dict[str, int] = {}
         self._key_by_rank: dict[int, str] = {}
+        #: Peers that broke the protocol, with the reason: not heard until their registration changes.
+        self._dropped: dict[str, str] = {}
         self._round: _Round | None = None
         #: The staging copy of each step's payload and its results, reused step after step.
         self.buffers = Buffers()
-        self._future: dict[int, list[tuple[int, PeerMessage]]] = {}
+        self._future: dict[int, list[tuple[int, StepMessage, PeerMessage]]] = {}
+        self._future_count: Counter[int] = Counter()
         self._decided: dict[int, Decision] = {}
         #: Steps this rank is out of: late questions about them are answered "leave", or "refuse" with
         #: our payload facts (the value) when the step failed because the models or formats differ.
-        self._left: dict[int, dict[str, Any] | None] = {}
+        self._left: dict[int, Facts | None] = {}
         self._last_ranks: set[int] | None = None
         self._rejoiners: dict[int, set[int]] = {}
         self._diverged: int | None = None
+        #: The newest step this rank runs or is about to run (None until it knows).
+        self._position: int | None = None
+        #: What our payload is (set by the first all-reduce; constant for the run).
+        self._facts: Facts | None = None
         self.state = StateTransfer(self.link, rank, self.chunk_bytes, timeout, self._key_of)
         #: The agreement's time: only the time this rank could listen counts towards a peer's silence.
         self.clock = LoopClock(interval=min(0.02, timeout / 20), cap=min(0.1, timeout / 5))
@@ -328,20 +429,32 @@ class PeerGroup:
                 raise InvalidRequest(f"peer rank {member.rank} is outside [0, {self.world_size})")
             registered[member.public_key] = member.rank
             endpoints[member.public_key] = member.endpoint
+        changed = {k for k, r in self._registered.items() if registered.get(k, -1) != r}
         self._registered = registered
         self._rank_by_key = {k: r for k, r in self._rank_by_key.items() if k in registered}
         self._rank_by_key.update({k: r for k, r in registered.items() if r is not None})
         self._key_by_rank = {r: k for k, r in self._rank_by_key.items()}
+        # A registration that changed (or went away) gives a dropped peer a fresh start.
+        self._dropped = {k: v for k, v in self._dropped.items() if k in registered and k not in changed}
         self.link.set_peers(endpoints)
         for key in endpoints:
-            self.link.send(key, {"t": "hb", "r": self.rank})
+            if key not in self._dropped:
+                self.link.send(key, Heartbeat(r=self.rank))
 
     def _key_of(self, rank: int) -> str | None:
-        return self._key_by_rank.get(rank)
+        key = self._key_by_rank.get(rank)
+        return None if key is None or key in self._dropped else key
 
     def ranks(self) -> dict[int, str]:
-        """Known peer ranks and their keys."""
-        return dict(self._key_by_rank)
+        """Known peer ranks and their keys (dropped peers left out)."""
+        return {r: k for r, k in self._key_by_rank.items() if k not in self._dropped}
+
+    def dropped(self) -> list[dict[str, object]]:
+        """The peers dropped for breaking the protocol, and why."""
+        return [
+            {"public_key": key, "rank": self._rank_by_key.get(key), "reason": reason}
+            for key, reason in self._dropped.items()
+        ]
 
     def start(self) -> None:
         """Start receiving and heartbeating; call from the loop that will run the all-reduces."""
@@ -357,7 +470,8 @@ class PeerGroup:
         interval = max(self.timeout / 4, 0.01)
         while True:
             for key in self.link.peer_keys():
-                self.link.send(key, {"t": "hb", "r": self.rank})
+                if key not in self._dropped:
+                    self.link.send(key, Heartbeat(r=self.rank))
             await asyncio.sleep(interval)
 
     # -- all-reduce ---------------------------------------------------------------------------
@@ -374,20 +488,26 @@ class PeerGroup:
         self.buffers.recycle()  # the previous step's result is given up (see Reduced)
         flat = flatten(tensors, self.buffers.take(sum(t.numel() for t in tensors)))
         self.codec.check(flat)  # NaN/inf is refused here, before any peer counts on this rank
-        peers = set(self._key_by_rank) - {self.rank}
+        facts = self._facts = self.payload_facts(flat)
+        self._position = step
+        for old in [s for s in self._rejoiners if s < step]:
+            del self._rejoiners[old]
+        dropped = self._dropped_ranks()
+        peers = set(self._key_by_rank) - {self.rank} - dropped
         expected = (self._last_ranks if self._last_ranks is not None else set(range(self.world_size))) | (
             self._rejoiners.pop(step, set())
         )
-        rnd = _Round(self, step, flat, peers, expected - {self.rank})
+        rnd = _Round(self, step, flat, facts, peers, expected - {self.rank} - dropped)
         self._round = rnd
         self._left.pop(step, None)
         normal = False
         try:
-            rnd.agreement.begin(self.payload_facts(flat))
+            rnd.agreement.begin(facts)
             for old in [s for s in self._future if s <= step]:
-                for rank, msg in self._future.pop(old):
-                    if old == step:
-                        rnd.handle(rank, msg)
+                for rank, message, msg in self._future.pop(old):
+                    self._future_count[rank] -= 1
+                    if old == step and not rnd.finished and rank not in self._dropped_ranks():
+                        self.guarded(rank, functools.partial(rnd.handle, rank, message, msg))
                     else:
                         self.link.ack(msg)
             tick = min(max(self.timeout / 8, 0.01), 0.25)
@@ -398,8 +518,8 @@ class PeerGroup:
                 rnd.agreement.tick()
             normal = True
             if rnd.error is not None:
-                # The models differ: the peer must fail as well, even if our one "refuse" got lost.
-                self._remember_left(step, refused=self.payload_facts(flat))
+                # The models differ: the peers must fail as well, even if our "refuse" got lost.
+                self._remember_left(step, refused=facts if rnd.mismatched else None)
                 raise rnd.error
             decision = rnd.agreement.decision
             if decision is None or not rnd.agreement.included:
@@ -419,11 +539,12 @@ class PeerGroup:
             if not normal:
                 self._remember_left(step)
                 for key in self.link.peer_keys():
-                    self.link.send(key, {"t": "leave", "step": step, "r": self.rank})
+                    if key not in self._dropped:
+                        self.link.send(key, Leave(r=self.rank, step=step))
 
-    def payload_facts(self, flat: Tensor) -> dict[str, Any]:
+    def payload_facts(self, flat: Tensor) -> Facts:
         """What must match between ranks for their payloads to be reduced together."""
-        return {"n": flat.numel(), "c": self.codec.name}
+        return Facts(n=flat.numel(), c=cast(Compression, self.codec.name))
 
     @property
     def waiting_for_quorum(self) -> bool:
@@ -440,7 +561,7 @@ class PeerGroup:
         for old in sorted(self._decided)[:-_KEEP_DECISIONS]:
             del self._decided[old]
 
-    def _remember_left(self, step: int, *, refused: dict[str, Any] | None = None) -> None:
+    def _remember_left(self, step: int, *, refused: Facts | None = None) -> None:
         # A peer may still count on this rank for the step (in its view, or as its coordinator), and
         # our heartbeats tell it we are alive: only an answer tells it to go on without us.
         self._left[step] = refused
@@ -450,9 +571,11 @@ class PeerGroup:
     async def rejoin(self, step: int) -> None:
         """Tell every peer this rank will take part again from ``step`` (after loading their state)."""
         self._last_ranks = None
-        notice = {"t": "rejoin", "step": step, "r": self.rank}
+        self._position = step
+        notice = Rejoin(r=self.rank, step=step)
+        keys = [key for key in self.link.peer_keys() if key not in self._dropped]
         results = await asyncio.gather(
-            *(self.link.send_credited(key, notice, timeout=self.timeout) for key in self.link.peer_keys()),
+            *(self.link.send_credited(key, notice, timeout=self.timeout) for key in keys),
             return_exceptions=True,
         )
         for error in results:
@@ -460,113 +583,196 @@ class PeerGroup:
                 log.warning("rejoin_notice_failed", step=step, error=error.message)
 
     # -- state transfer -----------------------------------------------------------------------
-    def serve_state(self, header: Mapping[str, Any], tensors: Sequence[Tensor]) -> None:
+    def serve_state(
+        self, outer_step: int, inner_step: int, names: Sequence[str], tensors: Sequence[Tensor]
+    ) -> None:
         """Publish the snapshot peers get from :meth:`fetch_state`, stamped with this rank's lineage."""
-        self.state.publish({**header, LINEAGE_KEY: self.lineage}, tensors)
+        self.state.publish(outer_step, inner_step, self.lineage, names, tensors)
 
     async def fetch_state(
-        self, *, rank: int | None = None, timeout: float | None = None
-    ) -> tuple[dict[str, Any], list[Tensor]]:
-        """A peer's published snapshot: tries ``rank``, or every known peer in rank order.
+        self, layouts: Layouts, *, rank: int | None = None, timeout: float | None = None
+    ) -> Snapshot:
+        """A peer's published snapshot in one of ``layouts`` (this rank's own model: see
+        :mod:`.state`): tries ``rank``, or every known peer in rank order.
 
         This rank then holds (and must load) the peer's state, so it takes on the peer's lineage.
         """
         limit = timeout if timeout is not None else self.timeout
-        candidates = [rank] if rank is not None else sorted(r for r in self._key_by_rank if r != self.rank)
-        _served_by, (header, tensors) = await self.state.fetch(candidates, limit)
-        lineage = header.pop(LINEAGE_KEY, None)
-        if isinstance(lineage, str):
-            self.lineage = lineage
-        return header, tensors
+        candidates = [rank] if rank is not None else sorted(r for r in self.ranks() if r != self.rank)
+        _served_by, snapshot = await self.state.fetch(candidates, limit, layouts)
+        self.lineage = snapshot.lineage
+        return snapshot
 
-    # -- dispatch -----------------------------------------------------------------------------
-    def _send_rank(self, rank: int, header: dict[str, Any]) -> None:
-        key = self._key_by_rank.get(rank)
+    # -- the edge: every peer message comes in here ----------------------------------------------
+    def _send_rank(self, rank: int, message: StepMessage) -> None:
+        key = self._key_of(rank)
         if key is not None:
-            self.link.send(key, {**header, "r": self.rank})
+            self.link.send(key, message)
 
-    async def _send_credited(self, rank: int, header: dict[str, Any], payload: memoryview) -> None:
-        key = self._key_by_rank.get(rank)
+    async def _send_credited(self, rank: int, message: Chunk, payload: memoryview) -> None:
+        key = self._key_of(rank)
         if key is None:
             raise Unavailable(f"rank {rank} has no registered key")
-        await self.link.send_credited(key, {**header, "r": self.rank}, payload)
+        await self.link.send_credited(key, message, payload)
 
-    def _sender_rank(self, key: str, claimed: Any) -> int:
-        if not isinstance(claimed, int) or isinstance(claimed, bool) or not 0 <= claimed < self.world_size:
-            raise ProtocolError(f"message lacks a rank in [0, {self.world_size})")
+    def _on_message(self, msg: PeerMessage) -> None:
+        key = msg.key
+        if key in self._dropped:
+            return  # not heard any more; its credits are not returned either
+        self._heard[key] = self.clock()
+        try:
+            message = self._decode(msg)
+            rank = self._sender_rank(key, message.r)
+            self._dispatch(rank, message, msg)
+        except PeerFault as fault:
+            self._fault(key, fault)
+
+    def guarded(self, rank: int, handle: Callable[[], None]) -> None:
+        """Run ``handle()`` (work on a message of ``rank`` taken up later) dropping whom it faults."""
+        try:
+            handle()
+        except PeerFault as fault:
+            key = self._key_by_rank.get(rank)
+            if key is not None:
+                self._fault(key, fault)
+
+    def _decode(self, msg: PeerMessage) -> AnyMessage:
+        """The message as its contract's type, checked against what only this group knows."""
+        try:
+            message: AnyMessage = _decoder.decode(msg.body)
+        except msgspec.ValidationError as exc:
+            raise PeerFault(f"malformed message: {exc}"[:300], ()) from None
+        except msgspec.DecodeError:
+            raise PeerFault("undecodable message", ()) from None
+        outside = [r for r in (message.r, *message.ranks()) if r >= self.world_size]
+        if outside:
+            name = type(message).__name__
+            raise PeerFault(f"{name} names rank {outside[0]} of a world of {self.world_size}", ())
+        if msg.payload is not None and not isinstance(message, Chunk | StateChunk):
+            raise PeerFault(f"{type(message).__name__} message carries a payload", ())
+        return message
+
+    def _sender_rank(self, key: str, claimed: int) -> int:
         known = self._rank_by_key.get(key)
         if known is not None:
             if known != claimed:
-                raise ProtocolError(f"peer {key[:8]} is rank {known} but claims rank {claimed}")
+                raise PeerFault(f"peer is rank {known} but claims rank {claimed}", ())
             return known
-        if claimed == self.rank or claimed in self._key_by_rank or key not in self._registered:
-            raise ProtocolError(f"peer {key[:8]} claims rank {claimed}, which is taken")
+        if key not in self._registered:
+            raise PeerFault("not a registered peer of this task", ())
+        if claimed == 0:
+            raise PeerFault("registered without a rank, it claims rank 0 (only the registry gives it)", ())
+        if claimed == self.rank or claimed in self._key_by_rank:
+            raise PeerFault(f"registered without a rank, it claims rank {claimed}, which is taken", ())
         self._rank_by_key[key] = claimed
         self._key_by_rank[claimed] = key
         log.info("peer_rank_learned", peer=key[:8], rank=claimed)
         return claimed
 
-    def _on_message(self, msg: PeerMessage) -> None:
-        self._heard[msg.key] = self.clock()
-        header = msg.header
-        kind = header.get("t")
-        rank = self._sender_rank(msg.key, header.get("r"))
-        if kind == "hb":
+    def _dispatch(self, rank: int, message: AnyMessage, msg: PeerMessage) -> None:
+        if isinstance(message, Heartbeat):
             return
-        if kind in STATE_KINDS:
-            self.state.handle(rank, msg)
+        if isinstance(message, _STATE_MESSAGES):
+            self.state.handle(rank, message, msg)
             return
-        if kind == "rejoin":
+        if isinstance(message, Rejoin):
             self.link.ack(msg)
-            self._rejoiners.setdefault(non_negative(header, "step"), set()).add(rank)
+            if self._in_horizon(message.step) and (
+                message.step in self._rejoiners or len(self._rejoiners) < _KEEP_DECISIONS
+            ):
+                self._rejoiners.setdefault(message.step, set()).add(rank)
             return
-        if kind != "chunk" and kind != "refuse" and kind not in MESSAGE_TYPES:
-            raise ProtocolError(f"unknown peer message type {kind!r}"[:100])
-        step = non_negative(header, "step")
+        step = message.step
         rnd = self._round
         if rnd is not None and step == rnd.step and not rnd.finished:
-            if kind == "refuse":
-                rnd.error = _mismatch(rank, step, header, self.payload_facts(rnd.flat))
-                rnd.wake()
-                return
-            rnd.handle(rank, msg)
+            rnd.handle(rank, message, msg)
+            return
+        if isinstance(message, Ready) and self._facts is not None and message.facts != self._facts:
+            self.link.ack(msg)  # whatever the step: the models or formats differ, say so
+            self._send_rank(rank, Refuse(r=self.rank, step=step, facts=self._facts))
         elif step in self._decided:
-            self._answer_decided(step, rank, msg)
+            self._answer_decided(step, rank, message, msg)
         elif step in self._left:
             self.link.ack(msg)
-            reply = answer_left(step, header)
+            reply = answer_left(self.rank, message)
             refused = self._left[step]
+            if reply is not None and refused is not None:
+                reply = Refuse(r=self.rank, step=step, facts=refused)
             if reply is not None:
-                self._send_rank(rank, reply if refused is None else {"t": "refuse", "step": step, **refused})
-        elif (rnd is None or step > rnd.step) and kind not in ("chunk", "refuse") and not self._past(step):
-            if sum(len(v) for v in self._future.values()) < _MAX_BUFFERED:
-                self._future.setdefault(step, []).append((rank, msg))
+                self._send_rank(rank, reply)
+        elif (rnd is None or step > rnd.step) and not isinstance(message, Chunk | Refuse | Rejoin) and (
+            not self._past(step)
+        ):
+            self._park(rank, message, msg)
         else:
             self.link.ack(msg)
-            reply = answer_behind(step, min(self._decided), msg.header) if self._past(step) else None
+            reply = answer_behind(min(self._decided), self.rank, message) if self._past(step) else None
             if reply is not None:
                 # Older than all we remember: say so, or the late rank waits on us for good.
                 self._send_rank(rank, reply)
+
+    def _in_horizon(self, step: int) -> bool:
+        return self._position is None or step <= self._position + HORIZON
+
+    def _park(self, rank: int, message: StepMessage, msg: PeerMessage) -> None:
+        """Keep a message of a step this rank has not begun; beyond the horizon or the peer's share it is
+        let go (a phase message is repeated while it matters)."""
+        if (
+            not self._in_horizon(message.step)
+            or self._future_count[rank] >= _MAX_BUFFERED_PER_PEER
+            or sum(self._future_count.values()) >= _MAX_BUFFERED
+        ):
+            self.link.ack(msg)
+            return
+        self._future.setdefault(message.step, []).append((rank, message, msg))
+        self._future_count[rank] += 1
 
     def _past(self, step: int) -> bool:
         """True if ``step`` is older than every decision this rank still remembers."""
         return bool(self._decided) and step < min(self._decided)
 
-    def _answer_decided(self, step: int, rank: int, msg: PeerMessage) -> None:
+    def _answer_decided(self, step: int, rank: int, message: StepMessage, msg: PeerMessage) -> None:
         self.link.ack(msg)
         decision = self._decided[step]
-        if msg.header.get("t") == "commit":
-            try:
-                theirs = Decision.from_wire(msg.header.get("decision"))
-            except ProtocolError:
-                return
+        if isinstance(message, Commit):
+            theirs = message.decision
             if theirs != decision and (theirs.ballot, theirs.ranks) != (decision.ballot, decision.ranks):
-                log.error("step_diverged", step=step, ours=decision.to_wire(), theirs=theirs.to_wire())
+                log.error("step_diverged", step=step, ours=msgspec.to_builtins(decision),
+                          theirs=msgspec.to_builtins(theirs))
                 self._diverged = step
             return
-        reply = answer_after(decision, step, rank, msg.header)
+        reply = answer_after(decision, self.rank, message)
         if reply is not None:
             self._send_rank(rank, reply)
+
+    # -- dropping a peer that broke the protocol -------------------------------------------------
+    def _fault(self, sender: str, fault: PeerFault) -> None:
+        keys = [sender] if not fault.ranks else [k for r in fault.ranks if (k := self._key_by_rank.get(r))]
+        for key in keys:
+            self._drop(key, fault.message)
+
+    def _drop(self, key: str, reason: str) -> None:
+        if key in self._dropped or key not in self._registered:
+            return
+        self._dropped[key] = reason
+        rank = self._rank_by_key.get(key)
+        log.warning("peer_dropped", peer=key[:8], rank=rank, reason=reason)
+        if rank is None:
+            return
+        if self._last_ranks is not None:
+            self._last_ranks.discard(rank)
+        for ranks in self._rejoiners.values():
+            ranks.discard(rank)
+        for step, parked in list(self._future.items()):
+            for _rank, _message, msg in [p for p in parked if p[0] == rank]:
+                self.link.ack(msg)
+            self._future[step] = [p for p in parked if p[0] != rank]
+        self._future_count.pop(rank, None)
+        if self._round is not None:
+            self._round.drop(rank)
+
+    def _dropped_ranks(self) -> set[int]:
+        return {r for k in self._dropped if (r := self._rank_by_key.get(k)) is not None}
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -584,20 +790,16 @@ def next_lineage(lineage: str, step: int, decision: Decision) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _facts(header: Mapping[str, Any]) -> dict[str, Any]:
-    """A peer's payload facts; a peer that does not name its compression sends float32."""
-    return {"n": header.get("n"), "c": header.get("c", "none")}
+def _show(facts: Facts) -> dict[str, object]:
+    return {"n": facts.n, "c": facts.c}
 
 
-def _mismatch(rank: int, step: int, header: Mapping[str, Any], ours: Mapping[str, Any]) -> ProtocolError:
-    theirs = _facts(header)
-    log.error("peer_payload_mismatch", step=step, peer=rank, theirs=theirs, ours=dict(ours))
-    if theirs["n"] != ours["n"]:
+def _mismatch(rank: int, step: int, theirs: Facts, ours: Facts) -> ProtocolError:
+    if theirs.n != ours.n:
         return ProtocolError(
-            f"rank {rank} reduces {theirs['n']!r} elements at step {step}, this rank {ours['n']}: "
-            "the models differ"
+            f"rank {rank} reduces {theirs.n} elements at step {step}, this rank {ours.n}: the models differ"
         )
     return ProtocolError(
-        f"rank {rank} sends pseudo-gradients with compression {str(theirs['c'])[:16]!r} at step {step}, "
-        f"this rank {ours['c']!r}: every node of a run needs the same train_config.diloco.compression"
+        f"rank {rank} sends pseudo-gradients with compression {theirs.c!r} at step {step}, "
+        f"this rank {ours.c!r}: every node of a run needs the same train_config.diloco.compression"
     )

@@ -1,10 +1,17 @@
 """State transfer over the peer links: publish a snapshot, or pull a peer's in credited chunks.
 
 A rank that missed outer steps (left out, restarted, partitioned away) does not replay them: it takes
-the state a peer published after its last outer step and goes on from there. A snapshot is a msgpack
-header plus flat tensors; the stream is ``state_hdr``, one ``state_chunk`` per chunk, ``state_end``
-(or ``state_err``), all credited so a slow fetcher throttles the server instead of filling its queues.
-Every chunk is checked against the announced dtypes and shapes before a byte is used.
+the state a peer published after its last outer step and goes on from there. The stream is
+``state_hdr``, one ``state_chunk`` per chunk, ``state_end`` (or ``state_err``), all credited so a slow
+fetcher throttles the server instead of filling its queues.
+
+The server is untrusted. The header must describe exactly one of the layouts the fetcher accepts —
+its own model's tensors: names, dtypes, shapes and so total bytes — before a byte is allocated (a
+header naming a 100 GB tensor would otherwise be an OOM, and a crash loop as the restarted process
+fetches it again). Each chunk must be one of that layout's grid at its exact length, and the floating
+point tensors must be finite before the snapshot is handed over. A server that breaks one of these
+rules is a :class:`~.faults.PeerFault`; one whose stream merely stalls or loses a message fails the
+fetch, and the fetcher tries the next peer.
 """
 
 from __future__ import annotations
@@ -13,49 +20,60 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import msgpack
 from torch import Tensor
 
 from bus.peers import PeerLink, PeerMessage
+from contracts.collective import (
+    StateChunk,
+    StateEnd,
+    StateError,
+    StateHeader,
+    StateMessage,
+    StateRequest,
+    TensorSpec,
+)
 from node.errors import InvalidRequest, MLNodeError, ProtocolError, Unavailable
 from node.logging import get_logger
+from services.train.collective.faults import PeerFault
 from services.train.collective.tensors import (
-    ChunkHeader,
     TensorAssembler,
     check_chunk_bytes,
-    dtype_name,
     iter_chunks,
-    parse_dtype,
-    parse_shape,
+    spec_nbytes,
+    spec_of,
 )
+from services.train.compression import all_finite
 
 log = get_logger(__name__)
 
-KINDS = ("state_req", "state_hdr", "state_chunk", "state_end", "state_err")
-Snapshot = tuple[dict[str, Any], list[Tensor]]
+#: Layouts a fetcher accepts: each is the exact list of tensors a state may hold.
+Layouts = Sequence[Sequence[TensorSpec]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A rank's state as a peer gets it: the steps it stands at, its lineage, its named tensors."""
+
+    outer_step: int
+    inner_step: int
+    lineage: str
+    names: tuple[str, ...]
+    tensors: list[Tensor]
 
 
 @dataclass
 class _Fetch:
     rank: int
     heard: float
-    header: dict[str, Any] | None = None
+    layouts: list[tuple[TensorSpec, ...]]
+    header: StateHeader | None = None
     assembler: TensorAssembler | None = None
     result: Snapshot | None = None
     error: str | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def non_negative(header: Mapping[str, Any], name: str) -> int:
-    """Field ``name`` of a peer header as a non-negative int; ProtocolError otherwise."""
-    value = header.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"field {name!r} must be a non-negative integer")
-    return value
 
 
 class StateTransfer:
@@ -74,20 +92,25 @@ class StateTransfer:
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.timeout = timeout
         self._key_of = key_of
-        self._snapshot: Snapshot | None = None
+        self._snapshot: tuple[Snapshot, tuple[TensorSpec, ...]] | None = None
         self._fetches: dict[str, _Fetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: The one transfer each peer gets at a time (a new request replaces its previous one).
+        self._serving: dict[str, asyncio.Task[None]] = {}
 
-    def publish(self, header: Mapping[str, Any], tensors: Sequence[Tensor]) -> None:
-        """Replace the snapshot peers get (the header must be msgpack-serialisable)."""
-        try:
-            msgpack.packb(dict(header), use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidRequest(f"state header is not msgpack-serialisable: {exc}") from None
-        self._snapshot = (dict(header), [t.detach().to("cpu").contiguous() for t in tensors])
+    def publish(
+        self, outer_step: int, inner_step: int, lineage: str, names: Sequence[str], tensors: Sequence[Tensor]
+    ) -> None:
+        """Replace the snapshot peers get."""
+        if len(names) != len(tensors) or len(set(names)) != len(names):
+            raise InvalidRequest("a state needs one distinct name per tensor")
+        copies = [t.detach().to("cpu").contiguous() for t in tensors]
+        snapshot = Snapshot(outer_step, inner_step, lineage, tuple(names), copies)
+        self._snapshot = (snapshot, tuple(spec_of(n, t) for n, t in zip(names, copies, strict=True)))
 
-    async def fetch(self, candidates: Sequence[int], limit: float) -> tuple[int, Snapshot]:
-        """The first snapshot one of ``candidates`` serves (tried in order, twice), with its rank."""
+    async def fetch(self, candidates: Sequence[int], limit: float, layouts: Layouts) -> tuple[int, Snapshot]:
+        """The first snapshot one of ``candidates`` serves in one of ``layouts`` (tried in order, twice),
+        with the rank that served it."""
+        accepted = [tuple(layout) for layout in layouts]
         reasons = []
         for candidate in list(candidates) * 2:  # a second pass covers a request lost to a reconnect
             key = self._key_of(candidate)
@@ -95,9 +118,9 @@ class StateTransfer:
                 reasons.append(f"rank {candidate}: unknown")
                 continue
             req = uuid.uuid4().hex
-            fetch = self._fetches[req] = _Fetch(candidate, time.monotonic())
+            fetch = self._fetches[req] = _Fetch(candidate, time.monotonic(), accepted)
             try:
-                self.link.send(key, {"t": "state_req", "id": req, "r": self.rank})
+                self.link.send(key, StateRequest(r=self.rank, id=req))
                 while fetch.result is None and fetch.error is None:
                     fetch.event.clear()
                     with contextlib.suppress(TimeoutError):
@@ -106,95 +129,113 @@ class StateTransfer:
                     if fetch.result is None and time.monotonic() - fetch.heard > limit:
                         fetch.error = f"no state arrived for {limit:g} s"
                 if fetch.result is not None:
-                    log.info("state_fetched", peer=candidate, tensors=len(fetch.result[1]))
+                    log.info("state_fetched", peer=candidate, tensors=len(fetch.result.tensors))
                     return candidate, fetch.result
                 reasons.append(f"rank {candidate}: {fetch.error}")
             finally:
                 self._fetches.pop(req, None)
         raise Unavailable(f"no peer served the training state ({'; '.join(reasons) or 'no peers'})")
 
-    def handle(self, rank: int, msg: PeerMessage) -> None:
-        """One ``state_*`` message from ``rank``."""
-        header = msg.header
-        kind = header["t"]
-        req = header.get("id")
-        if not isinstance(req, str) or len(req) > 64:
-            raise ProtocolError("state message lacks a valid 'id'")
-        if kind == "state_req":
-            task = asyncio.get_running_loop().create_task(self._serve(msg.key, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def handle(self, rank: int, message: StateMessage, msg: PeerMessage) -> None:
+        """One state message from ``rank``; :class:`~.faults.PeerFault` if it breaks the rules above."""
+        if isinstance(message, StateRequest):
+            self._serve_later(msg.key, message.id)
             return
-        fetch = self._fetches.get(req)
+        fetch = self._fetches.get(message.id)
         if fetch is None or fetch.rank != rank or fetch.result is not None or fetch.error is not None:
-            self.link.ack(msg)
+            self.link.ack(msg)  # late, or for a fetch we gave up: nothing to do with it
             return
         fetch.heard = time.monotonic()
         try:
-            self._take(fetch, kind, header, msg)
+            self._take(fetch, message, msg)
+        except PeerFault as fault:
+            fetch.error = fault.message
+            raise
         except ProtocolError as exc:
             fetch.error = exc.message
         finally:
             self.link.ack(msg)
             fetch.event.set()
 
-    def _take(self, fetch: _Fetch, kind: str, header: Mapping[str, Any], msg: PeerMessage) -> None:
-        if kind == "state_err":
-            fetch.error = str(header.get("reason", "refused"))[:200]
-        elif kind == "state_hdr":
-            dtypes, shapes = header.get("dtypes"), header.get("shapes")
-            if (
-                not isinstance(dtypes, list)
-                or not isinstance(shapes, list)
-                or not isinstance(header.get("header"), dict)
-            ):
-                raise ProtocolError("state header lacks 'header', 'dtypes' or 'shapes'")
-            chunk = non_negative(header, "chunk_bytes")
-            if chunk > self.chunk_bytes * 64:
-                raise ProtocolError(f"state chunk size {chunk} is implausible")
-            fetch.header = header["header"]
-            fetch.assembler = TensorAssembler(
-                [parse_dtype(d) for d in dtypes], [parse_shape(s) for s in shapes], check_chunk_bytes(chunk)
-            )
-        elif kind == "state_chunk":
+    def _take(self, fetch: _Fetch, message: StateMessage, msg: PeerMessage) -> None:
+        if isinstance(message, StateError):
+            fetch.error = f"refused: {message.reason}"
+        elif isinstance(message, StateHeader):
+            if fetch.header is not None:
+                raise PeerFault(f"rank {fetch.rank} sent a second state header", (fetch.rank,))
+            if message.tensors not in fetch.layouts:
+                unlike = _unlike(message.tensors, fetch.layouts)
+                raise PeerFault(f"rank {fetch.rank} served a state that is not this model's: {unlike}",
+                                (fetch.rank,))
+            fetch.header = message
+            fetch.assembler = TensorAssembler(message.tensors, message.chunk_bytes)  # checked: our size
+        elif isinstance(message, StateChunk):
             if fetch.assembler is None:
-                raise ProtocolError("state chunk before the state header")
-            fetch.assembler.add(ChunkHeader.from_wire(header), msg.payload or memoryview(b""))
-        elif kind == "state_end":
-            if fetch.assembler is None or fetch.header is None or not fetch.assembler.complete:
+                raise ProtocolError("state chunk before the state header")  # the header may be lost
+            try:
+                fetch.assembler.add(message.tensor, message.chunk, msg.payload or memoryview(b""))
+            except ProtocolError as exc:
+                raise PeerFault(f"rank {fetch.rank} sent a state chunk off its grid: {exc.message}",
+                                (fetch.rank,)) from None
+        elif isinstance(message, StateEnd):
+            header, assembler = fetch.header, fetch.assembler
+            if header is None or assembler is None or not assembler.complete:
                 raise ProtocolError("state stream ended before every tensor arrived")
-            fetch.result = (fetch.header, fetch.assembler.tensors)
+            for spec, tensor in zip(header.tensors, assembler.tensors, strict=True):
+                if tensor.is_floating_point() and not all_finite(tensor):
+                    raise PeerFault(
+                        f"rank {fetch.rank} served a state whose {spec.name} holds NaN/inf", (fetch.rank,)
+                    )
+            names = tuple(spec.name for spec in header.tensors)
+            fetch.result = Snapshot(header.outer_step, header.inner_step, header.lineage, names,
+                                    assembler.tensors)
+
+    def _serve_later(self, key: str, req: str) -> None:
+        previous = self._serving.pop(key, None)
+        if previous is not None:
+            previous.cancel()  # it asked again: the old transfer is of no use to it any more
+        task = asyncio.get_running_loop().create_task(self._serve(key, req))
+        self._serving[key] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._serving.get(key) is done:
+                del self._serving[key]
+
+        task.add_done_callback(forget)
 
     async def _serve(self, key: str, req: str) -> None:
-        snapshot = self._snapshot
-        base = {"id": req, "r": self.rank}
-        if snapshot is None:
-            self.link.send(key, {"t": "state_err", **base, "reason": "no state published yet"})
+        published = self._snapshot
+        if published is None:
+            self.link.send(key, StateError(r=self.rank, id=req, reason="no state published yet"))
             return
-        header, tensors = snapshot
+        snapshot, specs = published
         try:
             # Credited: ordered, bounded, and held back (not dropped) while the connection re-opens.
-            await self.link.send_credited(
-                key,
-                {
-                    "t": "state_hdr",
-                    **base,
-                    "header": header,
-                    "dtypes": [dtype_name(t.dtype) for t in tensors],
-                    "shapes": [list(t.shape) for t in tensors],
-                    "chunk_bytes": self.chunk_bytes,
-                },
-                timeout=self.timeout,
+            header = StateHeader(
+                r=self.rank, id=req, outer_step=snapshot.outer_step, inner_step=snapshot.inner_step,
+                lineage=snapshot.lineage, tensors=specs, chunk_bytes=self.chunk_bytes,
             )
-            for head, payload in iter_chunks(tensors, self.chunk_bytes, step=0, rank=self.rank):
-                body = {"t": "state_chunk", **base, **head.to_wire()}
+            await self.link.send_credited(key, header, timeout=self.timeout)
+            for tensor, chunk, payload in iter_chunks(snapshot.tensors, self.chunk_bytes):
+                body = StateChunk(r=self.rank, id=req, tensor=tensor, chunk=chunk)
                 await self.link.send_credited(key, body, payload, timeout=self.timeout)
-            await self.link.send_credited(key, {"t": "state_end", **base}, timeout=self.timeout)
+            await self.link.send_credited(key, StateEnd(r=self.rank, id=req), timeout=self.timeout)
         except MLNodeError as exc:
             log.warning("state_serve_stopped", peer=key[:8], error=exc.message)
             return
-        log.info("state_served", peer=key[:8], tensors=len(tensors))
+        log.info("state_served", peer=key[:8], tensors=len(snapshot.tensors))
 
     def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._serving.values()):
             task.cancel()
+
+
+def _unlike(theirs: Sequence[TensorSpec], layouts: Sequence[Sequence[TensorSpec]]) -> str:
+    """Where a served layout first departs from the closest one we accept, in a few words."""
+    ours = min(layouts, key=lambda layout: abs(len(layout) - len(theirs)), default=())
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
+        if a != b:
+            return (f"tensor {i} is {a.name} {a.dtype}{list(a.shape)}, "
+                    f"expected {b.name} {b.dtype}{list(b.shape)}")[:300]
+    size = sum(spec_nbytes(s) for s in theirs)
+    return f"{len(theirs)} tensors ({size} bytes), expected {len(ours)}"

@@ -1,28 +1,30 @@
-"""Tensors as chunked raw frames: the header that describes a chunk, and the code that checks it.
+"""Tensors as chunked raw frames: how a tensor is cut, described and put back together, checked.
 
-Peer links carry tensors as a small msgpack header plus one raw payload frame per chunk, so a big
+Peer links carry tensors as a small typed header plus one raw payload frame per chunk, so a big
 tensor never becomes one giant message (``MAXMSGSIZE`` stays at the chunk size) and the receiver can
-start working before the whole tensor arrived. Everything a chunk header claims is checked against
-what the receiver expects before a byte of its payload is used: a peer with a different model, or a
-corrupt frame, yields a :class:`~node.errors.ProtocolError`, never a write out of bounds.
+start working before the whole tensor arrived. A receiver allocates only tensors it expects
+(:class:`~contracts.collective.TensorSpec`, compared with its own model first) and takes a chunk only
+if it is one of the grid it expects, at its exact length: a peer with a different model, or a corrupt
+frame, yields a :class:`~node.errors.ProtocolError`, never a write out of bounds or an allocation it
+chose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
+from contracts.collective import MIN_CHUNK_BYTES, DtypeName, TensorSpec
 from node.errors import ProtocolError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-MIN_CHUNK_BYTES = 4096
 
-#: Wire names of the dtypes a peer may send; anything else is refused.
-DTYPES: dict[str, torch.dtype] = {
+#: The dtypes a tensor may travel in, by their wire names (:data:`contracts.collective.DtypeName`).
+DTYPES: dict[DtypeName, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
     "float16": torch.float16,
@@ -34,29 +36,24 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_DIMS = 16
+assert set(DTYPES) == set(get_args(DtypeName)), "the contract and the collective name the same dtypes"
+_NAMES: dict[torch.dtype, DtypeName] = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> DtypeName:
     try:
         return _NAMES[dtype]
     except KeyError:
         raise ProtocolError(f"dtype {dtype} cannot travel over a peer link") from None
 
 
-def parse_dtype(name: Any) -> torch.dtype:
-    if not isinstance(name, str) or name not in DTYPES:
-        raise ProtocolError(f"chunk header field 'dtype' is not a known dtype: {name!r}"[:200])
-    return DTYPES[name]
+def spec_of(name: str, tensor: Tensor) -> TensorSpec:
+    """How ``tensor`` is described on the wire under ``name``."""
+    return TensorSpec(name, dtype_name(tensor.dtype), tuple(tensor.shape))
 
 
-def parse_shape(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or len(value) > _MAX_DIMS:
-        raise ProtocolError("chunk header field 'shape' must be a list of at most 16 sizes")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 40 for n in value):
-        raise ProtocolError("chunk header field 'shape' holds a size that is not a non-negative integer")
-    return tuple(value)
+def spec_nbytes(spec: TensorSpec) -> int:
+    return math.prod(spec.shape) * DTYPES[spec.dtype].itemsize
 
 
 def check_chunk_bytes(chunk_bytes: int) -> int:
@@ -84,108 +81,50 @@ def byte_view(tensor: Tensor) -> memoryview:
     return memoryview(array)
 
 
-@dataclass(frozen=True)
-class ChunkHeader:
-    """What one chunk frame holds: bytes ``[offset, offset+nbytes)`` of tensor ``tensor``."""
-
-    step: int
-    rank: int
-    tensor: int
-    chunk: int
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "rank": self.rank,
-            "tensor": self.tensor,
-            "chunk": self.chunk,
-            "offset": self.offset,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "nbytes": self.nbytes,
-        }
-
-    @classmethod
-    def from_wire(cls, doc: Mapping[str, Any]) -> ChunkHeader:
-        values = {}
-        for name in ("step", "rank", "tensor", "chunk", "offset", "nbytes"):
-            value = doc.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ProtocolError(f"chunk header field {name!r} must be a non-negative integer")
-            values[name] = value
-        dtype = doc.get("dtype")
-        parse_dtype(dtype)
-        return cls(dtype=str(dtype), shape=parse_shape(doc.get("shape")), **values)
-
-
-def iter_chunks(
-    tensors: Sequence[Tensor], chunk_bytes: int, *, step: int, rank: int, first_index: int = 0
-) -> Iterator[tuple[ChunkHeader, memoryview]]:
-    """Headers and zero-copy payloads of every chunk of ``tensors`` (contiguous CPU tensors)."""
+def iter_chunks(tensors: Sequence[Tensor], chunk_bytes: int) -> Iterator[tuple[int, int, memoryview]]:
+    """``(tensor index, chunk index, zero-copy payload)`` of every chunk of ``tensors`` (contiguous, CPU)."""
     for i, tensor in enumerate(tensors):
         view = byte_view(tensor)
-        name = dtype_name(tensor.dtype)
-        shape = tuple(tensor.shape)
         for k, (off, length) in enumerate(chunk_spans(len(view), chunk_bytes)):
-            header = ChunkHeader(step, rank, first_index + i, k, off, name, shape, length)
-            yield header, view[off : off + length]
+            yield i, k, view[off : off + length]
 
 
 class TensorAssembler:
-    """Fills preallocated tensors from chunks, refusing any chunk that does not fit the plan exactly.
+    """Fills tensors from chunks, refusing any chunk that is not one of the plan's, at its length.
 
-    Each chunk must carry the dtype and shape the receiver expects, sit on the chunk grid, and arrive
-    once; :attr:`complete` turns true when every byte of every tensor has been written.
+    The tensors are allocated here, so the caller must have checked ``specs`` against what it expects
+    (a state transfer compares them with its own model). :attr:`complete` turns true when every
+    chunk of every tensor has been written.
     """
 
-    def __init__(self, dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]], chunk_bytes: int):
-        if len(dtypes) != len(shapes):
-            raise ProtocolError("tensor stream declares a different number of dtypes and shapes")
+    def __init__(self, specs: Sequence[TensorSpec], chunk_bytes: int):
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
-        self.tensors = [
-            torch.empty(tuple(shape), dtype=dtype) for dtype, shape in zip(dtypes, shapes, strict=True)
-        ]
+        self.tensors = [torch.empty(spec.shape, dtype=DTYPES[spec.dtype]) for spec in specs]
         self._views = [byte_view(t) for t in self.tensors]
-        self._missing = [
-            {k for k, _ in enumerate(chunk_spans(len(view), chunk_bytes))} for view in self._views
-        ]
+        self._spans = [chunk_spans(len(view), chunk_bytes) for view in self._views]
+        self._missing = [set(range(len(spans))) for spans in self._spans]
         self._left = sum(len(m) for m in self._missing)
 
     @property
     def complete(self) -> bool:
         return self._left == 0
 
-    def add(self, header: ChunkHeader, payload: memoryview | bytes) -> None:
-        i = header.tensor
-        if i >= len(self.tensors):
-            raise ProtocolError(f"chunk for tensor {i} of a stream of {len(self.tensors)} tensors")
-        check_fits(header, self.tensors[i], self.chunk_bytes, len(payload))
-        if header.chunk not in self._missing[i]:
-            raise ProtocolError(f"chunk {header.chunk} of tensor {i} arrived twice")
-        if header.nbytes:
-            self._views[i][header.offset : header.offset + header.nbytes] = payload
-        self._missing[i].discard(header.chunk)
+    def add(self, tensor: int, chunk: int, payload: memoryview | bytes) -> bool:
+        """Write chunk ``chunk`` of tensor ``tensor``; False for a copy of one already written."""
+        if tensor >= len(self.tensors):
+            raise ProtocolError(f"chunk for tensor {tensor} of a stream of {len(self.tensors)} tensors")
+        spans = self._spans[tensor]
+        if chunk >= len(spans):
+            raise ProtocolError(f"chunk {chunk} of tensor {tensor}, which has {len(spans)} chunks")
+        offset, length = spans[chunk]
+        if len(payload) != length:
+            raise ProtocolError(
+                f"chunk {chunk} of tensor {tensor} carries {len(payload)} bytes, expected {length}"
+            )
+        if chunk not in self._missing[tensor]:
+            return False
+        if length:
+            self._views[tensor][offset : offset + length] = payload
+        self._missing[tensor].discard(chunk)
         self._left -= 1
-
-
-def check_fits(header: ChunkHeader, target: Tensor, chunk_bytes: int, payload_len: int) -> None:
-    """Raise ProtocolError unless ``header`` names an on-grid chunk of ``target`` and the payload matches."""
-    if header.dtype != dtype_name(target.dtype) or header.shape != tuple(target.shape):
-        raise ProtocolError(
-            f"chunk of tensor {header.tensor} is {header.dtype}{list(header.shape)}, "
-            f"expected {dtype_name(target.dtype)}{list(target.shape)}"
-        )
-    total = target.numel() * target.element_size()
-    count = max(1, -(-total // chunk_bytes))
-    offset = header.chunk * chunk_bytes
-    if header.chunk >= count or (header.offset, header.nbytes) != (offset, min(chunk_bytes, total - offset)):
-        raise ProtocolError(
-            f"chunk {header.chunk} of tensor {header.tensor} claims bytes "
-            f"[{header.offset}, {header.offset + header.nbytes}) off the {chunk_bytes}-byte grid"
-        )
-    if payload_len != header.nbytes:
-        raise ProtocolError(f"chunk payload is {payload_len} bytes, its header says {header.nbytes}")
+        return True

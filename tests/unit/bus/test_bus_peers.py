@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -21,6 +22,11 @@ from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 CHUNK = 4096
+
+
+def body(msg: PeerMessage) -> Any:
+    """What the sender sent, decoded (the link hands it on undecoded)."""
+    return msgspec.msgpack.decode(msg.body)
 
 
 @dataclass
@@ -78,7 +84,7 @@ async def test_registered_peer_is_heard_with_its_authenticated_key(nodes: list[N
     wire(a, b)
     assert b.link.send(a.keys.public, {"t": "hello", "n": 1})
     msg = await a.next()
-    assert msg.key == b.keys.public and msg.header == {"t": "hello", "n": 1} and msg.payload is None
+    assert msg.key == b.keys.public and body(msg) == {"t": "hello", "n": 1} and msg.payload is None
     assert a.link.last_heard(b.keys.public) is not None
     assert a.auth.allowed(DOMAIN) == {b.keys.public}
 
@@ -92,7 +98,7 @@ async def test_stranger_with_a_valid_curve_key_is_refused(nodes: list[Node]) -> 
         stranger.link.send(a.keys.public, {"t": "intrude", "i": i})
     b.link.send(a.keys.public, {"t": "legit"})
     msg = await a.next()
-    assert msg.header["t"] == "legit"
+    assert body(msg)["t"] == "legit"
     await until(lambda: a.auth.failures[DOMAIN] >= 1, what="the stranger refused at the CURVE handshake")
     assert await a.nothing_for(0.5)  # and none of its messages came through
 
@@ -112,7 +118,7 @@ async def test_a_peer_refused_before_it_was_registered_gets_through_once_it_is(n
             break
         except TimeoutError:
             assert asyncio.get_running_loop().time() < deadline
-    assert msg.header["t"] == "hello"
+    assert body(msg)["t"] == "hello"
 
 
 async def test_credited_messages_sent_before_the_peer_registered_us_arrive_once_it_does(
@@ -126,11 +132,11 @@ async def test_credited_messages_sent_before_the_peer_registered_us_arrive_once_
     await until(lambda: a.auth.failures[DOMAIN] >= 1, what="the CURVE handshake refused")
     a.link.set_peers({b.keys.public: b.link.endpoint})
     got = [await a.next(10) for _ in range(2)]
-    assert [m.header["i"] for m in got] == [0, 1]  # re-sent on the re-opened connection, in order
+    assert [body(m)["i"] for m in got] == [0, 1]  # re-sent on the re-opened connection, in order
     for msg in got:
         a.link.ack(msg)
     await b.link.send_credited(a.keys.public, {"t": "data", "i": 2}, payload, timeout=5)  # credits back
-    assert (await a.next()).header["i"] == 2
+    assert body(await a.next())["i"] == 2
     assert await a.nothing_for(0.5)  # and nothing twice
 
 
@@ -140,12 +146,12 @@ async def test_removed_key_stops_being_heard_on_an_open_connection(nodes: list[N
     b.link.set_peers({a.keys.public: a.link.endpoint})
     c.link.set_peers({a.keys.public: a.link.endpoint})
     b.link.send(a.keys.public, {"t": "before"})
-    assert (await a.next()).header["t"] == "before"
+    assert body(await a.next())["t"] == "before"
     a.link.set_peers({c.keys.public: c.link.endpoint})  # revoke b mid-run
     dropped = a.link.dropped
     b.link.send(a.keys.public, {"t": "after"})  # same TCP connection, already authenticated
     c.link.send(a.keys.public, {"t": "still-here"})
-    assert (await a.next()).header["t"] == "still-here"
+    assert body(await a.next())["t"] == "still-here"
     assert await a.nothing_for(0.3)
     assert a.link.dropped == dropped + 1
     assert a.auth.allowed(DOMAIN) == {c.keys.public}
@@ -164,7 +170,7 @@ async def test_credits_bound_what_a_slow_receiver_makes_the_sender_queue(nodes: 
     assert first.credit is not None and bytes(first.payload or b"") == bytes(CHUNK)
     a.link.ack(first)  # one credit back -> exactly one more message may go
     await b.link.send_credited(a.keys.public, {"t": "data", "i": 3}, payload, timeout=2)
-    assert (await a.next()).header["i"] == 3
+    assert body(await a.next())["i"] == 3
     with pytest.raises(DeadlineExceeded):
         await b.link.send_credited(a.keys.public, {"t": "data", "i": 4}, payload, timeout=0.3)
 
@@ -177,21 +183,25 @@ async def test_garbage_frames_are_dropped_and_the_receiver_keeps_working(nodes: 
     raw: zmq.Socket[bytes] = zmq.Context.shadow(b.ctx.underlying).socket(zmq.DEALER)
     make_client(raw, b.keys, a.keys.public, 1 << 22)
     raw.connect(a.link.endpoint)
-    inc = msgpack.packb({"t": "x", "_i": 7})
+    inc = msgpack.packb({"i": 7, "m": {"t": "x"}})
     garbage = [
         [b"\xc1\xff not msgpack"],
         [msgpack.packb([1, 2, 3])],
-        [msgpack.packb({"t": "x"})],  # no incarnation
-        [msgpack.packb({1: "int key", "_i": 7})],
+        [msgpack.packb({"m": {"t": "x"}})],  # no incarnation
+        [msgpack.packb({1: "int key", "i": 7})],
         [inc, b"payload", b"one frame too many"],
-        [msgpack.packb({"t": "x", "_i": 7, "_g": "not an int"}), b"p"],
+        [msgpack.packb({"i": 7, "g": "not an int", "m": {"t": "x"}}), b"p"],
+        [msgpack.packb({"i": -1, "m": {"t": "x"}})],  # out of range
+        [msgpack.packb({"i": 7, "m": {"t": "x"}, "extra": 1})],  # a field the link does not know
+        [msgpack.packb({"i": 7})],  # neither a message nor an ack
+        [msgpack.packb({"i": 7, "a": 1, "m": {"t": "x"}})],  # both
         [b"\x00" * (HEADER_LIMIT + 100), b"x"],  # bigger than the header limit, within MAXMSGSIZE
     ]
     for frames in garbage:
         raw.send_multipart(frames)
-    raw.send_multipart([msgpack.packb({"t": "ok-from-raw", "_i": 7})])
+    raw.send_multipart([msgpack.packb({"i": 7, "m": {"t": "ok-from-raw"}})])
     c.link.send(a.keys.public, {"t": "ok-from-link"})
-    got = {(await a.next()).header["t"] for _ in range(2)}
+    got = {body(await a.next())["t"] for _ in range(2)}
     assert got == {"ok-from-raw", "ok-from-link"}
     assert a.link.dropped == len(garbage)  # one connection keeps order: all were read before the good one
     raw.close(linger=0)
@@ -204,9 +214,9 @@ async def test_oversized_frame_is_cut_off_by_maxmsgsize(nodes: list[Node]) -> No
     raw: zmq.Socket[bytes] = zmq.Context.shadow(b.ctx.underlying).socket(zmq.DEALER)
     make_client(raw, b.keys, a.keys.public, 1 << 24)
     raw.connect(a.link.endpoint)
-    raw.send_multipart([msgpack.packb({"t": "huge", "_i": 1}), bytes(a.link.max_bytes + 1)])
+    raw.send_multipart([msgpack.packb({"i": 1, "m": {"t": "huge"}}), bytes(a.link.max_bytes + 1)])
     c.link.send(a.keys.public, {"t": "fine"})
-    assert (await a.next()).header["t"] == "fine"
+    assert body(await a.next())["t"] == "fine"
     assert await a.nothing_for(0.3)  # libzmq dropped the connection instead of buffering the frame
     raw.close(linger=0)
 
@@ -226,30 +236,28 @@ async def test_a_restarted_peer_gets_fresh_credits(nodes: list[Node]) -> None:
     a.link.send(b.keys.public, {"t": "hello-again"})
     await b.next()
     await b.link.send_credited(a.keys.public, {"t": "data", "i": 2}, payload, timeout=1)
-    assert (await a.next()).header["i"] == 2
+    assert body(await a.next())["i"] == 2
 
 
 async def test_an_ack_the_link_could_not_send_is_owed_and_paid_once_it_can(nodes: list[Node]) -> None:
     # Seen under load: our connection to a sender is still being re-opened (it registered our key a
     # moment late) while its chunks arrive; every ack dropped then would shrink its window for good.
     link = nodes[0].link
-    sent: list[tuple[str, dict[str, Any]]] = []
+    sent: list[tuple[str, int]] = []
     refuse = [3]
 
-    def send(key: str, header: dict[str, Any], payload: Any = None) -> bool:
-        if "_a" not in header:
-            return True
+    def send_ack(key: str, credit: int) -> bool:
         if refuse[0] > 0:
             refuse[0] -= 1
             return False
-        sent.append((key, header))
+        sent.append((key, credit))
         return True
 
     peer_key = KeyPair.generate().public
     link.set_peers({peer_key: "tcp://127.0.0.1:9"})
-    link.send = send  # type: ignore[method-assign]
-    link.ack(PeerMessage(peer_key, {"t": "chunk"}, None, credit=4))
-    link.ack(PeerMessage(peer_key, {"t": "hb"}))  # not credited: no ack
+    link._send_ack = send_ack  # type: ignore[method-assign]
+    link.ack(PeerMessage(peer_key, msgspec.Raw(msgpack.packb({"t": "chunk"})), None, credit=4))
+    link.ack(PeerMessage(peer_key, msgspec.Raw(msgpack.packb({"t": "hb"}))))  # not credited: no ack
     await until(lambda: bool(sent), what="the owed ack sent")
     await asyncio.sleep(0.2)
-    assert sent == [(peer_key, {"_a": 4})] and refuse == [0]
+    assert sent == [(peer_key, 4)] and refuse == [0]

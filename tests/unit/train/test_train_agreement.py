@@ -1,14 +1,20 @@
-"""The step agreement driven message by message over an in-memory network with a clock."""
+"""The step agreement driven message by message over an in-memory network with a clock.
+
+Every message crosses the network as the bytes a peer link would carry and is decoded with the
+group's own decoder, so the typed contract (:mod:`contracts.collective`) is what the ranks exchange.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-import pytest
+import msgspec
 
-from node.errors import ProtocolError
+from contracts.collective import AnyMessage, Commit, Prepare, StepMessage
 from services.train.collective.agreement import Decision, Hooks, StepAgreement, answer_after, answer_left
+
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
 
 # -- the agreement protocol, driven message by message ---------------------------------------------
 
@@ -28,15 +34,16 @@ class Net:
         self.paused: set[int] = set()
         self.cut: set[tuple[int, int]] = set()
         self.data_ok = data_ok
-        self.queue: list[tuple[int, int, dict[str, Any]]] = []
-        self.held: list[tuple[int, int, dict[str, Any]]] = []
+        self.queue: list[tuple[int, int, bytes]] = []
+        self.held: list[tuple[int, int, bytes]] = []
         self.heard: dict[tuple[int, int], float] = {}
         self.starts: dict[tuple[int, int], set[int]] = {}
         self.ranks = {r: self._agreement(r, world) for r in range(world)}
 
     def _agreement(self, me: int, world: int) -> StepAgreement:
-        def send(dest: int, header: dict[str, Any]) -> None:
-            self.queue.append((me, dest, header))
+        def send(dest: int, message: StepMessage) -> None:
+            assert message.r == me
+            self.queue.append((me, dest, msgspec.msgpack.encode(message)))
 
         def start_data(ballot: tuple[int, int], view: tuple[int, ...]) -> None:
             started = self.starts.setdefault(ballot, set())
@@ -54,24 +61,27 @@ class Net:
 
     def deliver(self, drop: Callable[[int, int, dict[str, Any]], bool] = lambda s, d, h: False) -> None:
         while self.queue:
-            sender, dest, header = self.queue.pop(0)
+            sender, dest, wire = self.queue.pop(0)
+            header = msgspec.msgpack.decode(wire)
             if {sender, dest} & self.dead or (sender, dest) in self.cut or drop(sender, dest, header):
                 continue
             if dest in self.paused:
-                self.held.append((sender, dest, header))
+                self.held.append((sender, dest, wire))
                 continue
             self.heard[(dest, sender)] = self.now
             target = self.ranks[dest]
+            message = _decoder.decode(wire)
+            assert isinstance(message, StepMessage) and message.r == sender
             if target.finished:  # what PeerGroup answers for a step it is done with
                 if target.included:
                     assert target.decision is not None
-                    reply = answer_after(target.decision, 5, sender, header)
+                    reply = answer_after(target.decision, dest, message)
                 else:
-                    reply = answer_left(5, header)
+                    reply = answer_left(dest, message)
                 if reply is not None:
-                    self.queue.append((dest, sender, reply))
+                    self.queue.append((dest, sender, msgspec.msgpack.encode(reply)))
             else:
-                target.handle(sender, header)
+                target.handle(sender, message)  # type: ignore[arg-type]
 
     def resume(self, rank: int) -> None:
         """Unblock a paused rank: it first works through what arrived meanwhile, like an event loop."""
@@ -130,14 +140,10 @@ def test_a_member_that_promised_a_newer_ballot_ignores_an_older_commit() -> None
     net = Net(3)
     agreement = net.ranks[2]
     agreement.begin()
-    agreement.handle(1, {"t": "prepare", "step": 5, "ballot": [3, 1], "view": [1, 2]})
+    agreement.handle(1, Prepare(r=1, step=5, ballot=(3, 1), view=(1, 2)))
     stale = Decision((1, 0), (1, 0), (0, 1, 2))
-    agreement.handle(0, {"t": "commit", "step": 5, "decision": stale.to_wire()})
+    agreement.handle(0, Commit(r=0, step=5, decision=stale))
     assert agreement.decision is None
-    with pytest.raises(ProtocolError):
-        agreement.handle(
-            0, {"t": "prepare", "step": 5, "ballot": [4, 1], "view": [0, 2]}
-        )  # not rank 0's ballot
 
 
 def test_a_silent_member_is_suspected_and_the_coordinator_proposes_without_it() -> None:

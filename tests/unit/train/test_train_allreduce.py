@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 import zmq.asyncio
@@ -25,6 +26,7 @@ from bus.peers import DOMAIN, PeerMessage
 from node.errors import InvalidRequest, NotFound, ProtocolError
 from node.identity import KeyPair
 from services.train.collective.group import Excluded, Member, PeerGroup, Reduced
+from services.train.collective.tensors import spec_of
 from services.train.compression import Codec, NonFinitePseudoGradient, compressed_mean
 from services.train.config import DiLoCoConfig, EnvConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
@@ -105,8 +107,9 @@ class Rank:
         seen = [0]
 
         def chunk(msg: PeerMessage) -> bool:
-            seen[0] += msg.header.get("t") == "chunk"
-            return seen[0] == count and msg.header.get("t") == "chunk"
+            is_chunk = kind(msg) == "chunk"
+            seen[0] += is_chunk
+            return seen[0] == count and is_chunk
 
         self.stall_after(chunk)
 
@@ -149,6 +152,22 @@ class Rank:
         self.call(shut)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def kind(msg: PeerMessage) -> str:
+    """The type tag of a received message."""
+    return str(msgspec.msgpack.decode(msg.body)["t"])
+
+
+def serve(rank: Rank, outer_step: int, tensors: list[torch.Tensor]) -> None:
+    """Publish ``tensors`` (named t0, t1, ...) as ``rank``'s state."""
+    names = [f"t{i}" for i in range(len(tensors))]
+    rank.do(lambda: rank.group.serve_state(outer_step, 0, names, tensors))
+
+
+def layout(tensors: list[torch.Tensor]) -> list[list[Any]]:
+    """The one layout a fetcher of ``tensors`` (as :func:`serve` names them) accepts."""
+    return [[spec_of(f"t{i}", t) for i, t in enumerate(tensors)]]
 
 
 def make_ranks(world: int, **options: Any) -> list[Rank]:
@@ -280,11 +299,11 @@ def test_a_rank_stalling_mid_exchange_is_dropped_then_rejoins_with_fetched_state
     # The survivors publish their state; the dropped rank fetches it in chunks (a tensor > chunk size).
     state = [torch.arange(3000, dtype=torch.float32), torch.ones(2, 2, dtype=torch.bfloat16)]
     for rank in survivors:
-        rank.group.serve_state({"outer_step": 1}, state)
-    header, tensors = three[victim].call(lambda: three[victim].group.fetch_state(timeout=5))
-    assert header == {"outer_step": 1}
+        serve(rank, 1, state)
+    snapshot = three[victim].call(lambda: three[victim].group.fetch_state(layout(state), timeout=5))
+    assert (snapshot.outer_step, snapshot.names) == (1, ("t0", "t1"))
     assert three[victim].group.lineage == survivors[0].group.lineage == survivors[1].group.lineage
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(tensors, state, strict=True))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(snapshot.tensors, state, strict=True))
     three[victim].call(lambda: three[victim].group.rejoin(1))
     wait_until(lambda: all(victim in r.group.rejoining(1) for r in survivors))
     data = payloads(3, seed=1)
@@ -326,8 +345,8 @@ def test_a_rank_whose_state_diverged_is_left_out_until_it_loads_the_groups_state
     with pytest.raises(Excluded, match="rank 2"):
         futures[2].result(30)
     assert three[0].group.lineage == three[1].group.lineage != three[2].group.lineage
-    three[0].group.serve_state({"outer_step": 1}, [torch.zeros(3)])
-    three[2].call(lambda: three[2].group.fetch_state(rank=0, timeout=5))
+    serve(three[0], 1, [torch.zeros(3)])
+    three[2].call(lambda: three[2].group.fetch_state(layout([torch.zeros(3)]), rank=0, timeout=5))
     three[2].call(lambda: three[2].group.rejoin(1))
     wait_until(lambda: all(2 in r.group.rejoining(1) for r in three[:2]))
     data = payloads(3, seed=1)
@@ -591,9 +610,9 @@ def test_a_partition_decides_each_step_once_and_heals_to_one_state(
             futures[minority].result(30)
         state = [torch.arange(3000, dtype=torch.float32)]
         for r in majority:
-            ranks[r].group.serve_state({"outer_step": 2}, state)
+            serve(ranks[r], 2, state)
         late = ranks[minority]
-        late.call(lambda: late.group.fetch_state(timeout=5))
+        late.call(lambda: late.group.fetch_state(layout(state), timeout=5))
         late.call(lambda: late.group.rejoin(2))
         wait_until(lambda: all(minority in ranks[r].group.rejoining(2) for r in majority))
         data = payloads(3, seed=2)

@@ -7,13 +7,16 @@ import dataclasses
 import pytest
 import torch
 
+from contracts.collective import TensorSpec
 from node.errors import InvalidRequest, ProtocolError
+from services.train.collective.tensors import spec_of
 from services.train.config import DiLoCoConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
 from services.train.diloco import (
     Contributors,
     DiLoCoWorker,
+    SyncState,
     example_pseudo_gradients,
     fixed_order_mean,
     solo_reduce,
@@ -150,17 +153,22 @@ def test_a_reduce_returning_the_wrong_shapes_is_refused() -> None:
     assert worker.outer_steps_done == 0 and worker.outer_due
 
 
+def specs(state: SyncState) -> list[TensorSpec]:
+    return [spec_of(name, tensor) for name, tensor in zip(state.names, state.tensors, strict=True)]
+
+
 def test_rejoin_state_carries_weights_momentum_and_step() -> None:
     veteran = _worker()
     for _ in range(2):
         veteran.run_round(solo_reduce)
     veteran.inner_step()  # mid-round: the export still describes the round start
-    header, tensors = veteran.export_sync_state()
-    assert header["outer_step"] == 2 and header["inner_step"] == 8 and header["momentum"]
-    assert len(tensors) == 2 * len(veteran.params)
+    state = veteran.export_sync_state()
+    assert state.outer_step == 2 and state.inner_step == 8
+    assert len(state.tensors) == 2 * len(veteran.params)
+    assert specs(state) == veteran.sync_layouts()[1]  # weights and momentum
 
     newcomer = _worker()
-    newcomer.load_sync_state(header, tensors)
+    newcomer.load_sync_state(state)
     assert all(
         torch.equal(a, b) for a, b in zip(newcomer.global_weights(), veteran.global_weights(), strict=True)
     )
@@ -180,22 +188,25 @@ def test_rejoin_state_carries_weights_momentum_and_step() -> None:
 
 
 def test_rejoin_state_before_any_outer_step_has_no_momentum() -> None:
-    header, tensors = _worker().export_sync_state()
-    assert header["momentum"] is False and len(tensors) == len(_worker().params)
+    state = _worker().export_sync_state()
+    assert len(state.tensors) == len(_worker().params)
+    assert specs(state) == _worker().sync_layouts()[0]  # the weights alone
     other = _worker()
-    other.load_sync_state(header, tensors)
+    other.load_sync_state(state)
     assert other.outer_steps_done == 0
 
 
 def test_rejoin_state_for_another_model_is_refused() -> None:
-    header, tensors = _worker().export_sync_state()
+    state = _worker().export_sync_state()
     bigger = _worker(dataclasses.replace(PLAN, model=dataclasses.replace(PLAN.model, dim=64)))
+    assert bigger.sync_layouts() != _worker().sync_layouts()  # a fetch refuses it before any allocation
     with pytest.raises(ProtocolError, match="sync state weight"):
-        bigger.load_sync_state(header, tensors)
-    with pytest.raises(ProtocolError, match="carries 1 tensors"):
-        _worker().load_sync_state(header, tensors[:1])
+        bigger.load_sync_state(state)
+    with pytest.raises(ProtocolError, match="not this model's"):
+        one = dataclasses.replace(state, names=state.names[:1], tensors=state.tensors[:1])
+        _worker().load_sync_state(one)
     with pytest.raises(ProtocolError, match="steps are inconsistent"):
-        _worker().load_sync_state({**header, "inner_step": 3}, tensors)
+        _worker().load_sync_state(dataclasses.replace(state, inner_step=3))
 
 
 def test_example_pseudo_gradients_match_the_model_shapes() -> None:
