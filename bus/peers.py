@@ -97,6 +97,8 @@ class PeerMessage:
 
 
 Handler = Callable[[PeerMessage], None]
+#: Told ``(key, reason)`` when a registered peer sends a frame that breaks the link's protocol.
+Violation = Callable[[str, str], None]
 
 
 @dataclass
@@ -150,6 +152,7 @@ class PeerLink:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         window: int = 8,
+        on_violation: Violation | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -166,6 +169,7 @@ class PeerLink:
         self._auth = auth
         self._context = context
         self._handler = handler
+        self._on_violation = on_violation
         self._peers: dict[str, _Peer] = {}
         self._task: asyncio.Task[None] | None = None
         #: Credits (peer key, generation) whose ack could not go out yet (see :meth:`ack`).
@@ -395,14 +399,22 @@ class PeerLink:
                 log.exception("peer_handler_failed")
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) not in (2, 3):
+        if len(frames) < 2:
             raise ProtocolError(f"message has {len(frames)} frames, expected 2 or 3")
         key = user_id(frames[1])
         peer = self._peers.get(key or "")
         if peer is None or not self._auth.is_allowed(DOMAIN, key):
             # Revoked after this connection authenticated: stop hearing it.
             raise ProtocolError(f"sender {(key or '?')[:8]} is not a registered peer")
-        frame = decode_frame(frames[1].buffer)
+        try:
+            if len(frames) > 3:
+                raise ProtocolError(f"message has {len(frames)} frames, expected 2 or 3")
+            frame = decode_frame(frames[1].buffer)
+        except ProtocolError as exc:  # a registered peer that breaks the protocol: its owner decides
+            self._drop(exc.message, peer=peer.key[:8])
+            if self._on_violation is not None:
+                self._on_violation(peer.key, exc.message)
+            return
         incarnation = frame.i
         peer.last_heard = time.monotonic()
         self.bytes_received += sum(len(f) for f in frames[1:])

@@ -32,6 +32,7 @@ ADDR_REQUIRED = "GLOBAL_ADDR and GLOBAL_PORT are required when GLOBAL_WORLD_SIZE
 INSIDE_STATE = "a relative path inside the node's state dir"
 RANK_TAKEN = "a rank already taken by another node of the task"
 KEY_TAKEN = "a public_key already registered for another node of the task"
+RANK_0_REGISTERED = "rank 0 must be registered with its rank (a peer without one may not speak as rank 0)"
 
 _FRACTION = Annotated[float, msgspec.Meta(ge=0, lt=1)]
 _NON_NEGATIVE = Annotated[float, msgspec.Meta(ge=0, le=FLOAT_MAX)]
@@ -241,7 +242,8 @@ class TrainPeer(msgspec.Struct, forbid_unknown_fields=True):
         description="host:port its peer listener is reachable at ([v6]:port for IPv6; a host name has "
                     "labels of letters, digits and '-', not all of them digits).")]
     rank: Annotated[int, msgspec.Meta(
-        ge=0, lt=MAX_PEERS, description=f"GLOBAL_RANK, when known; {RANK_TAKEN} is refused.")] | None = None
+        ge=0, lt=MAX_PEERS, description=f"GLOBAL_RANK, when known; {RANK_TAKEN} is refused; "
+                                        f"{RANK_0_REGISTERED}.")] | None = None
 
 
 class TrainPeers(msgspec.Struct, forbid_unknown_fields=True):

@@ -33,7 +33,7 @@ from typing import Any
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.checked import convert
-from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
+from contracts.train import RANK_0_REGISTERED, TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
@@ -261,10 +261,15 @@ class TrainService(Service):
         env = plan.env
         peers = self.registry.peers(env.task_id)
         me = self.keys.identity.public
-        if not [p for p in peers if p.public_key != me]:
+        others = [p for p in peers if p.public_key != me]
+        if not others:
             raise InvalidRequest(
                 f"train_env.GLOBAL_WORLD_SIZE is {env.world_size} but no peers are registered for "
                 f"task {env.task_id!r}: register them with POST /api/v1/train/peers first"
+            )
+        if env.rank != 0 and not any(p.rank == 0 for p in others):
+            raise InvalidRequest(
+                f"no peer of task {env.task_id!r} is registered as rank 0: {RANK_0_REGISTERED}"
             )
         return peers
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from node.identity import KeyPair
 from services.train.config import TrainPlan
 from services.train.runner import weights_digest
 from services.train.simulate import simulate
@@ -164,6 +165,20 @@ def test_a_multi_node_start_without_registered_peers_is_refused(node: Node) -> N
     resp = node.api("POST", "/api/v1/train/start", CLIENT_PAYLOAD)
     assert resp.status == 400
     assert "no peers are registered for task '7'" in resp.json()["detail"]
+    assert node.api("GET", "/api/v1/state").json()["state"] == "STOPPED"
+
+
+def test_a_multi_node_start_without_rank_0_registered_with_its_rank_is_refused(node: Node) -> None:
+    """A peer registered without a rank may not speak as rank 0 (the preferred coordinator), so a run
+    whose rank 0 has no registered rank could never hear it: refused at the start, not dropped later."""
+    key = KeyPair.generate().public
+    rankless = {"node_id": "n0", "public_key": key, "address": "127.0.0.1:7002"}
+    assert node.api("POST", "/api/v1/train/peers", {"task_id": "r0", "peers": [rankless]}).status == 200
+    body = copy.deepcopy(CLIENT_PAYLOAD)
+    body["train_env"]["TASK_ID"] = "r0"
+    resp = node.api("POST", "/api/v1/train/start", body)
+    assert resp.status == 400
+    assert "no peer of task 'r0' is registered as rank 0" in resp.json()["detail"]
     assert node.api("GET", "/api/v1/state").json()["state"] == "STOPPED"
 
 

@@ -378,7 +378,8 @@ class PeerGroup:
         self.lineage = GENESIS
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.link = PeerLink(
-            context, auth, identity, bind, self._on_message, max_payload=self.chunk_bytes, window=window
+            context, auth, identity, bind, self._on_message, max_payload=self.chunk_bytes, window=window,
+            on_violation=lambda key, reason: self._drop(key, f"broken frame: {reason}"),
         )
         self._registered: dict[str, int | None] = {}
         self._rank_by_key: dict[str, int] = {}

@@ -261,3 +261,28 @@ async def test_an_ack_the_link_could_not_send_is_owed_and_paid_once_it_can(nodes
     await until(lambda: bool(sent), what="the owed ack sent")
     await asyncio.sleep(0.2)
     assert sent == [(peer_key, 4)] and refuse == [0]
+
+
+async def test_a_registered_peer_sending_broken_frames_is_reported_to_the_links_owner(
+    nodes: list[Node],
+) -> None:
+    """The link cannot tell a bug from an attack, but it knows who sent the frame: its owner decides (the
+    training group drops such a peer)."""
+    a, b, _ = nodes
+    seen: list[tuple[str, str]] = []
+    inbox: asyncio.Queue[PeerMessage] = asyncio.Queue()
+    link = PeerLink(a.ctx, a.auth, KeyPair.generate(), "tcp://127.0.0.1:0", inbox.put_nowait,
+                    on_violation=lambda key, reason: seen.append((key, reason)))
+    link.start()
+    try:
+        link.set_peers({b.keys.public: b.link.endpoint})
+        raw: zmq.Socket[bytes] = zmq.Context.shadow(b.ctx.underlying).socket(zmq.DEALER)
+        make_client(raw, b.keys, link.keypair.public, 1 << 22)
+        raw.connect(link.endpoint)
+        raw.send_multipart([msgpack.packb({"i": 7, "m": {"t": "x"}, "extra": 1})])
+        raw.send_multipart([msgpack.packb({"i": 7, "m": {"t": "fine"}})])
+        assert body(await asyncio.wait_for(inbox.get(), 5)) == {"t": "fine"}
+        assert len(seen) == 1 and seen[0][0] == b.keys.public and "extra" in seen[0][1]
+        raw.close(linger=0)
+    finally:
+        await link.aclose()

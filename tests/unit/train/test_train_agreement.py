@@ -221,3 +221,18 @@ def test_data_reported_done_before_a_newer_promise_is_decided_again_so_no_rank_d
     net.advance(0.5)
     assert decided(net) == {((1, 0), (0, 1, 2))}  # the survivors decided the same average
     assert net.ranks[1].decision is not None and net.ranks[1].decision.auth == (2, 1)
+
+
+def test_an_excluded_rank_is_left_out_whatever_it_says_and_the_step_goes_on() -> None:
+    """A rank the group dropped (or whose payload cannot be averaged) stays out of the step, even when
+    it keeps announcing itself: its messages are ignored and no view includes it."""
+    net = Net(3)
+    for agreement in net.ranks.values():
+        agreement.begin()
+    for rank in (0, 1):
+        net.ranks[rank].exclude({2})
+    net.deliver()
+    net.advance(1.0)
+    # Rank 2 is alive and its data would complete: only the exclusion keeps it out of the view.
+    assert decided(net) == {((1, 0), (0, 1))}
+    assert all(net.ranks[rank].included for rank in (0, 1))

@@ -1,187 +1,33 @@
-"""The outer-step all-reduce over real peer links: three ranks, each with its own event loop thread.
-
-Every rank runs like a train process does: a loop thread owns the sockets, and the caller (a test, or
-a DiLoCo worker thread) waits on it. Faults are real: a stalled rank is a rank whose loop is blocked,
-so it sends nothing — no data, no heartbeats, no acks — while its TCP connections stay open. A stall
-lasts until the test says :meth:`Rank.resume` (after the others did what it checks), never a fixed
-number of seconds: on a loaded machine the others may need longer than any guess.
-"""
+"""The outer-step all-reduce over real peer links: three ranks, each with its own event loop thread
+(:mod:`tests.support.peer_ranks`), with stalls, partitions and rejoins."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import pytest
 import torch
-import zmq.asyncio
 
-from bus.auth import Authenticator
-from bus.peers import DOMAIN, PeerMessage
+from bus.peers import DOMAIN
 from node.errors import InvalidRequest, NotFound, ProtocolError
 from node.identity import KeyPair
-from services.train.collective.group import Excluded, Member, PeerGroup, Reduced
-from services.train.collective.tensors import spec_of
+from services.train.collective.group import Excluded, Member, Reduced
 from services.train.compression import Codec, NonFinitePseudoGradient, compressed_mean
 from services.train.config import DiLoCoConfig, EnvConfig, ModelConfig, OptimConfig, TrainPlan
 from services.train.corpus import builtin_documents
 from services.train.data import encode_documents
-from services.train.peers import PeerRegistry, bind_endpoint, follow, listen_port, open_group
+from services.train.peers import PeerRegistry, bind_endpoint, follow, listen_port
 from services.train.runner import FINISHED, Runner, weights_digest
 from services.train.simulate import simulate
+from tests.support.peer_ranks import Rank, bits, layout, make_ranks, serve
 from tests.support.tcp_relay import Relays
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-STALL_LIMIT_S = 40  # a stall never outlives its test
-CHUNK = 4096
 SHAPES = [(37, 129), (5000,), (1,), (0,), (3, 3, 3)]
-
-
-class Rank:
-    """One rank: an event loop thread with its own ZeroMQ context, authenticator and peer group."""
-
-    def __init__(self, rank: int, world: int, keys: KeyPair, **options: Any) -> None:
-        self.rank = rank
-        self.keys = keys
-        self._resumed = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=f"rank-{rank}", daemon=True)
-        self.thread.start()
-
-        async def build() -> PeerGroup:
-            self.ctx = zmq.asyncio.Context()
-            self.auth = Authenticator(self.ctx).start()
-            return open_group(
-                self.ctx,
-                self.auth,
-                keys,
-                "tcp://127.0.0.1:0",
-                rank=rank,
-                world_size=world,
-                chunk_bytes=CHUNK,
-                **options,
-            )
-
-        self.group: PeerGroup = self.call(build)
-
-    def submit(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future[Any]:
-        async def run() -> Any:
-            return await make()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop)
-
-    def call(self, make: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 30) -> Any:
-        return self.submit(make).result(timeout)
-
-    def do(self, fn: Callable[[], Any]) -> Any:
-        """Run a plain function on this rank's loop thread (where its sockets live)."""
-
-        async def run() -> Any:
-            return fn()
-
-        return self.call(lambda: run())
-
-    def reduce(self, step: int, tensors: list[torch.Tensor]) -> concurrent.futures.Future[Any]:
-        return self.submit(lambda: self.group.all_reduce(step, tensors))
-
-    def stall(self) -> None:
-        """Block this rank's loop until :meth:`resume`: from the outside it goes silent, its sockets
-        stay connected."""
-        self._resumed.clear()
-        self.loop.call_soon_threadsafe(self._mute)
-
-    def resume(self) -> None:
-        self._resumed.set()
-
-    def _mute(self) -> None:
-        assert self._resumed.wait(STALL_LIMIT_S), "a stalled rank was never resumed"
-
-    def stall_after_chunks(self, count: int) -> None:
-        """Go silent in the middle of an exchange, once ``count`` data chunks have arrived."""
-        seen = [0]
-
-        def chunk(msg: PeerMessage) -> bool:
-            is_chunk = kind(msg) == "chunk"
-            seen[0] += is_chunk
-            return seen[0] == count and is_chunk
-
-        self.stall_after(chunk)
-
-    def stall_after(
-        self, matches: Callable[[PeerMessage], bool], then: Callable[[], Any] = lambda: None
-    ) -> None:
-        """Go silent until :meth:`resume` right after handling the first message that ``matches``.
-
-        ``then`` runs as the stall begins, so a test can make something happen while this rank is mute.
-        """
-        link = self.group.link
-        inner = link._handler
-        fired = [False]
-        self._resumed.clear()
-
-        def handler(msg: PeerMessage) -> None:
-            inner(msg)
-            if not fired[0] and matches(msg):
-                fired[0] = True
-                then()
-                self._mute()
-
-        link._handler = handler
-
-    def deaf_to(self, other: Rank) -> None:
-        """Stop hearing ``other`` (its key is revoked here, as if its registration had not arrived yet)."""
-        self.auth.set_allowed(DOMAIN, self.auth.allowed(DOMAIN) - {other.keys.public})
-
-    def hear(self, other: Rank) -> None:
-        self.auth.set_allowed(DOMAIN, self.auth.allowed(DOMAIN) | {other.keys.public})
-
-    def close(self) -> None:
-        self.resume()
-
-        async def shut() -> None:
-            await self.group.aclose()
-            self.auth.stop()
-            self.ctx.destroy(linger=0)
-
-        self.call(shut)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-def kind(msg: PeerMessage) -> str:
-    """The type tag of a received message."""
-    return str(msgspec.msgpack.decode(msg.body)["t"])
-
-
-def serve(rank: Rank, outer_step: int, tensors: list[torch.Tensor]) -> None:
-    """Publish ``tensors`` (named t0, t1, ...) as ``rank``'s state."""
-    names = [f"t{i}" for i in range(len(tensors))]
-    rank.do(lambda: rank.group.serve_state(outer_step, 0, names, tensors))
-
-
-def layout(tensors: list[torch.Tensor]) -> list[list[Any]]:
-    """The one layout a fetcher of ``tensors`` (as :func:`serve` names them) accepts."""
-    return [[spec_of(f"t{i}", t) for i, t in enumerate(tensors)]]
-
-
-def make_ranks(world: int, **options: Any) -> list[Rank]:
-    keys = [KeyPair.generate() for _ in range(world)]
-    ranks = [Rank(r, world, keys[r], **options) for r in range(world)]
-    members = [Member(keys[r].public, ranks[r].group.endpoint, r) for r in range(world)]
-    for rank in ranks:
-
-        async def setup(rank: Rank = rank) -> None:
-            rank.group.set_members(members)
-            rank.group.start()
-
-        rank.call(setup)
-    return ranks
 
 
 @pytest.fixture
@@ -201,10 +47,6 @@ def reduce_on(
     ranks: list[Rank], step: int, data: dict[int, list[torch.Tensor]]
 ) -> list[concurrent.futures.Future[Any]]:
     return [rank.reduce(step, data[rank.rank]) for rank in ranks]
-
-
-def bits(tensors: list[torch.Tensor]) -> list[bytes]:
-    return [t.contiguous().view(torch.int32).numpy().tobytes() for t in tensors]
 
 
 def assert_mean_of(
