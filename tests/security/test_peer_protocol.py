@@ -9,6 +9,7 @@ ranks that took part.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -124,15 +125,21 @@ def test_a_peer_registered_without_a_rank_cannot_claim_rank_0() -> None:
 
 
 def refuse_every_ready(liar: Rank, facts: Facts) -> None:
-    """``liar`` takes part like any rank, but answers every ``ready`` with a ``refuse`` of ``facts``."""
+    """``liar`` takes part like any rank, but answers each rank's step with a ``refuse`` of ``facts``."""
     link = liar.group.link
     inner = link._handler
+    tasks: set[asyncio.Task[None]] = set()
+    told: set[tuple[str, int]] = set()
 
     def handler(msg: PeerMessage) -> None:
         inner(msg)
         doc = msgspec.msgpack.decode(msg.body)
-        if doc.get("t") == "ready":
-            link.send(msg.key, Refuse(r=liar.rank, step=doc["step"], facts=facts))
+        # The first message of a step from each rank (a ready may be lost while links open) gets a refuse,
+        # credited: held back, not lost, while the connection is opening.
+        if doc.get("t") in ("ready", "prepare", "start", "ask") and (msg.key, doc["step"]) not in told:
+            told.add((msg.key, doc["step"]))
+            refuse = Refuse(r=liar.rank, step=doc["step"], facts=facts)
+            tasks.add(asyncio.get_running_loop().create_task(link.send_credited(msg.key, refuse, timeout=10)))
 
     link._handler = handler
 

@@ -558,6 +558,8 @@ class StepAgreement:
             assert self.promised is not None
             self._send(sender, Nack, ballot=self.promised)
             return
+        if self._refuses_view(sender, view):
+            return
         self._adopt_ballot(sender, ballot, view)
         if not self.finished:
             self._send(sender, Promise, ballot=ballot, applied=None, accepted=self.accepted)
@@ -621,9 +623,20 @@ class StepAgreement:
             self._send(sender, Nack, ballot=self.promised)
             return
         if self.promised != ballot or self.coordinator != sender:
+            if self._refuses_view(sender, view):
+                return
             self._adopt_ballot(sender, ballot, view)
         if not self.finished:
             self._start(ballot)
+
+    def _refuses_view(self, sender: int, view: tuple[int, ...]) -> bool:
+        """True for a view holding a rank this rank excluded: instead of joining it, tell its proposer,
+        which may not know (only this rank saw that peer break the protocol), to propose without it."""
+        barred = self.barred & set(view)
+        if not barred:
+            return False
+        self._send(sender, Suspect, suspects=tuple(sorted(self.suspected | barred)), ballot=self._newest())
+        return True
 
     def _on_done(self, sender: int, ballot: Ballot) -> None:
         proposal = self.proposal

@@ -236,3 +236,17 @@ def test_an_excluded_rank_is_left_out_whatever_it_says_and_the_step_goes_on() ->
     # Rank 2 is alive and its data would complete: only the exclusion keeps it out of the view.
     assert decided(net) == {((1, 0), (0, 1))}
     assert all(net.ranks[rank].included for rank in (0, 1))
+
+
+def test_a_member_that_excluded_a_rank_tells_a_coordinator_that_did_not() -> None:
+    """Only rank 1 saw rank 2 break the protocol: it does not join rank 0's view with rank 2 in it, it
+    tells rank 0, which proposes again without rank 2."""
+    net = Net(3)
+    for agreement in net.ranks.values():
+        agreement.begin()
+    net.ranks[1].exclude({2})
+    net.deliver()
+    net.advance(1.0)
+    for rank in (0, 1):
+        decision = net.ranks[rank].decision
+        assert decision is not None and decision.ranks == (0, 1) and net.ranks[rank].included
