@@ -266,6 +266,14 @@ class TrainPeerRemove(msgspec.Struct, forbid_unknown_fields=True):
 
 # --- answers ----------------------------------------------------------------------------------------
 
+class DroppedPeer(msgspec.Struct, kw_only=True):
+    """A training peer this node dropped for breaking the peer protocol (until its registration changes)."""
+
+    public_key: str
+    rank: int | None
+    reason: str
+
+
 class TrainStatus(msgspec.Struct, kw_only=True):
     """``train/status`` (whether training runs, plus progress) and what start and stop answer."""
 
@@ -291,6 +299,10 @@ class TrainStatus(msgspec.Struct, kw_only=True):
     weights_digest: Annotated[str | None, msgspec.Meta(
         description="sha256 of the global weights (float32, parameter order) after the last outer step; "
                     "equal on every node of a run.")] | msgspec.UnsetType = msgspec.UNSET
+    peers_dropped: Annotated[list[DroppedPeer], msgspec.Meta(
+        description="Peers dropped for breaking the peer protocol (a malformed message, a claim of "
+                    "another rank, NaN/inf data, a state that is not this model's), with the reason.")] \
+        | msgspec.UnsetType = msgspec.UNSET
     error: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
