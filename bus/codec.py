@@ -94,7 +94,7 @@ _decoder = msgspec.msgpack.Decoder(_Wire)
 def encode(env: Envelope) -> bytes:
     try:
         return _encoder.encode(env)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode bus message {env.type!r}: {exc}") from None
 
 

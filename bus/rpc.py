@@ -25,7 +25,7 @@ import zmq
 from bus import codec
 from bus.auth import Authenticator
 from bus.sockets import make_client, make_server, user_id
-from node.errors import DeadlineExceeded, MLNodeError, NotFound, ProtocolError, Unavailable
+from node.errors import DeadlineExceeded, MLNodeError, NotFound, ProtocolError, TooLarge, Unavailable
 from node.identity import KeyPair
 from node.logging import get_logger
 
@@ -275,6 +275,9 @@ class RpcClient:
         deadline = time.time() + timeout
         env = codec.Envelope(type=kind, payload=payload, deadline=deadline)
         data = codec.encode(env)
+        if len(data) > self._max_bytes:  # the server's socket would drop the connection, not answer
+            raise TooLarge(f"the {kind!r} request is {len(data)} bytes on the bus, which carries at most "
+                           f"{self._max_bytes}; send less per request")
         future: asyncio.Future[codec.Envelope] = loop.create_future()
         self._pending[env.id] = future
         try:

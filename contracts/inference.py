@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Literal, get_args
 
 import msgspec
 
-from contracts.fields import Argument, Name
+from contracts.fields import Argument, ModelName
 
 #: vLLM's ``--dtype`` values (the client sends "float16" or "auto"); null means auto.
 Dtype = Literal["auto", "bfloat16", "float", "float16", "float32", "half"]
@@ -14,10 +14,11 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 class InferenceUp(msgspec.Struct):
-    """Start the inference engine(s); additional_args are engine flags passed verbatim. Unknown fields
-    are ignored."""
+    """Start the inference engine(s). additional_args are engine flags the node's engine-argument policy
+    takes (full names from an allowlist; a refusal is a 400 naming the flag). Unknown fields are
+    ignored."""
 
-    model: Annotated[Name, msgspec.Meta(description="A model name or a local directory.")]
+    model: ModelName
     dtype: Dtype | None = "auto"
     additional_args: list[Argument] | None = []
 

@@ -19,16 +19,19 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from contracts.checked import PATTERN_PHRASES
-from contracts.fields import INT64_MAX, Count, Text
+from contracts.fields import INT64_MAX, URL_BODY, Count, Text
 from node.errors import InvalidRequest, Unprocessable
 
 Nonce = Annotated[int, Meta(ge=0, le=INT64_MAX, description="A nonce (int64, never negative).")]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
-CALLBACK_URL = r"^$|^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+"
+CALLBACK_URL = rf"^$|^{URL_BODY}$"
 PATTERN_PHRASES[CALLBACK_URL] = "an http(s) URL (or empty: no callbacks)"
 #: A callback base, used as opaque bytes (§4.1); empty means "report nothing".
-CallbackUrl = Annotated[str, Meta(pattern=CALLBACK_URL, description="An http(s) URL with a host, or empty.")]
+CallbackUrl = Annotated[str, Meta(pattern=CALLBACK_URL, description=(
+    "An http(s) URL with a host (printable ASCII), or empty. Refused when it resolves to this node's own "
+    "ports, loopback (unless MLNODE_CALLBACK_ALLOW_LOOPBACK), link-local, unspecified or multicast "
+    "addresses, or a host outside MLNODE_CALLBACK_HOSTS when that is set."))]
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 PATTERN_PHRASES[BASE64] = "standard base64 with padding"
 Base64 = Annotated[str, Meta(pattern=BASE64)]

@@ -87,6 +87,9 @@ def _local_url(settings: Settings, port: int) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
+    # Everything under the state dir is the node's own: supervisord opens its log before applying its
+    # umask, so it inherits ours.
+    os.umask(0o077)
     ensure_node_keys(settings.keys_dir)
     if _supervisord_running(settings):
         print(f"mlnode: already running (state dir {settings.state_dir}); `mlnode ctl status` shows it")

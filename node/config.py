@@ -116,6 +116,56 @@ def _metrics_mode(_name: str, raw: str) -> str:
     return raw.strip().lower() or "full"
 
 
+def _items(_name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list (blanks dropped)."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _paths(name: str, raw: str) -> tuple[Path, ...]:
+    paths = []
+    for item in _items(name, raw):
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"{name} must list absolute directories, got {item!r}")
+        paths.append(path.resolve())
+    return tuple(paths)
+
+
+def _flags(name: str, raw: str) -> tuple[str, ...]:
+    flags = _items(name, raw)
+    for flag in flags:
+        if not flag.startswith("--") or len(flag) < 3 or "=" in flag or any(c.isspace() for c in flag):
+            raise ConfigError(f"{name} must list full flag names such as --chat-template, got {flag!r}")
+    return flags
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _seconds(name: str, raw: str) -> float:
+    return _positive_float(name, raw)
+
+
+#: The bus carries at most this per message (``bus.codec.MAX_MESSAGE_BYTES``); a REST body must leave
+#: room for the envelope and msgpack's expansion of JSON numbers (checked again when encoding).
+BUS_MESSAGE_BYTES = 8 * 1024 * 1024
+_BODY_HEADROOM = 64 * 1024
+
+
+def _api_body_bytes(name: str, raw: str) -> int:
+    value = _positive_int(name, raw)
+    if value > BUS_MESSAGE_BYTES - _BODY_HEADROOM:
+        raise ConfigError(f"{name} must be at most {BUS_MESSAGE_BYTES - _BODY_HEADROOM} (what the bus "
+                          f"carries less the envelope), got {raw!r}")
+    return value
+
+
 VARIABLES: tuple[Variable, ...] = (
     Variable("MLNODE_STATE_DIR", "~/.mlnode", "Keys, bus sockets, PoC outbox, logs, checkpoints.", _path,
              "state_dir"),
@@ -161,6 +211,70 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MLNODE_DOWNLOAD_STALL_SECONDS", "600",
              "A model download whose files stop growing this long is killed and retried.",
              at_least_one_second, "download_stall_s"),
+    # -- what reaches the node: the engine-argument policy, callbacks, browsers, limits at the edges --
+    Variable("MLNODE_MODEL_ROOTS", "",
+             "Directories (comma-separated) under which `inference/up` may name a local model; empty: "
+             "`$MLNODE_STATE_DIR/models`. Any other model must be a Hugging Face repo id.",
+             _paths, "model_roots"),
+    Variable("MLNODE_ENGINE_ALLOW_FLAGS", "",
+             "Engine flags (full names, comma-separated) `inference/up` may pass with any value besides "
+             "the built-in allowlist, e.g. `--chat-template`; `--host`, `--port`, `--model` stay the node's.",
+             _flags, "engine_allow_flags"),
+    Variable("MLNODE_TRUST_REMOTE_CODE", "",
+             "Hub ids (comma-separated, `id@revision` pins the `--revision`; `*` any model) for which "
+             "`inference/up` may pass `--trust-remote-code`; empty: refused.",
+             _items, "trust_remote_code"),
+    Variable("MLNODE_ENGINE_ENV", "",
+             "Names of further environment variables passed to engines (they get only PATH, HOME, locale, "
+             "CUDA_*, NCCL_*, VLLM_*, HF_* and the like otherwise).",
+             _items, "engine_env"),
+    Variable("MLNODE_CALLBACK_HOSTS", "",
+             "PoC callback hosts allowed (names, IPs or CIDRs, comma-separated); empty: any host whose "
+             "address is not refused.",
+             _items, "callback_hosts"),
+    Variable("MLNODE_CALLBACK_ALLOW_LOOPBACK", "false",
+             "true: PoC callbacks may go to loopback (a Network Node on this host); the node's own ports "
+             "stay refused.",
+             _bool, "callback_allow_loopback"),
+    Variable("MLNODE_ALLOWED_ORIGINS", "",
+             "Browser origins (comma-separated, `https://host[:port]`) whose requests the management port "
+             "takes; empty: every request with an `Origin` is refused (403).",
+             _items, "allowed_origins"),
+    Variable("MLNODE_MAX_REQUESTS", "128",
+             "Concurrent requests per gateway worker on the management port; beyond: 503 (stops are never "
+             "refused).",
+             _positive_int, "max_requests"),
+    Variable("MLNODE_MAX_INFERENCE_REQUESTS", "1024",
+             "Concurrent requests per gateway worker on the inference port; beyond: 503.",
+             _positive_int, "max_inference_requests"),
+    Variable("MLNODE_HEADER_TIMEOUT", "15",
+             "Seconds a client gets for a request's line and headers, on both ports (408 after).",
+             _seconds, "header_timeout_s"),
+    Variable("MLNODE_BODY_TIMEOUT", "60",
+             "Seconds a client gets to send a request body, on both ports (408 after).",
+             _seconds, "body_timeout_s"),
+    Variable("MLNODE_SEND_TIMEOUT", "300",
+             "Seconds a client may take none of a response's bytes before it is dropped (its engine request "
+             "is cancelled).",
+             _seconds, "send_timeout_s"),
+    Variable("MLNODE_MAX_BODY_BYTES", str(BUS_MESSAGE_BYTES - _BODY_HEADROOM),
+             "Largest management API body (413 beyond); at most what the bus carries.",
+             _api_body_bytes, "max_body_bytes"),
+    Variable("MLNODE_MAX_INFERENCE_BODY_BYTES", str(64 * 1024 * 1024),
+             "Largest inference request body (413 beyond).",
+             _positive_int, "max_inference_body_bytes"),
+    Variable("MLNODE_MAX_JSON_DEPTH", "32",
+             "Deepest nesting of a management API JSON body (400 beyond).",
+             _positive_int, "max_json_depth"),
+    Variable("MLNODE_POW_MAX_QUEUED_BATCHES", "10000",
+             "PoC v1 validation batches waiting at once (429 beyond).",
+             _positive_int, "pow_max_queued_batches"),
+    Variable("MLNODE_POW_MAX_QUEUED_NONCES", "2000000",
+             "PoC v1 nonces waiting for validation at once (429 beyond).",
+             _positive_int, "pow_max_queued_nonces"),
+    Variable("MLNODE_POCV2_MAX_QUEUED_JOBS", "10000",
+             "PoC v2 `/generate` jobs waiting per engine (429 beyond; also 429 above 100 000 nonces).",
+             _positive_int, "pocv2_max_queued_jobs"),
 )
 
 
@@ -186,6 +300,24 @@ class Settings:
     api_token: str = field(default="", repr=False)
     gonka_metrics: str = "full"
     download_stall_s: float = 600.0
+    model_roots: tuple[Path, ...] = ()
+    engine_allow_flags: tuple[str, ...] = ()
+    trust_remote_code: tuple[str, ...] = ()
+    engine_env: tuple[str, ...] = ()
+    callback_hosts: tuple[str, ...] = ()
+    callback_allow_loopback: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    max_requests: int = 128
+    max_inference_requests: int = 1024
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    send_timeout_s: float = 300.0
+    max_body_bytes: int = BUS_MESSAGE_BYTES - _BODY_HEADROOM
+    max_inference_body_bytes: int = 64 * 1024 * 1024
+    max_json_depth: int = 32
+    pow_max_queued_batches: int = 10_000
+    pow_max_queued_nonces: int = 2_000_000
+    pocv2_max_queued_jobs: int = 10_000
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -210,12 +342,22 @@ class Settings:
         """Where one service keeps its durable files (outbox, checkpoints, engine logs)."""
         return self.state_dir / service
 
+    @property
+    def local_model_roots(self) -> tuple[Path, ...]:
+        """Where a local model may live: ``MLNODE_MODEL_ROOTS``, else ``$MLNODE_STATE_DIR/models``."""
+        return self.model_roots or (self.state_dir / "models",)
+
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         env: dict[str, str] = {}
         for var in VARIABLES:
             value = getattr(self, var.attr)
-            env[var.name] = "" if value is None else str(value)
+            if isinstance(value, tuple):
+                env[var.name] = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                env[var.name] = "true" if value else "false"
+            else:
+                env[var.name] = "" if value is None else str(value)
         return env
 
 

@@ -31,6 +31,30 @@ class InvalidRequest(MLNodeError):
     kind = "invalid"
 
 
+class TooLarge(InvalidRequest):
+    """A body larger than the edge (or the bus behind it) carries."""
+
+    kind = "too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its request (head or body) within the edge's deadline."""
+
+    kind = "request_timeout"
+
+
+class Forbidden(InvalidRequest):
+    """A request the node refuses whatever it says (a cross-site browser request)."""
+
+    kind = "forbidden"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A body type the API never takes (a browser form or plain text: cross-site requests)."""
+
+    kind = "unsupported_media"
+
+
 class Unprocessable(InvalidRequest):
     """A well-formed body whose content a contract refuses where the API answers 422 (PoC v2 params)."""
 
@@ -96,6 +120,10 @@ _BY_KIND: dict[str, type[MLNodeError]] = {
     for cls in (
         MLNodeError,
         InvalidRequest,
+        TooLarge,
+        RequestTimeout,
+        Forbidden,
+        UnsupportedMediaType,
         Unprocessable,
         NotFound,
         Conflict,

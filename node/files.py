@@ -10,10 +10,20 @@ from typing import Any
 
 from node.errors import Unavailable
 
+#: State files are the node's own: readable by its user only, whatever the umask says.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user may enter (created with its parents if missing)."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return path
+
 
 def atomic_write_json(path: Path, doc: Any, *, durable: bool = True,
                       default: Callable[[Any], Any] | None = None) -> None:
-    """Replace ``path`` with ``doc`` as JSON (tmp + fsync + rename + directory fsync).
+    """Replace ``path`` with ``doc`` as JSON (tmp + fsync + rename + directory fsync), mode 0600.
 
     Every file a restart resumes from goes through here. ``durable=False`` skips the fsyncs for caches
     that are only worth having (metrics snapshots): still atomic, not worth a disk flush per scrape.
@@ -22,8 +32,10 @@ def atomic_write_json(path: Path, doc: Any, *, durable: bool = True,
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # a leftover tmp file keeps its old mode through O_CREAT
+        with open(fd, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, default=default, separators=(",", ":"))
             if durable:
                 fh.flush()

@@ -10,6 +10,12 @@ Layout under ``MLNODE_STATE_DIR/keys``:
 - ``node.key`` — the long-term identity, published by ``GET /api/v1/identity``, used on peer links.
 - ``local/<role>.key`` — one per local process role (gateway, pow, inference, train, cli); the local
   bus admits exactly these public keys.
+- ``public.json`` — every public half, rewritten from the key files whenever they are ensured.
+
+Each program holds only what it needs (:func:`role_keys`): its own local keypair and the public halves
+of the others; only ``train`` (peer links) holds the identity's secret. The network-facing gateway never
+opens a secret key file but its own. :func:`ensure_node_keys` (``mlnode up``, before any program
+starts) is the one place that creates keys.
 """
 
 from __future__ import annotations
@@ -36,10 +42,15 @@ _FORMAT = "mlnode-curve-key/1"
 
 @dataclass(frozen=True)
 class KeyPair:
-    """A CURVE keypair; ``public``/``secret`` are the 40-character Z85 texts ZeroMQ expects."""
+    """A CURVE keypair; ``public``/``secret`` are the 40-character Z85 texts ZeroMQ expects. A pair with
+    an empty ``secret`` is another party's public key only."""
 
     public: str
-    secret: str
+    secret: str = ""
+
+    @property
+    def has_secret(self) -> bool:
+        return bool(self.secret)
 
     @property
     def public_hex(self) -> str:
@@ -164,7 +175,7 @@ class NodeKeys:
 
 
 def ensure_node_keys(keys_dir: Path) -> NodeKeys:
-    """Create (first start) or load the node identity and the local role keys."""
+    """Create (first start) or load the node identity and the local role keys; (re)write public.json."""
     os.makedirs(keys_dir, mode=0o700, exist_ok=True)
     os.chmod(keys_dir, 0o700)
     identity = load_or_create(keys_dir / "node.key")
@@ -172,4 +183,71 @@ def ensure_node_keys(keys_dir: Path) -> NodeKeys:
     os.makedirs(local_dir, mode=0o700, exist_ok=True)
     os.chmod(local_dir, 0o700)
     local = {role: load_or_create(local_dir / f"{role}.key") for role in LOCAL_ROLES}
+    keys = NodeKeys(identity=identity, local=local)
+    _write_publics(keys_dir, keys)
+    return keys
+
+
+_PUBLIC_FORMAT = "mlnode-public-keys/1"
+
+
+def _write_publics(keys_dir: Path, keys: NodeKeys) -> None:
+    doc = {"format": _PUBLIC_FORMAT, "identity": keys.identity.public,
+           "local": {role: pair.public for role, pair in keys.local.items()}}
+    path = keys_dir / "public.json"
+    try:
+        if json.loads(path.read_text("utf-8")) == doc:
+            return
+    except (OSError, ValueError):
+        pass
+    with _locked(keys_dir):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+def _read_publics(keys_dir: Path) -> tuple[str, dict[str, str]]:
+    path = keys_dir / "public.json"
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+        if doc.get("format") != _PUBLIC_FORMAT:
+            raise ValueError("unknown format")
+        identity = public_from_text(str(doc["identity"]))
+        local = {role: public_from_text(str(doc["local"][role])) for role in LOCAL_ROLES}
+    except FileNotFoundError:
+        raise KeyFileError(f"{path} is missing: start the node with `mlnode up`, which creates the keys "
+                           "before any program starts") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KeyFileError(f"{path} is unreadable or corrupt ({type(exc).__name__}); `mlnode up` "
+                           "rewrites it from the key files") from None
+    return identity, local
+
+
+#: Programs that never create keys (and so never read another program's secret): the network-facing one.
+NEVER_CREATES = frozenset({"gateway"})
+
+
+def role_keys(keys_dir: Path, role: str, *, with_identity: bool = False) -> NodeKeys:
+    """What the program ``role`` holds: its own keypair, the others' public halves, and the identity's
+    secret only when ``with_identity`` (peer links). Reads no other secret key file -- except, for a
+    program other than the gateway started on a state directory no ``mlnode up`` has prepared, the one
+    time it creates the keys (and then keeps only its own)."""
+    if role not in LOCAL_ROLES:
+        raise KeyFileError(f"{role!r} is not a local role ({', '.join(LOCAL_ROLES)})")
+    if role not in NEVER_CREATES and not (keys_dir / "public.json").exists():
+        ensure_node_keys(keys_dir)
+    identity_public, publics = _read_publics(keys_dir)
+    own = load(keys_dir / "local" / f"{role}.key")
+    if own.public != publics[role]:
+        raise KeyFileError(f"{keys_dir / 'public.json'} does not match {role}.key: run `mlnode up`, "
+                           "which rewrites it from the key files")
+    local = {name: own if name == role else KeyPair(public) for name, public in publics.items()}
+    identity = load(keys_dir / "node.key") if with_identity else KeyPair(identity_public)
+    if identity.public != identity_public:
+        raise KeyFileError(f"{keys_dir / 'public.json'} does not match node.key: run `mlnode up`")
     return NodeKeys(identity=identity, local=local)

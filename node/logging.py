@@ -1,8 +1,9 @@
 """Structured logs: one JSON object per line on stderr, with the process name bound.
 
 Every process calls :func:`configure` once at start; modules call :func:`get_logger`. A redaction
-processor drops values whose key names a secret, so a careless ``log.info(..., secret_key=...)``
-cannot leak key material.
+processor (:mod:`node.redact`) masks values whose key names a secret, the values of secret engine flags
+in argument lists and passwords in URLs, so a careless ``log.info(..., secret_key=...)`` cannot leak
+them.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from typing import Any
 
 import structlog
 
-_SECRET_MARKERS = ("secret", "private", "password", "token_value", "authorization")
+from node.redact import redact_field
 
 
 def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        lowered = key.lower()
-        if any(marker in lowered for marker in _SECRET_MARKERS):
-            event[key] = "[redacted]"
+        event[key] = redact_field(key, event[key])
     return event
 
 

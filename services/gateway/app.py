@@ -1,7 +1,9 @@
 """The gateway's ASGI application: management API on one port, inference proxy on the other.
 
 gunicorn binds both ports in the same workers; the ASGI scope says which port a connection came in
-on, and :class:`PortRouter` sends it to the management app or to the inference proxy.
+on, and :class:`PortRouter` sends it to the management app or to the inference proxy. Every request
+passes the token check, then the edge (:mod:`.edge`: cross-site refusals, concurrency, body size and
+deadline), then routing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import falcon.asgi
 from node.config import Settings
 from node.errors import MLNodeError
 from services.gateway import auth, errors
+from services.gateway.edge import Edge
 from services.gateway.metrics import MeasuredServices
 from services.gateway.proxy import InferenceProxy
 from services.gateway.resources import gpu, health, metrics, network_metrics, node, openapi, service_routes
@@ -60,6 +63,7 @@ class PortRouter:
         self.services = MeasuredServices(settings)
         self.proxy = InferenceProxy(settings, self.services)
         self.api = management_app(self.services, self.proxy)
+        self.edge = Edge(self._route, settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -68,7 +72,11 @@ class PortRouter:
         token = self.settings.api_token
         if scope["type"] == "http" and (reason := auth.refusal(token, scope)) is not None:
             await send_json(send, 401, {"detail": reason}, headers=[auth.CHALLENGE])
-            return
+            return  # before the edge reads a byte of the body
+        await self.edge(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.settings.api_token
         server = scope.get("server") or ("", 0)
         path = scope.get("path", "")
         if server[1] == self.settings.inference_port or (

@@ -159,6 +159,17 @@ SERVICE_EXTRA_ERRORS: dict[tuple[str, str], dict[int, str]] = {
         429: f"`Maximum concurrent downloads ({models.MAX_DOWNLOADS}) reached`."},
     ("DELETE", "/api/v1/models"): {404: "Not in the cache, or that revision is not.",
                                    409: "The model is being served (inference/down first)."},
+    ("POST", "/api/v1/pow/validate"): {
+        429: "Validation queue full (MLNODE_POW_MAX_QUEUED_BATCHES / MLNODE_POW_MAX_QUEUED_NONCES)."},
+}
+#: What the edge (services/gateway/edge.py, server.py) may answer on any management route.
+EDGE_ERRORS = {
+    403: "Cross-site request refused: a browser `Origin` not in MLNODE_ALLOWED_ORIGINS, or "
+         "`Sec-Fetch-Site: cross-site`.",
+    408: "The request head or body did not arrive within MLNODE_HEADER_TIMEOUT / MLNODE_BODY_TIMEOUT.",
+    413: "The body is larger than MLNODE_MAX_BODY_BYTES, or than the bus carries once encoded.",
+    415: "A form or plain-text Content-Type (the API takes JSON, or no Content-Type).",
+    503: "Too many concurrent requests on this port (MLNODE_MAX_REQUESTS); never for a stop.",
 }
 _TAGS = ("pow", "inference", "train", "models")
 
@@ -234,7 +245,10 @@ def _operation(method: str, path: str, doc: Doc, body_schema: Schema | None) -> 
     if names:
         op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                             for name in names]
-    for status, description in sorted(doc.errors.items()):
+    errors = {**EDGE_ERRORS, **doc.errors}
+    for status in EDGE_ERRORS.keys() & doc.errors.keys():
+        errors[status] = f"{doc.errors[status]} Or: {EDGE_ERRORS[status]}"
+    for status, description in sorted(errors.items()):
         body = refs.get(doc.response) if status in doc.same_shape else refs[node_contract.Error]
         op["responses"][str(status)] = _response(description, body, None, {})
     if body_schema is not None:

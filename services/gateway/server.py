@@ -27,20 +27,28 @@ from services.gateway.metrics import reset_multiprocess_dir
 
 log = get_logger(__name__)
 
-#: Seconds a client gets to send a request's line and headers (from connecting, or from its first byte).
-HEAD_TIMEOUT_S = 15.0
+#: The answer to a client whose request head did not arrive in time (then the connection closes).
+_HEAD_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                        b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
 
 
-class HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for every request head (slowloris).
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus two deadlines of the edge, both per connection.
 
-    uvicorn arms no timer before a connection's first request, nor while a request head trickles in, so
-    a client that never finishes its headers holds a connection and a file descriptor forever. Here the
-    head must be complete within :data:`HEAD_TIMEOUT_S`; bodies and responses are not limited (proxied
-    streams and blocking starts legitimately take minutes), and idle keep-alive stays uvicorn's.
+    * The request head (slowloris): uvicorn arms no timer before a connection's first request, nor while
+      a head trickles in, so a client that never finishes its headers would hold a connection forever.
+      Here it must be complete within ``head_timeout_s`` (``MLNODE_HEADER_TIMEOUT``), else the client
+      gets a 408 and the connection closes. Bodies are the edge's (:mod:`.edge`).
+    * Reading the response: a client that takes none of a response's bytes for ``send_timeout_s``
+      (``MLNODE_SEND_TIMEOUT``) while the socket is full is dropped, so a stalled stream frees its engine
+      slot (the proxy cancels the engine request when the client is gone). Streams that merely wait for
+      the engine are not affected: only a full send buffer starts the clock.
     """
 
+    head_timeout_s = 15.0
+    send_timeout_s = 300.0
     _head_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -57,32 +65,57 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        cycle = getattr(self, "cycle", None)
+        if cycle is None or cycle.response_complete:  # nothing else is being answered on it
+            body = b'{"detail": "request head not received within %g s"}' % self.head_timeout_s
+            self.transport.write(_HEAD_TIMEOUT_ANSWER % (len(body), body))
+        self.transport.close()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        log.warning("client_stalled", reason=f"took no response bytes for {self.send_timeout_s:g} s")
+        self.transport.abort()  # close() would wait for the buffer the client never reads
 
 
 class GatewayWorker(UvicornWorker):
-    """uvicorn on uvloop + httptools (with a request-head deadline), no per-request access log.
+    """uvicorn on uvloop + httptools (with the edge's deadlines), no per-request access log.
 
     A worker dies with its master: after a ``kill -9`` of the master, orphaned workers would go on
     serving old code on the inherited listening sockets, so the master supervisord starts next could
     never bind, and ``mlnode down`` (which signals the new master's group) would leave them running.
     """
 
-    CONFIG_KWARGS = {"loop": "uvloop", "http": HeadTimeoutProtocol, "access_log": False, "lifespan": "on"}
+    CONFIG_KWARGS = {"loop": "uvloop", "http": EdgeProtocol, "access_log": False, "lifespan": "on"}
 
     def init_process(self) -> None:
         _signal_me_when_parent_dies(signal.SIGTERM)
@@ -115,6 +148,9 @@ class JsonLogger(Logger):
 class Gateway(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Set before gunicorn forks the workers, which inherit them.
+        EdgeProtocol.head_timeout_s = settings.header_timeout_s
+        EdgeProtocol.send_timeout_s = settings.send_timeout_s
         super().__init__()
 
     def load_config(self) -> None:

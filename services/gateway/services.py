@@ -3,6 +3,10 @@
 The gateway keeps no service state. Each worker process asks the services over the bus; the only
 shared thing is the mode claim (``node.mode``), taken under a file lock so that requests racing in
 different gunicorn workers cannot start two services.
+
+Waiting for that lock blocks a thread, so claims and stops each have their own small thread pool:
+fifty racing ``up``s queue in the claims' pool and never take the thread a stop needs (nor the event
+loop's default pool, which every other ``to_thread`` uses).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +22,7 @@ from bus.local import LocalBus
 from bus.rpc import RpcClient
 from node.config import Settings
 from node.errors import Conflict, MLNodeError, Unavailable
-from node.identity import NodeKeys, ensure_node_keys
+from node.identity import NodeKeys, role_keys
 from node.logging import get_logger
 from node.mode import ModeStore
 from node.registry import MODE_OF, MODES, NAMES, SERVICE_OF, STOPPED
@@ -30,6 +35,9 @@ STOP_BUDGET_S = 1.3
 STOP_GUARD_S = 0.5
 STOP_LOCK_WAIT_S = 0.3
 T = TypeVar("T")
+#: Threads that wait for the mode lock on behalf of starts, and on behalf of stops (per worker process).
+CLAIM_THREADS = 4
+STOP_THREADS = 4
 
 
 @dataclass
@@ -58,10 +66,13 @@ class Services:
 
     def __init__(self, settings: Settings, keys: NodeKeys | None = None) -> None:
         self.settings = settings
-        self.keys = keys or ensure_node_keys(settings.keys_dir)
+        # Only the gateway's own bus key and the others' public halves (never the node's identity).
+        self.keys = keys or role_keys(settings.keys_dir, "gateway")
         self.modes = ModeStore(settings.state_dir)
         self._bus: LocalBus | None = None
         self._clients: dict[str, RpcClient] = {}
+        self._claims = ThreadPoolExecutor(CLAIM_THREADS, thread_name_prefix="gateway-claim")
+        self._stops = ThreadPoolExecutor(STOP_THREADS, thread_name_prefix="gateway-stop")
 
     def client(self, service: str) -> RpcClient:
         if self._bus is None:
@@ -120,7 +131,7 @@ class Services:
 
     async def exclusive(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``fn`` holding the node-wide mode lock (a file lock shared by all workers)."""
-        pending = asyncio.get_running_loop().run_in_executor(None, self.modes.acquire)
+        pending = asyncio.get_running_loop().run_in_executor(self._claims, self.modes.acquire)
         try:
             fd = await asyncio.shield(pending)
         except asyncio.CancelledError:
@@ -136,7 +147,8 @@ class Services:
         """Run a stop under the mode lock if it is free within STOP_LOCK_WAIT_S, else without it: a
         start holding the lock (a phase flip flushing results, a slow service) must not delay a stop.
         A start that loses this race is refused by its service or sees its job stopped."""
-        fd = await asyncio.get_running_loop().run_in_executor(None, self.modes.try_acquire, STOP_LOCK_WAIT_S)
+        fd = await asyncio.get_running_loop().run_in_executor(self._stops, self.modes.try_acquire,
+                                                              STOP_LOCK_WAIT_S)
         if fd is None:
             log.warning("stop_without_mode_lock", waited_s=STOP_LOCK_WAIT_S)
         try:
@@ -197,6 +209,8 @@ class Services:
         return await self.for_stop(stop_it)
 
     def close(self) -> None:
+        self._claims.shutdown(wait=False, cancel_futures=True)
+        self._stops.shutdown(wait=False, cancel_futures=True)
         for client in self._clients.values():
             client.close()
         self._clients.clear()

@@ -11,11 +11,17 @@ vLLM runs one instance per block of ``tp*pp`` GPUs (the i-th block of the GPUs t
 respecting ``CUDA_VISIBLE_DEVICES``) on port ``INFERENCE_PORT+1+i``; the CPU engine runs one instance
 on ``INFERENCE_PORT+1``. Both come out as the same :class:`InstancePlan`, which the launcher runs
 without caring which engine it is.
+
+Engines get an explicit environment (:func:`engine_environment`): what vLLM, torch, CUDA and the Hugging
+Face hub read (``PATH``, ``HOME``, locale, ``CUDA_*``, ``NCCL_*``, ``VLLM_*``, ``HF_*``, thread and
+proxy settings, ...) plus the names the operator lists in ``MLNODE_ENGINE_ENV`` -- never the node's
+own settings or whatever else the node's environment holds.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -64,6 +70,31 @@ CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 DEFAULT_CPU_KVCACHE_GIB = "1"
 
 
+#: Variables engines get when the node's environment has them (besides ``MLNODE_ENGINE_ENV``'s names).
+ENGINE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TMP", "TEMP",
+    "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "TOKENIZERS_PARALLELISM", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+    # The engines' own MLNode switches (PoC attention on vLLM, the CPU engine's fault injection).
+    "MLNODE_POC_ATTENTION", "MLNODE_ENGINE_FAULT",
+})
+ENGINE_ENV_PREFIXES = re.compile(
+    r"(LC_|CUDA_|NVIDIA_|NCCL_|NVSHMEM_|CUBLAS|CUDNN_|VLLM_|HF_|HUGGING_FACE_|TRANSFORMERS_|TORCH_|"
+    r"TORCHINDUCTOR_|PYTORCH_|TRITON_|FLASHINFER_|OMP_|KMP_|MKL_|OPENBLAS_|GLOO_|UCX_|HIP_|ROCM_)")
+#: vLLM would demand this key from the node's own probes: never passed, whatever its prefix.
+ENGINE_ENV_REFUSED = frozenset({"VLLM_API_KEY"})
+
+
+def engine_environment(environ: Mapping[str, str], passed: tuple[str, ...] = ()) -> dict[str, str]:
+    """The part of the node's environment an engine gets: the allowlist plus the operator's names."""
+    extra = set(passed)
+    return {name: value for name, value in environ.items()
+            if name not in ENGINE_ENV_REFUSED
+            and (name in ENGINE_ENV_NAMES or name in extra or ENGINE_ENV_PREFIXES.match(name))}
+
+
 def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -98,11 +129,12 @@ def vllm_version(environ: Mapping[str, str], timeout_s: float = 60.0) -> str:
                       "interpreter that has it, or set MLNODE_ENGINE=cpu")
 
 
-def vllm_env(environ: Mapping[str, str], gpus: list[str], logprobs_mode: str = PROCESSED) -> dict[str, str]:
-    """One instance's environment: its GPUs, dev mode for ``/collective_rpc``, the V1 model runner, the
-    plugin's default logprobs mode, a CPU KV cache size, and no usage reports to vLLM's maintainers (the
-    network's rule for its engines)."""
-    env = {**environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1",
+def vllm_env(environ: Mapping[str, str], gpus: list[str], logprobs_mode: str = PROCESSED,
+             passed: tuple[str, ...] = ()) -> dict[str, str]:
+    """One instance's environment (:func:`engine_environment`) plus its GPUs, dev mode for
+    ``/collective_rpc``, the V1 model runner, the plugin's default logprobs mode, a CPU KV cache size, and
+    no usage reports to vLLM's maintainers (the network's rule for its engines)."""
+    env = {**engine_environment(environ, passed), "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1",
            "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode, "VLLM_NO_USAGE_STATS": "1"}
     if not gpus:
         env.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
@@ -128,7 +160,8 @@ def _port(inference_port: int, index: int) -> int:
 
 
 def plan_vllm(req: UpRequest, inference_port: int, environ: Mapping[str, str],
-              detected_gpus: int, logprobs_mode: str = PROCESSED) -> list[InstancePlan]:
+              detected_gpus: int, logprobs_mode: str = PROCESSED,
+              passed: tuple[str, ...] = ()) -> list[InstancePlan]:
     """One vLLM instance per GPU block (InvalidRequest for bad parallel sizes in additional_args)."""
     args, mode = vllm_cmd.take_logprobs_mode(list(req.additional_args), logprobs_mode)
     tp, pp = vllm_cmd.parse_parallelism(args)
@@ -137,12 +170,13 @@ def plan_vllm(req: UpRequest, inference_port: int, environ: Mapping[str, str],
     for i, block in enumerate(blocks):
         port = _port(inference_port, i)
         argv = vllm_cmd.vllm_command(req.model, req.dtype, args, port, python=vllm_python(environ))
-        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), vllm_env(environ, block, mode)))
+        plans.append(InstancePlan(i, port, tuple(block), tuple(argv), vllm_env(environ, block, mode, passed)))
     return plans
 
 
 def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
-             environ: Mapping[str, str], logprobs_mode: str = PROCESSED) -> list[InstancePlan]:
+             environ: Mapping[str, str], logprobs_mode: str = PROCESSED,
+             passed: tuple[str, ...] = ()) -> list[InstancePlan]:
     """One CPU engine instance; ``model_dir`` is the stand-in for a model name (None: a directory)."""
     args, mode = vllm_cmd.take_logprobs_mode(list(req.additional_args), logprobs_mode)
     model = req.model
@@ -154,5 +188,5 @@ def plan_cpu(req: UpRequest, model_dir: Path | None, inference_port: int,
     port = _port(inference_port, 0)
     argv = vllm_cmd.cpu_engine_command(model, req.dtype, args, port, logprobs_mode=mode)
     # Keep the CPU engine off any GPU this host might have (MLNODE_ENGINE=cpu on a GPU box).
-    env = {**environ, "CUDA_VISIBLE_DEVICES": "", "VLLM_NO_USAGE_STATS": "1"}
+    env = {**engine_environment(environ, passed), "CUDA_VISIBLE_DEVICES": "", "VLLM_NO_USAGE_STATS": "1"}
     return [InstancePlan(0, port, (), tuple(argv), env)]

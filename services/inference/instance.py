@@ -40,7 +40,8 @@ class Instance:
                  prober: Prober, max_restarts: int, on_change: Callable[[], None]) -> None:
         self.plan = plan
         self.kind = kind
-        self.spec = LaunchSpec(plan.argv, plan.env, log_path)
+        # An empty private working directory: nothing relative to the node is within the engine's reach.
+        self.spec = LaunchSpec(plan.argv, plan.env, log_path, cwd=log_path.parent / "engine-cwd")
         self.marker = marker
         self.timing = timing
         self.prober = prober

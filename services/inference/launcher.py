@@ -1,9 +1,12 @@
 """Launch one engine process (vLLM or the CPU engine: the same code path) and stop it for sure.
 
-The engine's stdout and stderr go to its own log file under ``$MLNODE_STATE_DIR/inference/``. Each
-launch appends a marker line and remembers where its output starts, so a failed start can answer with
-*that* launch's last lines: the operator sees the engine's own words (a CUDA out-of-memory, a bad flag)
-instead of "exited with status 1".
+The engine's stdout and stderr go to its own log file under ``$MLNODE_STATE_DIR/inference/`` (mode
+0600). Each launch appends a marker line and remembers where its output starts, so a failed start can
+answer with *that* launch's last lines: the operator sees the engine's own words (a CUDA out-of-memory, a
+bad flag) instead of "exited with status 1". Secret flag values and secret environment values are
+masked in the marker line and in every tail handed out (an engine echoes its arguments when it fails).
+The engine runs in an empty private working directory, so a model *name* can never resolve to a
+directory relative to the node.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.files import DIR_MODE, FILE_MODE
 from node.logging import get_logger
+from node.redact import redact_args, scrub, secret_values
 from services.inference.process_group import MARKER_VAR, child_setup, kill_groups, signal_group
 
 log = get_logger(__name__)
@@ -50,16 +55,20 @@ class EngineProcess:
         self.marker = marker
         self.log_offset = log_offset
         self.started = time.monotonic()
+        self._secrets = secret_values(spec.argv, spec.env)
 
     @classmethod
     async def spawn(cls, spec: LaunchSpec, marker: str) -> EngineProcess:
         """Start ``spec`` (raises OSError when the command cannot be executed)."""
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        spec.log_path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if spec.cwd is not None:
+            spec.cwd.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         _rotate(spec.log_path)
         env = {**spec.env, MARKER_VAR: marker}
-        with open(spec.log_path, "ab") as out:
+        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        with open(fd, "ab") as out:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            out.write(f"----- mlnode {stamp} launching: {shlex.join(spec.argv)}\n".encode())
+            out.write(f"----- mlnode {stamp} launching: {shlex.join(redact_args(spec.argv))}\n".encode())
             out.flush()
             offset = out.tell()
             # Spawned from the event loop's thread, which lives as long as the process: the death
@@ -104,7 +113,7 @@ class EngineProcess:
                 text = f.read().decode("utf-8", "replace")
         except OSError as exc:
             return [f"(engine log unreadable: {exc})"]
-        found = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+        found = [scrub(ln.rstrip(), self._secrets) for ln in text.splitlines() if ln.strip()]
         return found[-lines:]
 
     async def stop(self, grace_s: float) -> int | None:

@@ -28,6 +28,7 @@ from node.config import Settings
 from node.errors import Conflict, InvalidRequest, MLNodeError, Unavailable
 from node.files import atomic_write_json
 from node.logging import get_logger
+from services.inference.engine_args import EnginePolicy
 from services.inference.engine_plan import VLLM, EngineKind, InstancePlan, choose_engine, plan_cpu, plan_vllm
 from services.inference.instance import Instance
 from services.inference.liveness import Timing, hang_window
@@ -60,6 +61,8 @@ class EngineManager:
         self.cached = cached or (lambda _repo, _revision: None)
         self.environ = dict(os.environ if environ is None else environ)
         self.timing = timing or Timing.for_window(hang_window(self.environ))
+        #: Judges every request before it is saved, planned or started (ConfigError for bad settings).
+        self.policy = EnginePolicy.from_settings(settings)
         self.max_restarts = max_restarts
         self.dir = settings.service_dir("inference")
         self.marker = str(self.dir)
@@ -120,7 +123,9 @@ class EngineManager:
 
     # -- commands --------------------------------------------------------------------------------------
     def begin(self, req: UpRequest) -> dict[str, Any]:
-        """Start serving ``req`` in the background; Conflict while a start or an engine is live."""
+        """Start serving ``req`` in the background; Conflict while a start or an engine is live;
+        InvalidRequest naming the field or flag the engine-argument policy refuses."""
+        req = self.policy.vet(req)
         if self.phase in ("starting", "running", "stopping"):
             current = self.request.model if self.request else "?"
             raise Conflict(f"inference is already {self.phase} (model {current!r}); "
@@ -129,7 +134,7 @@ class EngineManager:
         plans = None
         if kind is VLLM:  # planned now so that bad parallel sizes are a 400, not a failed start
             plans = plan_vllm(req, self.settings.inference_port, self.environ, len(gpu.devices()),
-                                  self.settings.logprobs_mode)
+                              self.settings.logprobs_mode, self.settings.engine_env)
             if self._from_cache(req) is not None:
                 # Complete in the node's cache: vLLM loads it from there without asking the hub.
                 plans = [dataclasses.replace(p, env={**p.env, "HF_HUB_OFFLINE": "1"}) for p in plans]
@@ -146,7 +151,9 @@ class EngineManager:
         return {"status": "starting", "model": req.model, "engine": kind.name}
 
     async def replace(self, req: UpRequest) -> dict[str, Any]:
-        """The blocking ``up``: whatever serves or starts is stopped, then ``req`` is started."""
+        """The blocking ``up``: whatever serves or starts is stopped, then ``req`` is started (a request the
+        policy refuses stops nothing)."""
+        req = self.policy.vet(req)
         if self.phase in ("starting", "running", "stopping"):
             log.info("inference_replacing", model=self.request.model if self.request else None,
                      new_model=req.model)
@@ -228,7 +235,9 @@ class EngineManager:
             await self.settled()  # the previous engines free their ports and GPUs first
             if plans is None:
                 stand_in = None
-                if not Path(req.model).is_dir():
+                # Only an absolute path is ever read from disk: a repo id that happens to name a directory
+                # relative to this process is still a name.
+                if not (self.policy.is_local(req.model) and Path(req.model).is_dir()):
                     stand_in = await asyncio.to_thread(self._from_cache, req)
                     if stand_in is not None:
                         log.info("inference_model_from_cache", model=req.model, path=str(stand_in))
@@ -236,7 +245,7 @@ class EngineManager:
                         positions = requested_positions(req.additional_args)
                         stand_in = await tiny_model(req.model, self.dir / "models", positions)
                 plans = plan_cpu(req, stand_in, self.settings.inference_port, self.environ,
-                                 self.settings.logprobs_mode)
+                                 self.settings.logprobs_mode, self.settings.engine_env)
             self.instances = [self._instance(p, kind) for p in plans]
             for n, inst in enumerate(self.instances):
                 if n and kind.stagger_s:

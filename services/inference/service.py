@@ -21,7 +21,8 @@ name (see :mod:`.tiny_models`). Health is judged by observed progress (:mod:`.li
 At start, engines a previous incarnation left behind are killed; then, if the node's mode claim still
 names INFERENCE and a request was being served, it is served again (a crash of this process costs a
 reload, not the node's state); else ``MLNODE_INFERENCE_AUTOSTART`` (a model directory) is served when the
-node is STOPPED, claiming INFERENCE under the node's mode lock.
+node is STOPPED, claiming INFERENCE under the node's mode lock. Both go through the engine-argument
+policy (:mod:`.engine_args`) like any ``up``: a saved request it refuses is logged and forgotten.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ class InferenceService(Service):
             claim = self.modes.read()
             remembered = self.manager.remembered()
             if claim == self.mode and remembered is not None:
-                self._serve(remembered, "resume")
+                if not self._serve(remembered, "resume"):
+                    # Refused (the policy judges a replayed request again) or unreadable: not retried
+                    # at every restart, and the node does not claim a mode nothing serves.
+                    self.manager.forget_request()
+                    self.modes.write(STOPPED)
                 return
             self.manager.forget_request()  # the node moved on while we were down
             autostart = self.settings.inference_autostart

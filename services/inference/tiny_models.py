@@ -67,7 +67,7 @@ async def tiny_model(name: str, cache: Path, positions: int = MIN_POSITIONS) -> 
     target = cache_dir(name, cache, positions)
     if (target / "config.json").is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = cache / f".build-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     proc = await asyncio.create_subprocess_exec(

@@ -3,6 +3,8 @@
 Kept apart from the delivery loop so the rules that decide whether a batch is paid for (only 2xx counts;
 only a 4xx other than 408/429 is a final refusal) sit in one small place, and so every request has the
 same bounded cost: connect within ``connect_timeout_s`` and finish within about ``total_timeout_s``.
+Every connection goes through the callback policy (:mod:`.callback_policy`): the sender dials only an
+address it has resolved and checked itself.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from dataclasses import dataclass
 
 import httpx
+
+from services.pow.callback_policy import CallbackPolicy, GuardedTransport
 
 RETRYABLE_4XX = frozenset({408, 429})
 _REASON_BYTES = 300
@@ -59,17 +63,18 @@ class _Overdue(Exception):
 class CallbackSender:
     """A thread-confined httpx client with the outbox's timeouts; not shared with anything else."""
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, total_timeout_s: float = 30.0,
-                 trust_env: bool = False) -> None:
+    def __init__(self, policy: CallbackPolicy, *, connect_timeout_s: float = 5.0,
+                 total_timeout_s: float = 30.0) -> None:
         self.connect_timeout_s = min(connect_timeout_s, total_timeout_s)
         self.total_timeout_s = total_timeout_s
         # Reads and writes get what is left after a full connect, so a silent peer costs <= total.
         rest = max(0.1, total_timeout_s - self.connect_timeout_s)
         self._timeout = httpx.Timeout(connect=self.connect_timeout_s, read=rest, write=rest,
                                       pool=self.connect_timeout_s)
-        # trust_env=False: callbacks go straight to the node's own Network Node, never via a proxy
-        # picked up from the environment.
-        self._client = httpx.Client(timeout=self._timeout, trust_env=trust_env, follow_redirects=False)
+        # Straight to the node's own Network Node: no proxy from the environment, no redirects (a
+        # redirect could point anywhere), and only addresses the policy allows.
+        self._client = httpx.Client(timeout=self._timeout, trust_env=False, follow_redirects=False,
+                                    transport=GuardedTransport(policy))
 
     def post(self, target: str, body: bytes) -> SendResult:
         """POST ``body`` to ``target``; never raises for network trouble, it reports RETRY instead."""

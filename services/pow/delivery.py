@@ -1,8 +1,10 @@
-"""The background sender that drains the :class:`~services.pow.outbox.Outbox` to the callback URLs.
+"""The background senders that drain the :class:`~services.pow.outbox.Outbox` to the callback URLs.
 
-A plain thread with its own HTTP client, not an asyncio task: a receiver that hangs for 30 s, or a
+Plain threads with their own HTTP clients, not asyncio tasks: a receiver that hangs for 30 s, or a
 slow fsync, then never stalls the pow service's event loop or its compute thread, and the service can
-call :meth:`Delivery.flush` from either.
+call :meth:`Delivery.flush` from either. One dispatcher thread decides which urls are due and gives each
+its own sender thread (at most ``max_senders`` at once), so a slow or silent receiver delays only its
+own url's results. Every connection goes through the callback policy (:mod:`.callback_policy`).
 
 Rules: per url, strictly one unit at a time in queue order (a later batch never overtakes an earlier
 one); only 2xx counts as delivered; a 4xx other than 408/429 moves the unit to the outbox's ``dead``
@@ -24,9 +26,12 @@ from typing import Any
 from node.errors import Conflict, Unavailable
 from node.logging import get_logger
 from services.pow.callback_http import CallbackSender, Outcome, safe_url
+from services.pow.callback_policy import CallbackPolicy
 from services.pow.outbox import Outbox, Unit
 
 log = get_logger(__name__)
+#: Urls delivered at the same time, one sender thread each.
+MAX_SENDERS = 16
 
 
 def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -45,22 +50,24 @@ class Delivery:
     def __init__(
         self,
         outbox: Outbox,
+        policy: CallbackPolicy,
         *,
         period_s: float = 5.0,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         total_timeout_s: float = 30.0,
-        trust_env: bool = False,
+        max_senders: int = MAX_SENDERS,
     ) -> None:
         self.outbox = outbox
+        self.policy = policy
         self.period_s = period_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.max_senders = max_senders
         self._http_args: dict[str, Any] = {
             "connect_timeout_s": connect_timeout_s,
             "total_timeout_s": total_timeout_s,
-            "trust_env": trust_env,
         }
         self._rng = random.Random()
         self._cond = threading.Condition()
@@ -73,6 +80,9 @@ class Delivery:
         # Per url: consecutive failures and when the head may be tried again (monotonic clock).
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
+        self._senders: dict[str, threading.Thread] = {}  # url -> the thread draining it now
+        self._deferred = False  # a due url waits for a free sender
+        self._poked = False  # a sender finished while one was deferred
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -168,10 +178,9 @@ class Delivery:
             backing_off = sum(1 for at in self._retry_at.values() if at > now)
         return {**self.outbox.stats(), "running": self.running, "urls_backing_off": backing_off}
 
-    # --- the sender thread ---------------------------------------------------------------------
+    # --- the dispatcher and the sender threads -------------------------------------------------
 
     def _run(self) -> None:
-        sender = CallbackSender(**self._http_args)
         next_cycle = time.monotonic()  # leftovers from a previous run go out at once
         hold_until = 0.0  # after an outbox error: nothing but a flush before this
         trouble = 0
@@ -179,17 +188,19 @@ class Delivery:
             while True:
                 with self._cond:
                     wake = max(hold_until, min([next_cycle, *self._retry_at.values()]))
-                    while not self._stop and not self._force and time.monotonic() < wake:
+                    while (not self._stop and not self._force and not self._poked
+                           and time.monotonic() < wake):
                         self._cond.wait(wake - time.monotonic())
                     if self._stop:
                         return
                     force, self._force = self._force, False
+                    poked, self._poked = self._poked, False
                 now = time.monotonic()
                 cycle = now >= next_cycle
                 if cycle:
                     next_cycle = now + self.period_s
                 try:
-                    self._pass(sender, force=force, cycle=cycle)
+                    self._pass(force=force, cycle=cycle or poked)
                     trouble = 0
                 except Exception as exc:  # the outbox's disk, most likely: keep the thread alive
                     trouble += 1
@@ -199,24 +210,58 @@ class Delivery:
                     hold_until = time.monotonic() + delay
                     self._note_progress()
         finally:
-            sender.close()
+            with self._cond:
+                senders = list(self._senders.values())
+            for thread in senders:  # each ends after its current request
+                thread.join()
             self._release_sender_lock()
 
-    def _pass(self, sender: CallbackSender, *, force: bool, cycle: bool) -> None:
-        """Drain every url that is due: all of them on a forced pass, on a cycle those not backing off,
-        otherwise only those whose retry time has come."""
+    def _pass(self, *, force: bool, cycle: bool) -> None:
+        """Give every due url without a sender its own: all of them on a forced pass, on a cycle those not
+        backing off, otherwise only those whose retry time has come."""
         urls = self.outbox.pending_urls()
         with self._cond:
-            for idle in set(self._retry_at) - set(urls):
+            for idle in set(self._retry_at) - set(urls) - set(self._senders):
                 self._retry_at.pop(idle)
                 self._failures.pop(idle, None)
-        for url in urls:
-            if self._stopping():
-                return
-            now = time.monotonic()
-            retry_at = self._retry_at.get(url)
-            if force or (retry_at is None and cycle) or (retry_at is not None and retry_at <= now):
-                self._drain(sender, url)
+            self._deferred = False
+            for url in urls:
+                if self._stop:
+                    return
+                if url in self._senders:
+                    continue
+                now = time.monotonic()
+                retry_at = self._retry_at.get(url)
+                if not (force or (retry_at is None and cycle) or (retry_at is not None and retry_at <= now)):
+                    continue
+                if len(self._senders) >= self.max_senders:
+                    self._deferred = True  # picked up when a sender finishes
+                    return
+                thread = threading.Thread(target=self._send_url, args=(url,), daemon=True,
+                                          name=f"pow-outbox-sender-{len(self._senders)}")
+                self._senders[url] = thread
+                thread.start()
+
+    def _send_url(self, url: str) -> None:
+        """One url's sender thread: drain it, then hand the url back to the dispatcher."""
+        sender = CallbackSender(self.policy, **self._http_args)
+        try:
+            self._drain(sender, url)
+        except Exception as exc:  # the outbox's disk: this url waits, the others go on
+            log.error("outbox_delivery_error", url=safe_url(url), error=str(exc), exc_type=type(exc).__name__)
+            with self._cond:
+                failures = self._failures.get(url, 0) + 1
+                self._failures[url] = failures
+                delay = backoff_delay(failures, self.backoff_base_s, self.backoff_cap_s, self._rng)
+                self._retry_at[url] = time.monotonic() + delay
+            self._note_progress()
+        finally:
+            sender.close()
+            with self._cond:
+                self._senders.pop(url, None)
+                if self._deferred:
+                    self._poked = True
+                self._cond.notify_all()
 
     def _drain(self, sender: CallbackSender, url: str) -> None:
         """Send ``url``'s units in order until its queue is empty or one fails."""

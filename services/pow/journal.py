@@ -20,7 +20,7 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.queue_dir = directory / "validate"
-        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.round_path = directory / "round.json"
 
     # -- the round --------------------------------------------------------------------------

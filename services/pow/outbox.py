@@ -22,6 +22,7 @@ after a restart, therefore sends exactly the same bytes, and the receiver can te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -201,12 +202,15 @@ class Outbox:
                     raise ConfigError(f"outbox {path}: {ancestor} is a file, not a directory")
                 break
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise Unavailable(
                 f"outbox {path}: cannot create state dir {path.parent}: {exc.strerror}"
             ) from exc
         created = not path.exists()
+        if created:  # the node's own file (mode 0600); SQLite gives its -wal and -shm files the same
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)

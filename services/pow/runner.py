@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from node.errors import InvalidRequest, Unavailable
+from node.errors import InvalidRequest, Overloaded, Unavailable
 from node.logging import get_logger
 from services.pow.cancel import Cancelled
 from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
@@ -192,10 +192,21 @@ class Runner:
             if not self._stop.is_set():
                 self._save()
 
-    def submit(self, batch: ProofBatch) -> None:
+    def submit(self, batch: ProofBatch, *, max_batches: int | None = None,
+               max_nonces: int | None = None) -> None:
+        """Queue ``batch`` for validation (journaled first); Overloaded (429) when the queue already holds
+        ``max_batches`` batches or would hold more than ``max_nonces`` nonces."""
         with self._commit:
             if self._stop.is_set():
                 raise InvalidRequest("PoW is not running")
+            with self._cond:
+                queued = len(self._queue)
+                nonces = sum(len(b.nonces) for _name, b in self._queue)
+            if (max_batches is not None and queued >= max_batches) or (
+                    max_nonces is not None and nonces + len(batch.nonces) > max_nonces):
+                raise Overloaded(f"validation queue full: {queued} batches with {nonces} nonces wait "
+                                 f"(MLNODE_POW_MAX_QUEUED_BATCHES {max_batches}, "
+                                 f"MLNODE_POW_MAX_QUEUED_NONCES {max_nonces})")
             name = self.journal.enqueue(msgspec.to_builtins(batch))  # durable before the client hears 200
         with self._cond:
             self._queue.append((name, batch))

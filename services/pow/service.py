@@ -27,6 +27,7 @@ from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
 from node.mode import ModeStore
 from node.process import bootstrap
+from services.pow.callback_policy import CallbackPolicy, CallbackRefused
 from services.pow.delivery import Delivery
 from services.pow.journal import Journal
 from services.pow.outbox import Outbox
@@ -37,6 +38,8 @@ from services.pow.v2.rounds import PocRounds
 log = get_logger(__name__)
 NOT_RUNNING = "PoW is not running"
 FLUSH_BEFORE_FLIP_S = 10.0
+#: How long the route's check of a callback URL may wait for the resolver (the sender checks again).
+RESOLVE_AT_ROUTE_S = 3.0
 
 
 class PowService(Service):
@@ -46,14 +49,16 @@ class PowService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         directory = self.settings.service_dir("pow")
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal = Journal(directory)
         self.outbox = Outbox(directory / "outbox.db")
-        self.delivery = Delivery(self.outbox)
+        self.callbacks = CallbackPolicy.from_settings(self.settings)
+        self.delivery = Delivery(self.outbox, self.callbacks)
         self.runner: Runner | None = None
         self._retired: Runner | None = None  # the last stopped round, maybe still unwinding
         self._stops = 0  # counts stops, so that a start overtaken by a stop does not go on
-        self.v2 = PocRounds(self.outbox, directory / "v2", self.bus.client("inference"))
+        self.v2 = PocRounds(self.outbox, directory / "v2", self.bus.client("inference"),
+                            max_queued_jobs=self.settings.pocv2_max_queued_jobs)
         self._lock = asyncio.Lock()
         self.route("init", self._init_idle, InitDto)
         self.route("init_generate", self._init_generate, InitDto)
@@ -64,8 +69,8 @@ class PowService(Service):
         self.route("pow_status", self._pow_status)
         self.route("pow_stop", self._pow_stop)
         v2 = self.v2
-        self.route("v2.init_generate", lambda body, _caller: v2.init_generate(body), InitGenerate)
-        self.route("v2.generate", lambda body, _caller: v2.generate(body), Generate)
+        self.route("v2.init_generate", self._v2_init_generate, InitGenerate)
+        self.route("v2.generate", self._v2_generate, Generate)
         self.route("v2.job", lambda body, _caller: v2.job_status(body), JobQuery)
         self.route("v2.status", lambda _body, _caller: v2.status())
         self.route("v2.stop", lambda _body, _caller: v2.stop())
@@ -199,7 +204,28 @@ class PowService(Service):
                 f"{available / 2**30:.1f} GiB is available on this host"
             )
 
+    async def _check_callback(self, url: str) -> None:
+        """The route's half of the callback policy: a refused ``url`` is a 400 before anything starts."""
+        if not url:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.callbacks.check_url, url), RESOLVE_AT_ROUTE_S)
+        except TimeoutError:
+            log.warning("callback_unresolved_at_route", reason="the resolver did not answer in time; "
+                        "the sender checks every connection")
+        except CallbackRefused as exc:
+            raise InvalidRequest(f"url is not an allowed callback: {exc}") from None
+
+    async def _v2_init_generate(self, body: InitGenerate, _caller: Caller) -> dict[str, Any]:
+        await self._check_callback(body.url)
+        return await self.v2.init_generate(body)
+
+    async def _v2_generate(self, body: Generate, _caller: Caller) -> dict[str, Any]:
+        await self._check_callback(body.url)
+        return await self.v2.generate(body)
+
     async def _init(self, init: InitDto, phase: str) -> dict[str, Any]:
+        await self._check_callback(init.url)
         spec = RoundSpec.of(init)
         self._check_fits(spec)
         stops = self._stops
@@ -250,7 +276,8 @@ class PowService(Service):
         if runner is None:
             raise InvalidRequest(NOT_RUNNING)
         batch = batch_for(body, runner.spec)
-        await asyncio.to_thread(runner.submit, batch)
+        await asyncio.to_thread(runner.submit, batch, max_batches=self.settings.pow_max_queued_batches,
+                                max_nonces=self.settings.pow_max_queued_nonces)
         return {"status": "OK", "queued": runner.queued(), "nonces": len(batch.nonces)}
 
     async def _pow_status(self, _body: Any, _caller: Caller) -> dict[str, Any]:

@@ -104,6 +104,10 @@ class Node:
             # a test does may reach the real hub).
             HF_HOME=str(root / "hf"),
             HF_ENDPOINT="http://127.0.0.1:9",
+            # The tests' callback receivers listen on loopback, which a node refuses unless told.
+            MLNODE_CALLBACK_ALLOW_LOOPBACK="true",
+            # Models the tests make live in pytest's temporary directories; the golden ones in shared/.
+            MLNODE_MODEL_ROOTS=f"{root.parent},{REPO.parent / 'shared'}",
         )
         self.env.pop("MLNODE_INFERENCE_AUTOSTART", None)
         self.env.update(env)

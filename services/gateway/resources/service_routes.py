@@ -20,14 +20,14 @@ import falcon.asgi
 import msgspec
 
 from contracts import pow_v2
-from contracts.checked import Refuse, decode_json
+from contracts.checked import Refuse
 from contracts.inference import InferenceUp
 from contracts.models import ModelRef
 from contracts.pow import InitDto, ProofBatch
 from contracts.train import TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest
 from node.registry import MODE_OF
-from services.gateway.body import any_json, raw_body, typed_body
+from services.gateway.body import any_json, decode, raw_body, typed_body
 from services.gateway.services import Services
 
 
@@ -121,8 +121,8 @@ class ServiceRoute:
         payload: Any = None
         if row.body is not None and row.as_sent:
             raw = await raw_body(req)
-            decode_json(raw if raw.strip() else b"{}", row.body, refuse=row.refuse)
-            payload = any_json(raw)
+            await decode(req, raw, row.body, refuse=row.refuse)
+            payload = await any_json(req, raw)
         elif row.body is not None:
             payload = await typed_body(req, row.body, refuse=row.refuse)  # 400 before any bus traffic
         if row.query:

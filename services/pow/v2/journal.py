@@ -20,7 +20,7 @@ class V2Journal:
         self.loops = directory / "loops"
         self.jobs = directory / "jobs"
         for d in (self.loops, self.jobs):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def save_loop(self, port: int, doc: dict[str, Any]) -> None:
         atomic_write_json(self.loops / f"{port}.json", doc)

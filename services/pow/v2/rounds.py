@@ -22,7 +22,7 @@ from node.logging import get_logger
 from services.pow.outbox import Outbox
 from services.pow.v2.engine import EngineClient
 from services.pow.v2.journal import V2Journal
-from services.pow.v2.worker import COMPLETED, GENERATING, EngineWorker, Loop
+from services.pow.v2.worker import COMPLETED, GENERATING, MAX_QUEUED_JOBS, EngineWorker, Loop
 
 log = get_logger(__name__)
 
@@ -49,8 +49,9 @@ def _port(url: str) -> int | None:
 
 class PocRounds:
     def __init__(self, outbox: Outbox, directory: Path, inference: Any,
-                 client: EngineClient | None = None) -> None:
+                 client: EngineClient | None = None, *, max_queued_jobs: int = MAX_QUEUED_JOBS) -> None:
         self.outbox = outbox
+        self.max_queued_jobs = max_queued_jobs
         self.journal = V2Journal(directory)
         self.inference = inference
         self.client = client or EngineClient()
@@ -84,7 +85,8 @@ class PocRounds:
 
     def worker(self, port: int) -> EngineWorker:
         if port not in self.workers:
-            self.workers[port] = EngineWorker(port, self.client, self.outbox, self.journal, self._alive)
+            self.workers[port] = EngineWorker(port, self.client, self.outbox, self.journal, self._alive,
+                                              max_jobs=self.max_queued_jobs)
         return self.workers[port]
 
     async def _serving(self, model: str) -> list[int]:

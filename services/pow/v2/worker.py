@@ -35,6 +35,8 @@ GENERATING, IDLE = "GENERATING", "IDLE"
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
 #: §2.3: more queued nonces than this on one engine is a 429.
 MAX_QUEUED_NONCES = 100_000
+#: More queued jobs than this on one engine is a 429 too (``MLNODE_POCV2_MAX_QUEUED_JOBS``).
+MAX_QUEUED_JOBS = 10_000
 #: §2.4: finished jobs stay readable this long.
 KEEP_RESULTS_S = 300.0
 #: Transient engine failures a job with a callback survives (the engine restarting) before it fails.
@@ -127,8 +129,9 @@ class Counters:
 
 class EngineWorker:
     def __init__(self, port: int, client: EngineClient, outbox: Outbox, journal: V2Journal,
-                 alive: Callable[[int, str], Awaitable[bool]]) -> None:
+                 alive: Callable[[int, str], Awaitable[bool]], *, max_jobs: int = MAX_QUEUED_JOBS) -> None:
         self.port = port
+        self.max_jobs = max_jobs
         self.client = client
         self.outbox = outbox
         self.journal = journal
@@ -155,6 +158,9 @@ class EngineWorker:
         self._kick()
 
     def submit(self, body: Generate, job_id: str | None = None, accepted: float | None = None) -> Job:
+        if job_id is None and len(self.queue) >= self.max_jobs:
+            raise Overloaded(f"Queue full: {len(self.queue)} jobs queued on engine {self.port} "
+                             f"(MLNODE_POCV2_MAX_QUEUED_JOBS {self.max_jobs})")
         queued = sum(len(j.body.nonces) for j in self.queue)
         if queued + len(body.nonces) > MAX_QUEUED_NONCES:
             raise Overloaded(f"Queue full: {queued} nonces queued on engine {self.port}, "

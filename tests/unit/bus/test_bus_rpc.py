@@ -18,7 +18,7 @@ from bus import codec
 from bus.auth import Authenticator
 from bus.events import Publisher, Subscriber
 from bus.rpc import Caller, RpcClient, RpcServer
-from node.errors import DeadlineExceeded, InvalidRequest, Unavailable
+from node.errors import DeadlineExceeded, InvalidRequest, TooLarge, Unavailable
 from node.identity import KeyPair
 from tests.support.waiting import until
 
@@ -220,3 +220,15 @@ async def _keep_publishing(pub: Publisher) -> None:
         pub.publish("state", {"n": 1})
         pub.publish("other", {"n": 2})
         await asyncio.sleep(0.05)
+
+
+async def test_a_request_larger_than_the_bus_carries_is_refused_before_sending(rig: Rig) -> None:
+    """The server's socket would drop the connection (and every request on it would time out): the
+    client refuses it itself, as the error the gateway answers 413, and the connection stays good."""
+    client = rig.client()
+    try:
+        with pytest.raises(TooLarge, match="carries at most"):
+            await client.request("echo", [0.5] * (codec.MAX_MESSAGE_BYTES // 9 + 1), timeout=5)
+        assert await client.request("echo", "still fine", timeout=5) == {"echo": "still fine"}
+    finally:
+        client.close()

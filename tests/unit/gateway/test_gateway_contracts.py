@@ -111,7 +111,7 @@ def test_json_bodies_are_refused_like_values() -> None:
 def test_enums_and_inference_rules() -> None:
     assert "dtype must be one of auto, bfloat16" in reason({"model": "m", "dtype": "fp8"}, InferenceUp)
     assert reason({"model": "m", "dtype": 3}, InferenceUp) == "dtype must be a string or null, got integer"
-    assert reason({"model": "  "}, InferenceUp).startswith("model must be a non-empty string")
+    assert reason({"model": "  "}, InferenceUp).startswith("model must be a Hugging Face repo id")
     assert "NUL" in reason({"model": "m", "additional_args": ["a\x00"]}, InferenceUp)
 
 

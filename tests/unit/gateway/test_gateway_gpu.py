@@ -11,12 +11,15 @@ import pytest
 
 from contracts.node import GpuDevices, GpuDriver
 from node import config, gpu
+from node.identity import ensure_node_keys
 from services.gateway.app import PortRouter
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[falcon.testing.TestClient]:
-    router = PortRouter(config.load({"MLNODE_STATE_DIR": str(tmp_path_factory.mktemp("gpu"))}))
+    settings = config.load({"MLNODE_STATE_DIR": str(tmp_path_factory.mktemp("gpu"))})
+    ensure_node_keys(settings.keys_dir)  # what `mlnode up` does before the gateway starts
+    router = PortRouter(settings)
     yield falcon.testing.TestClient(router.api)
     router.services.close()
 

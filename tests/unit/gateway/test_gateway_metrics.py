@@ -17,6 +17,7 @@ import pytest
 
 from node import config, registry
 from node.errors import Unavailable
+from node.identity import ensure_node_keys
 from services.gateway import metrics as gateway_metrics
 from services.gateway.metrics import (
     RESERVED_BYTES,
@@ -55,7 +56,9 @@ def parse(text: str | bytes) -> dict[str, float]:
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[MeasuredServices]:
-    s = MeasuredServices(config.load({"MLNODE_STATE_DIR": str(tmp_path / "state")}))
+    settings = config.load({"MLNODE_STATE_DIR": str(tmp_path / "state")})
+    ensure_node_keys(settings.keys_dir)  # what `mlnode up` does before the gateway starts
+    s = MeasuredServices(settings)
     yield s
     s.close()
 

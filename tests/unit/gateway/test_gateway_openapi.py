@@ -12,15 +12,19 @@ import pytest
 from openapi_spec_validator import validate
 
 from node import __version__, config
+from node.identity import ensure_node_keys
 from services.gateway import openapi
 from services.gateway.app import PortRouter
+from services.gateway.body import json_depth
 from services.gateway.resources.service_routes import ROUTES
 
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PortRouter]:
     state = tmp_path_factory.mktemp("gw")
-    router = PortRouter(config.load({"MLNODE_STATE_DIR": str(state)}))
+    settings = config.load({"MLNODE_STATE_DIR": str(state)})
+    ensure_node_keys(settings.keys_dir)  # what `mlnode up` does before the gateway starts
+    router = PortRouter(settings)
     yield router
     router.services.close()
 
@@ -98,7 +102,7 @@ def test_document_is_well_formed_openapi_31() -> None:
         assert target.removeprefix("#/components/schemas/") in components, target
     init_op = doc["paths"]["/api/v1/pow/init/generate"]["post"]
     assert init_op["requestBody"]["required"] is True
-    assert set(init_op["responses"]) == {"200", "400", "409", "503", "504"}
+    assert set(init_op["responses"]) == {"200", "400", "403", "408", "409", "413", "415", "503", "504"}
     assert doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {
         "text/plain; version=0.0.4": {"schema": {"type": "string"}}}
     assert set(doc["paths"]["/api/v1/models/download"]["post"]["responses"]) == {"202", "400", "409", "429",
@@ -147,7 +151,12 @@ def test_a_bad_body_is_refused_by_the_gateway_before_any_bus_traffic(
     resp = client.simulate_post("/api/v1/inference/up/async", body=b'{"model": ["m"]}')
     assert (resp.status_code, resp.json) == (400, {"detail": "model must be a string, got array"})
     resp = client.simulate_post("/api/v1/inference/up", body=b"[" * 100_000 + b"]" * 100_000)
-    assert (resp.status_code, resp.json) == (400, {"detail": "request body must be a JSON object, got array"})
+    assert (resp.status_code, resp.json) == (
+        400, {"detail": "request body nests 100000 levels deep; at most 32 are allowed"})
     resp = client.simulate_post("/api/v1/train/start", body=b'{"train_config": ' * 50_000 + b"}" * 50_000)
-    assert resp.status_code == 400 and "nests too deeply" in resp.json["detail"]
+    assert resp.status_code == 400 and "nests 50000 levels deep" in resp.json["detail"]
+    shallow = b'{"model": "m", "additional_args": ["[[[[", "{{{{"]}'  # brackets in strings do not nest
+    resp = client.simulate_post("/api/v1/train/start", body=b'{"train_config": "[[[[[[' + b"[" * 64 + b'"}')
+    assert resp.status_code == 400 and "nests" not in resp.json["detail"]
+    assert json_depth(shallow) == 2
     assert asked == []

@@ -122,3 +122,20 @@ def test_vllm_runs_the_plugins_sampler_setup_with_the_default_mode() -> None:
     assert plan.argv[plan.argv.index("--logprobs-mode") + 1] == "processed_logprobs"
     [plan] = plan_cpu(UpRequest("m", "auto", ("--logprobs-mode=raw_logprobs",)), None, 5000, {})
     assert plan.argv[-2:] == ("--logprobs-mode", "raw_logprobs")
+def test_engines_get_an_explicit_environment(tmp_path: Path) -> None:
+    """What vLLM, torch and the hub read, plus the operator's names; never the node's own settings or
+    anything else the node's environment holds."""
+    node_env = {"PATH": "/usr/bin", "HOME": "/root", "LC_ALL": "C.UTF-8", "HF_TOKEN": "hf_x",
+                "HF_HOME": "/cache", "VLLM_LOGGING_LEVEL": "INFO", "NCCL_DEBUG": "WARN",
+                "OMP_NUM_THREADS": "1",
+                "CUDA_VISIBLE_DEVICES": "0", "MLNODE_STATE_DIR": "/state", "MLNODE_API_PORT": "8080",
+                "AWS_SECRET_ACCESS_KEY": "aws", "DATABASE_URL": "postgres://u:p@h/db", "VLLM_API_KEY": "lock",
+                "PROMETHEUS_MULTIPROC_DIR": "/run/m", "MY_LICENSE": "x"}
+    [cpu] = plan_cpu(UpRequest("m"), tmp_path, 5000, node_env, passed=("MY_LICENSE",))
+    [gpu] = plan_vllm(UpRequest("m"), 5000, node_env, detected_gpus=0)
+    for env in (cpu.env, gpu.env):
+        assert {"PATH", "HOME", "LC_ALL", "HF_TOKEN", "HF_HOME", "NCCL_DEBUG", "OMP_NUM_THREADS"} <= set(env)
+        assert not {"MLNODE_STATE_DIR", "MLNODE_API_PORT", "AWS_SECRET_ACCESS_KEY", "DATABASE_URL",
+                    "VLLM_API_KEY", "PROMETHEUS_MULTIPROC_DIR"} & set(env)
+    assert cpu.env["MY_LICENSE"] == "x" and "MY_LICENSE" not in gpu.env
+    assert gpu.env["VLLM_LOGGING_LEVEL"] == "INFO" and gpu.env["VLLM_SERVER_DEV_MODE"] == "1"

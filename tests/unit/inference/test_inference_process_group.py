@@ -146,3 +146,27 @@ def test_sweep_kills_marked_leftovers_and_spares_strangers(tmp_path: Path) -> No
         for p in (orphan, stranger):
             p.kill()
             p.wait()
+
+
+def test_secrets_never_leave_through_the_engine_log(tmp_path: Path) -> None:
+    """An engine that echoes its arguments and environment when it fails: the log header and every tail
+    the node hands out (a failed start's 503, crash logs) mask the secret values; the log is 0600 and
+    the engine runs in an empty private directory."""
+    script = ("import os, sys; print('args', sys.argv[1:]); print('token', os.environ['HF_TOKEN']);"
+              "print('cwd', sorted(os.listdir('.'))); sys.exit(3)")
+    spec = LaunchSpec((sys.executable, "-c", script, "--api-key", "sekrit-api-key", "--seed", "1"),
+                      {"PATH": os.environ["PATH"], "HF_TOKEN": "hf_sekrit_token"}, tmp_path / "engine-0.log",
+                      cwd=tmp_path / "engine-cwd")
+
+    async def run() -> list[str]:
+        proc = await EngineProcess.spawn(spec, "marker")
+        await proc.wait()
+        return proc.tail()
+
+    tail = asyncio.run(run())
+    text = "\n".join(tail)
+    assert "sekrit" not in text and "[redacted]" in text and "--seed" in text
+    assert "cwd []" in text
+    log_text = spec.log_path.read_text()
+    assert "sekrit-api-key" not in log_text.splitlines()[0]  # the node's own header line
+    assert spec.log_path.stat().st_mode & 0o777 == 0o600

@@ -77,3 +77,31 @@ def test_public_key_text_forms() -> None:
     for bad in ("~" * 40, "#" * 40, "abc"):
         with pytest.raises(ValueError):
             identity.z85_decode(bad)
+
+
+def test_a_program_holds_only_its_own_secret(tmp_path: Path) -> None:
+    """``role_keys``: the gateway gets its own keypair and the others' public halves; only train (peer
+    links) gets the identity's secret; the gateway reads no other key file at all."""
+    keys_dir = tmp_path / "keys"
+    full = identity.ensure_node_keys(keys_dir)
+    gateway = identity.role_keys(keys_dir, "gateway")
+    assert gateway.local["gateway"] == full.local["gateway"]
+    assert all(not pair.has_secret and pair.public == full.local[role].public
+               for role, pair in gateway.local.items() if role != "gateway")
+    assert not gateway.identity.has_secret and gateway.identity.public == full.identity.public
+    train = identity.role_keys(keys_dir, "train", with_identity=True)
+    assert train.identity == full.identity and not train.local["pow"].has_secret
+    # Ruin every other secret key file: the gateway never opens them.
+    for path in [keys_dir / "node.key", *(keys_dir / "local").glob("*.key")]:
+        if path.name != "gateway.key":
+            path.write_text("{garbage")
+    assert identity.role_keys(keys_dir, "gateway").local["pow"].public == full.local["pow"].public
+
+
+def test_the_gateway_never_creates_keys(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="mlnode up"):
+        identity.role_keys(tmp_path / "keys", "gateway")
+    assert not (tmp_path / "keys" / "node.key").exists()
+    pow_keys = identity.role_keys(tmp_path / "keys", "pow")  # a service started alone creates them once
+    assert pow_keys.local["pow"].has_secret and not pow_keys.identity.has_secret
+    assert (tmp_path / "keys" / "public.json").stat().st_mode & 0o077 == 0

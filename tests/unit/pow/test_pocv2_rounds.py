@@ -210,6 +210,22 @@ async def test_queue_full_is_429(rounds: PocRounds, engines: list[FakeEngine]) -
         await rounds.generate(gen({**big, "nonces": [1]}))
 
 
+async def test_too_many_queued_jobs_is_429(tmp_path: Path, engines: list[FakeEngine]) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    r = PocRounds(outbox, tmp_path / "v2", Inference([e.port for e in engines]), EngineClient(timeout_s=10),
+                  max_queued_jobs=3)
+    try:
+        await r.init_generate(init(INIT))  # keeps the jobs queued
+        for n in range(6):  # round robin: three on each engine
+            await r.generate(gen({**INIT, "nonces": [n], "url": ""}))
+        with pytest.raises(Overloaded, match="MLNODE_POCV2_MAX_QUEUED_JOBS 3"):
+            await r.generate(gen({**INIT, "nonces": [9], "url": ""}))
+    finally:
+        await r.stop_all()
+        await r.close()
+        outbox.close()
+
+
 async def test_stop_drops_jobs_but_keeps_what_is_in_the_outbox(rounds: PocRounds) -> None:
     await rounds.init_generate(init(INIT))
     queued_job = await rounds.generate(gen({**INIT, "nonces": [1, 2]}))

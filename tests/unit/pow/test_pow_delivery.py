@@ -20,24 +20,27 @@ import pytest
 
 from node.errors import Conflict, Unavailable
 from services.pow.callback_http import CallbackSender, Outcome, classify, safe_url
+from services.pow.callback_policy import CallbackPolicy
 from services.pow.delivery import Delivery, backoff_delay
 from services.pow.outbox import Outbox
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
+#: The receivers here listen on loopback, which the node refuses unless the operator allows it.
+LOOPBACK = CallbackPolicy(own_ports=frozenset(), allow_loopback=True)
 
 
 def fast(box: Outbox, *, connect_timeout_s: float = 5.0, total_timeout_s: float = 30.0) -> Delivery:
     """A sender with tiny period and backoff so that tests run in milliseconds."""
-    return Delivery(box, period_s=0.02, backoff_base_s=0.01, backoff_cap_s=0.05,
+    return Delivery(box, LOOPBACK, period_s=0.02, backoff_base_s=0.01, backoff_cap_s=0.05,
                     connect_timeout_s=connect_timeout_s, total_timeout_s=total_timeout_s)
 
 
 class Receiver:
     """A Network Node stand-in: records every POST; can answer an error, drop the connection, or stall.
 
-    ``plan`` is consumed one entry per request ("ok", an int status, "close", or ("stall", seconds));
-    when it is empty ``default`` applies.
+    ``plan`` is consumed one entry per request ("ok", an int status, "close", ("stall", seconds), or a
+    ``threading.Event`` to wait for before answering 200); when it is empty ``default`` applies.
     """
 
     def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
@@ -60,6 +63,9 @@ class Receiver:
                     time.sleep(owner.delay_s)
                 if isinstance(action, tuple):  # ("stall", seconds): say nothing for a while
                     time.sleep(action[1])
+                    action = "ok"
+                if isinstance(action, threading.Event):  # say nothing until the test lets go
+                    action.wait(60)
                     action = "ok"
                 if action == "close":
                     self.close_connection = True
@@ -158,7 +164,7 @@ def test_queued_batches_arrive_merged_and_in_order(receiver: Receiver, outbox: O
 
 @pytest.mark.timeout(30)
 def test_batches_accumulate_over_the_send_period(receiver: Receiver, outbox: Outbox) -> None:
-    sender = Delivery(outbox, period_s=60.0, backoff_base_s=0.01, backoff_cap_s=0.05)
+    sender = Delivery(outbox, LOOPBACK, period_s=60.0, backoff_base_s=0.01, backoff_cap_s=0.05)
     other = receiver.base.replace("/v1/", "/v2/")
     outbox.put("validated", other, validated([99]))
     sender.start()
@@ -230,6 +236,33 @@ def test_one_url_down_does_not_block_another(receiver: Receiver, outbox: Outbox,
     wait_until(lambda: outbox.pending_urls() == [dead_url])
     assert [b["nonces"] for b in receiver.bodies()] == [[2]]
     assert delivery.flush(0.2) is False
+
+
+@pytest.mark.timeout(30)
+def test_a_receiver_that_hangs_delays_only_its_own_url(receiver: Receiver, outbox: Outbox,
+                                                       delivery: Delivery) -> None:
+    """Each url has its own sender: the fast receiver gets every batch while the slow one still holds
+    its first request open, and the slow one's batches follow, in order, once it answers."""
+    held = threading.Event()
+    slow = Receiver()
+    slow.plan = [held]
+    try:
+        outbox.put("generated", slow.base, gen([1]))
+        delivery.start()
+        wait_until(lambda: len(slow.raw()) == 1)  # the slow receiver holds its first request
+        outbox.put("generated", slow.base, gen([2], node_id=2))
+        for n in range(3):
+            outbox.put("generated", receiver.base, gen([10 + n], node_id=n))
+        wait_until(lambda: len(receiver.bodies()) == 3)
+        assert [b["nonces"] for b in receiver.bodies()] == [[10], [11], [12]]
+        assert len(slow.raw()) == 1 and not held.is_set()  # still waiting on its first answer
+        held.set()
+        wait_until(lambda: len(slow.bodies()) == 2)
+        assert [b["nonces"] for b in slow.bodies()] == [[1], [2]]
+        wait_until(lambda: outbox.pending_count() == 0)
+    finally:
+        held.set()
+        slow.close()
 
 
 @pytest.mark.timeout(30)
@@ -309,19 +342,21 @@ def test_only_one_sender_per_outbox(outbox: Outbox, delivery: Delivery) -> None:
 @pytest.mark.timeout(30)
 def test_flush_needs_a_running_sender(outbox: Outbox) -> None:
     with pytest.raises(Unavailable, match="not running"):
-        Delivery(outbox).flush(1)
+        Delivery(outbox, LOOPBACK).flush(1)
 
 
 _PUT_AND_DELIVER_CHILD = r"""
 import sys, time
 from pathlib import Path
 from node.logging import configure
+from services.pow.callback_policy import CallbackPolicy
 from services.pow.delivery import Delivery
 from services.pow.outbox import Outbox
 configure("test", "critical")
 box = Outbox(Path(sys.argv[1]))
 url = sys.argv[2]
-Delivery(box, period_s=0.005, backoff_base_s=0.005, backoff_cap_s=0.02).start()
+loopback = CallbackPolicy(frozenset(), allow_loopback=True)
+Delivery(box, loopback, period_s=0.005, backoff_base_s=0.005, backoff_cap_s=0.02).start()
 i = 0
 while True:
     kind = "validated" if i % 9 == 4 else "generated"
@@ -406,7 +441,7 @@ def test_urls_in_logs_lose_their_credentials() -> None:
 
 @pytest.mark.timeout(30)
 def test_sender_reports_transport_errors_instead_of_raising(receiver: Receiver) -> None:
-    sender = CallbackSender(connect_timeout_s=0.5, total_timeout_s=1.0)
+    sender = CallbackSender(LOOPBACK, connect_timeout_s=0.5, total_timeout_s=1.0)
     try:
         refused = sender.post(f"http://127.0.0.1:{free_port()}/x/generated", b"{}")
         assert refused.outcome is Outcome.RETRY and refused.status is None and "Connect" in refused.reason
