@@ -134,8 +134,9 @@ def vllm_env(environ: Mapping[str, str], gpus: list[str], logprobs_mode: str = P
     """One instance's environment (:func:`engine_environment`) plus its GPUs, dev mode for
     ``/collective_rpc``, the V1 model runner, the plugin's default logprobs mode, a CPU KV cache size, and
     no usage reports to vLLM's maintainers (the network's rule for its engines)."""
-    env = {**engine_environment(environ, passed), "CUDA_VISIBLE_DEVICES": ",".join(gpus), "VLLM_SERVER_DEV_MODE": "1",
-           "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode, "VLLM_NO_USAGE_STATS": "1"}
+    env = {**engine_environment(environ, passed), "CUDA_VISIBLE_DEVICES": ",".join(gpus),
+           "VLLM_SERVER_DEV_MODE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", DEFAULT_MODE_ENV: logprobs_mode,
+           "VLLM_NO_USAGE_STATS": "1"}
     if not gpus:
         env.setdefault(CPU_KVCACHE_ENV, DEFAULT_CPU_KVCACHE_GIB)
     return env

@@ -36,11 +36,17 @@ def test_down_leaves_no_engine_process_and_a_failed_start_answers_503_with_the_e
                f"engine processes outlived the down: {node.engine_pids()}")
     assert node.inference("GET", "/v1/models").status == 503
 
-    bad = {**UP_BODY, "additional_args": [*UP_BODY["additional_args"], "--no-such-vllm-flag"]}
+    # A flag vLLM does not have never reaches it: the engine-argument policy answers 400 at once.
+    unknown = {**UP_BODY, "additional_args": [*UP_BODY["additional_args"], "--no-such-vllm-flag"]}
+    resp = node.api("POST", "/api/v1/inference/up", unknown, timeout=600)
+    assert resp.status == 400 and "--no-such-vllm-flag" in resp.json()["detail"]
+    # A value the policy takes (a quantization method by name) that vLLM refuses: the engine's words.
+    bad = {**UP_BODY,
+           "additional_args": [*UP_BODY["additional_args"], "--quantization", "mlnode_no_such_quant"]}
     resp = node.api("POST", "/api/v1/inference/up", bad, timeout=600)
     assert resp.status == 503
     detail = resp.json()["detail"]
-    assert "before serving; last log lines:" in detail and "--no-such-vllm-flag" in detail
+    assert "before serving; last log lines:" in detail and "mlnode_no_such_quant" in detail
     wait_until(lambda: node.engine_pids() == [], 60, 0.5, "a failed start left engine processes")
 
 

@@ -105,8 +105,8 @@ def test_document_is_well_formed_openapi_31() -> None:
     assert set(init_op["responses"]) == {"200", "400", "403", "408", "409", "413", "415", "503", "504"}
     assert doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {
         "text/plain; version=0.0.4": {"schema": {"type": "string"}}}
-    assert set(doc["paths"]["/api/v1/models/download"]["post"]["responses"]) == {"202", "400", "409", "429",
-                                                                                  "503", "504"}
+    assert set(doc["paths"]["/api/v1/models/download"]["post"]["responses"]) == {
+        "202", "400", "403", "408", "409", "413", "415", "429", "503", "504"}
 
 
 def test_document_is_valid_openapi_by_the_specification_validator() -> None:

@@ -11,6 +11,7 @@ import falcon.testing
 import pytest
 
 from node import config
+from node.identity import ensure_node_keys
 from services.gateway import auth
 from services.gateway.app import PortRouter
 from services.gateway.errors import MAX_ERROR_BYTES, fit
@@ -19,7 +20,9 @@ TOKEN = "a-long-operator-token-0123456789"
 
 
 def router(tmp_path_factory: pytest.TempPathFactory, **env: str) -> PortRouter:
-    return PortRouter(config.load({"MLNODE_STATE_DIR": str(tmp_path_factory.mktemp("gw")), **env}))
+    settings = config.load({"MLNODE_STATE_DIR": str(tmp_path_factory.mktemp("gw")), **env})
+    ensure_node_keys(settings.keys_dir)  # what `mlnode up` does before the gateway starts
+    return PortRouter(settings)
 
 
 @pytest.fixture(scope="module")
