@@ -240,7 +240,7 @@ VARIABLES: tuple[Variable, ...] = (
              "Browser origins (comma-separated, `https://host[:port]`) whose requests the management port "
              "takes; empty: every request with an `Origin` is refused (403).",
              _items, "allowed_origins"),
-    Variable("MLNODE_MAX_REQUESTS", "128",
+    Variable("MLNODE_MAX_REQUESTS", "256",
              "Concurrent requests per gateway worker on the management port; beyond: 503 (stops are never "
              "refused).",
              _positive_int, "max_requests"),
@@ -307,7 +307,7 @@ class Settings:
     callback_hosts: tuple[str, ...] = ()
     callback_allow_loopback: bool = False
     allowed_origins: tuple[str, ...] = ()
-    max_requests: int = 128
+    max_requests: int = 256
     max_inference_requests: int = 1024
     header_timeout_s: float = 15.0
     body_timeout_s: float = 60.0
