@@ -23,7 +23,8 @@ _SECRET_ENV = re.compile(
 #: Log fields whose values are command lines or engine argument lists.
 _ARGV_FIELDS = frozenset({"argv", "args", "additional_args", "command", "cmd"})
 #: Log field names that are secrets themselves.
-_SECRET_FIELD = re.compile(r"secret|private|password|passwd|token_value|authorization|api_key|api_token|hf_token")
+_SECRET_FIELD = re.compile(
+    r"secret|private|password|passwd|token_value|authorization|api_key|api_token|hf_token")
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 #: Shorter values are not scrubbed from free text (they would blank out ordinary words).
 _MIN_SECRET_CHARS = 4

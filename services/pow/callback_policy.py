@@ -227,7 +227,7 @@ class GuardedBackend(httpcore.NetworkBackend):
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's transport over :class:`GuardedBackend` (no proxy: callbacks go straight to the receiver)."""
 
-    def __init__(self, policy: CallbackPolicy) -> None:  # noqa: super().__init__ would build another pool
+    def __init__(self, policy: CallbackPolicy) -> None:  # no super().__init__(): it would build another pool
         self._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(), max_connections=4, max_keepalive_connections=2,
             keepalive_expiry=5.0, network_backend=GuardedBackend(policy))
