@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -49,6 +50,39 @@ def free_ports(n: int, *, spacing: int = 1) -> list[int]:
     return found
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Ports a node claims after INFERENCE_PORT (its engines'; the callback policy refuses all of them).
+ENGINE_PORT_SPAN = 65
+
+
+def node_ports() -> tuple[int, int]:
+    """The API and inference ports of a test node, below the kernel's ephemeral range with the engine span
+    after the inference port free: a receiver or peer bound to port 0 can never land among a node's own
+    ports (which the callback policy refuses), and two nodes never overlap while both are bound."""
+    rng = random.Random()
+    top = _ephemeral_floor() - ENGINE_PORT_SPAN - 2
+    while True:
+        api = rng.randrange(10000, top)
+        held: list[socket.socket] = []
+        try:
+            for port in (api, *range(api + 1, api + 2 + ENGINE_PORT_SPAN)):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return api, api + 1
+
+
 @dataclass
 class Response:
     status: int
@@ -86,7 +120,7 @@ class Node:
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
         self.state_dir = root / "state"
-        api, inference = free_ports(2, spacing=4)
+        api, inference = node_ports()
         self.api_port, self.inference_port = api, inference
         self.env = dict(os.environ)
         self.env.update(

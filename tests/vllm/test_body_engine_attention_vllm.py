@@ -10,12 +10,13 @@ cache of the repeated prompt.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
+from services.inference.liveness import RUNNING_GAUGE, parse_metrics
 from tests.support.node import Response
 from tests.support.pocv2 import case, check_artifacts, rpc_kwargs
+from tests.support.waiting import wait_until
 from tests.vllm.conftest import SERVED_NAME, Served, one_result, rpc
 
 JSON = {"content-type": "application/json"}
@@ -66,16 +67,23 @@ def test_body_poc_calls_leave_the_serving_kv_cache_alone(vllm_serving: Served) -
     chat = threading.Thread(
         target=lambda: during.setdefault("resp", vllm_serving.chat(LONG_PROMPT, **GREEDY)))
     chat.start()
-    time.sleep(0.3)  # let it reach decoding: its KV blocks are live in the serving cache
-    overlapped = 0  # PoC calls that returned while the chat was still decoding
+
+    def decoding() -> bool:  # the chat is in the engine's running batch: its KV blocks are live
+        running = parse_metrics(vllm_serving.engine("GET", "/metrics").body.decode()).get(RUNNING_GAUGE, 0)
+        return running >= 1 or not chat.is_alive()
+
+    wait_until(decoding, 300, 0.02, "the chat never reached the engine's running batch")
+    overlapped = finished_during = 0  # PoC calls started / completed while the chat was decoding
     while chat.is_alive():
+        started = chat.is_alive()
         result = one_result(rpc(vllm_serving, "mlnode_poc_artifacts", rpc_kwargs(c)))
         assert "error" not in result, result
         check_artifacts(c, result["artifacts"])
-        overlapped += chat.is_alive()
+        overlapped += started
+        finished_during += chat.is_alive()
     chat.join()
     after = _answer(vllm_serving.chat(LONG_PROMPT, **GREEDY))
-    print(f"body kv isolation: {overlapped} PoC calls completed while a chat decoded")
+    print(f"body kv isolation: {overlapped} PoC calls started, {finished_during} completed, during a decode")
     assert overlapped >= 1
     for name, got in (("during", _answer(during["resp"])), ("after", after)):
         assert got[0] == before[0], name
