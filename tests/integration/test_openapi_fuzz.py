@@ -67,6 +67,9 @@ CROSS_FIELD_RULES = ("must split into", "must be a multiple of", "must be <= tot
                      "between 0.05 and 3600", "already taken by", "already registered for",
                      "must be divisible by", "must be even for rotary", "entries but dist has",
                      "validation.artifacts nonces must match nonces field")
+#: 400s for where a value may point, which JSON Schema cannot state either: the refusal's wording, and the
+#: words the document states the policy with (contracts/fields.py's callback URL descriptions).
+POLICY_RULES = {"is not an allowed callback": "Refused when it resolves to this node's own ports"}
 #: Ceilings that keep an admitted PoC v1 round cheap to build (the rules between fields stay random).
 SMALL_POW = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 8, "vocab_size": 512, "multiple_of": 64,
              "seq_len": 8, "ffn_dim_multiplier": 4.0}
@@ -436,6 +439,7 @@ def test_generated_and_malformed_requests_never_break_the_gateway(node: Node, re
     doc = node.api("GET", "/api/v1/openapi.json").json()
     stated = json.dumps(doc, ensure_ascii=False)
     assert [rule for rule in CROSS_FIELD_RULES if rule not in stated] == [], "cross-field rule not documented"
+    assert [rule for rule, words in POLICY_RULES.items() if words not in stated] == [], "policy not documented"
     ops = operations(doc)
     pids = {p: node.pid(p) for p in PROGRAMS}
     tally = Tally()
@@ -464,7 +468,7 @@ def test_generated_and_malformed_requests_never_break_the_gateway(node: Node, re
         admitted = call.op is not None and call.op.body_schema is not None and not call.invalid_body
         if status == 400 and admitted and call.body and call.body.strip():
             detail = json.loads(body)["detail"]
-            rule = next((rule for rule in CROSS_FIELD_RULES if rule in detail), None)
+            rule = next((rule for rule in (*CROSS_FIELD_RULES, *POLICY_RULES) if rule in detail), None)
             if rule is not None:
                 cross_field[rule] += 1
             elif not any(reason in detail for reason in STATE_REFUSALS):
