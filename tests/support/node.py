@@ -9,8 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -18,43 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_ports
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MLNODE = [sys.executable, "-m", "services.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_ports(n: int, *, spacing: int = 1) -> list[int]:
-    """``n`` free ports, each with ``spacing - 1`` free ports after it (engines use INFERENCE_PORT+1…)."""
-    found: list[int] = []
-    while len(found) < n:
-        base = free_port()
-        try:
-            socks = []
-            for offset in range(spacing):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + offset))
-                socks.append(s)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        found.append(base)
-    return found
-
-
-def _ephemeral_floor() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 #: Ports a node claims after INFERENCE_PORT (its engines'; the callback policy refuses all of them).
@@ -64,23 +30,9 @@ ENGINE_PORT_SPAN = 65
 def node_ports() -> tuple[int, int]:
     """The API and inference ports of a test node, below the kernel's ephemeral range with the engine span
     after the inference port free: a receiver or peer bound to port 0 can never land among a node's own
-    ports (which the callback policy refuses), and two nodes never overlap while both are bound."""
-    rng = random.Random()
-    top = _ephemeral_floor() - ENGINE_PORT_SPAN - 2
-    while True:
-        api = rng.randrange(10000, top)
-        held: list[socket.socket] = []
-        try:
-            for port in (api, *range(api + 1, api + 2 + ENGINE_PORT_SPAN)):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        return api, api + 1
+    ports (which the callback policy refuses), and two nodes never overlap (the ports stay claimed)."""
+    api = free_ports(1, span=2 + ENGINE_PORT_SPAN)[0]
+    return api, api + 1
 
 
 @dataclass

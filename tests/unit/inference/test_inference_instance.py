@@ -17,7 +17,7 @@ from services.inference.instance import Instance
 from services.inference.liveness import Timing
 from services.inference.manager import EngineManager
 from services.inference.probe import Prober
-from tests.support.node import free_port
+from tests.support.ports import free_port
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ import uvicorn
 from services.gateway.proxy import backend_urls
 from services.gateway.upstream_balancer import Balancer
 from services.gateway.upstream_relay import ReverseProxy, request_head
-from tests.support.node import free_port
+from tests.support.ports import bound_socket, free_port
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(30)
@@ -81,13 +81,12 @@ class Servers:
         self.running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
     async def serve(self, app: Any, **kw: Any) -> int:
-        port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                http="httptools", lifespan="off", **kw)
+        sock, port = bound_socket()
+        config = uvicorn.Config(app, log_config=None, access_log=False, http="httptools", lifespan="off",
+                                **kw)
         server = uvicorn.Server(config)
-        task = asyncio.get_running_loop().create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        await until(lambda: server.started, what="the server started")
         self.running.append((server, task))
         return port
 

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from services.pow.callback_http import CallbackSender, Outcome, classify, safe_u
 from services.pow.callback_policy import CallbackPolicy
 from services.pow.delivery import Delivery, backoff_delay
 from services.pow.outbox import Outbox
+from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
@@ -129,12 +129,6 @@ def gen(nonces: list[int], node_id: int = 1) -> dict[str, Any]:
 def validated(nonces: list[int]) -> dict[str, Any]:
     return {**gen(nonces, node_id=0), "received_dist": [0.3] * len(nonces), "r_target": 1.4,
             "fraud_threshold": 1e-7, "n_invalid": 0, "probability_honest": 1.0, "fraud_detected": False}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- end to end ---------------------------------------------------------------------------------
