@@ -216,6 +216,7 @@ async def test_events_reach_allowed_subscribers_and_revocation_cuts_them(rig: Ri
 
 
 async def _keep_publishing(pub: Publisher) -> None:
+    """Publish until cancelled, as a live service does: a subscriber joins a stream already flowing."""
     while True:
         pub.publish("state", {"n": 1})
         pub.publish("other", {"n": 2})

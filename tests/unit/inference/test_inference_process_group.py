@@ -111,9 +111,8 @@ asyncio.run(main())
     parent = subprocess.Popen([sys.executable, "-c", parent_script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
-        line = parent.stdout.readline()
-        while not line.startswith("child "):
-            line = parent.stdout.readline()
+        line = next((text for text in parent.stdout if text.startswith("child ")), "")
+        assert line, "the parent exited before it spawned its child"
         child = int(line.split()[1])
         assert alive(child)
         parent.kill()

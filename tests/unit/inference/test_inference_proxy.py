@@ -184,16 +184,12 @@ async def test_least_connections_spreads_held_requests(servers: Servers) -> None
     base, balancer = await proxy_for(servers, a, b)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as client:
         held = [asyncio.ensure_future(client.get(f"{base}/hold")) for _ in range(6)]
-        deadline = time.monotonic() + 5
-        while len(a.seen) + len(b.seen) < 6 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await until(lambda: len(a.seen) + len(b.seen) >= 6, 5, what="six held requests reached the engines")
         assert (len(a.seen), len(b.seen)) == (3, 3)
         assert sorted(x.inflight for x in balancer._backends) == [3, 3]
         b.release.set()
         # b's three finish; the next two requests go to b, which now has fewer in flight
-        deadline = time.monotonic() + 5
-        while sum(h.done() for h in held) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await until(lambda: sum(h.done() for h in held) >= 3, 5, what="b's three requests finished")
         more = [(await client.get(f"{base}/who")).text for _ in range(2)]
         assert more == ["b", "b"]
         a.release.set()
