@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,11 +205,9 @@ async def test_an_engine_that_dies_mid_response_is_not_made_to_look_complete(ser
 async def test_an_engine_silent_for_the_idle_timeout_fails_the_response(servers: Servers) -> None:
     engine = Engine("a")
     base, _ = await proxy_for(servers, engine, idle_timeout_s=0.5)
-    began = time.monotonic()
     async with httpx.AsyncClient() as client:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.get(f"{base}/forever")
-    assert 0.4 < time.monotonic() - began < 3
+        with pytest.raises(httpx.RemoteProtocolError):  # the proxy ended it; the engine never would
+            await asyncio.wait_for(client.get(f"{base}/forever"), 30)
     await asyncio.wait_for(engine.disconnected.wait(), 5)
 
 
