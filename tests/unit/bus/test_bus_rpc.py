@@ -90,10 +90,17 @@ async def test_stranger_with_valid_curve_keypair_is_refused(rig: Rig) -> None:
 async def test_plain_unencrypted_client_is_refused(rig: Rig) -> None:
     sock = rig.ctx.socket(zmq.DEALER)
     sock.linger = 0
+    turned_away = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                   zmq.EVENT_DISCONNECTED)
+    monitor = sock.get_monitor_socket(sum(turned_away))
     sock.connect(rig.server.endpoint)
     await sock.send(codec.encode(codec.Envelope(type="echo", payload="plain")))
-    await asyncio.sleep(0.5)
+    # The server turned the connection away (the event says so) before any message could reach it.
+    event = await asyncio.wait_for(monitor.recv_multipart(), 30)
+    assert int.from_bytes(event[0][:2], "little") in turned_away
     assert rig.calls == []
+    sock.disable_monitor()
+    monitor.close()
     sock.close()
 
 
