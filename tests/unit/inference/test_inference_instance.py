@@ -127,9 +127,9 @@ async def test_a_hung_engine_is_restarted_within_the_window(harness: Harness) ->
     try:
         first = await serving(inst)
         harness.set_mode(first, "hang")
-        took = await until(lambda: inst.restarts == 1, 10)
-        # window + one poll + one probe timeout, plus scheduling slack
-        assert took < TIMING.hang_s + TIMING.poll_s + TIMING.probe_timeout_s + 1.5, took
+        # Restarted by the hang detector (the reason says so); the window's arithmetic is
+        # test_inference_liveness's, on a fake clock.
+        await until(lambda: inst.restarts == 1, 10)
         assert inst.last_exit is not None and inst.last_exit["reason"].startswith("hung: no answer")
         await until(lambda: inst.healthy() and inst.process is not None and inst.process.pid != first, 20)
     finally:
