@@ -145,7 +145,8 @@ def test_200_clients_poll_state_while_modes_switch_and_starts_race(node: Node, r
             winner = "POW" if pow_resp.status == 200 else "INFERENCE"
             assert node.api("GET", "/api/v1/state").json()["state"] == winner
             assert node.api("POST", "/api/v1/stop").status == 200
-        time.sleep(1.0)
+            sampled = watch.samples  # the watch sees the node after each stop, not only during the races
+            wait_until(lambda s=sampled: watch.samples >= s + 2, 30, message="no /health sample after a stop")
     assert not crowd.failures, crowd.failures[:5]
     assert set(crowd.statuses) == {200}, crowd.statuses
     assert set(crowd.states) <= STATES and crowd.states["POW"] and crowd.states["INFERENCE"]
