@@ -52,7 +52,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         return {"echo": payload}
 
     async def slow(payload: Any, _caller: Caller) -> Any:
-        await asyncio.sleep(float(payload))
+        await asyncio.sleep(float(payload))  # the scenario: a handler slower than the caller's deadline
         return "late"
 
     async def refuse(_payload: Any, _caller: Caller) -> Any:

@@ -49,7 +49,7 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(data)
     def do_GET(self):
         m = mode()
-        if m == "hang":
+        if m == "hang":  # the scenario: an engine that stops answering
             time.sleep(3600)
         if m == "crash":
             os._exit(7)

@@ -219,7 +219,7 @@ async def test_keep_alive_connections_are_reused_and_survive_engine_idle_close(s
     base = f"http://127.0.0.1:{await servers.serve(ReverseProxy(balancer))}"
     async with httpx.AsyncClient() as client:
         for pause in (0, 0, 1.3, 0):  # 1.3 s: the engine has closed our idle connection meanwhile
-            await asyncio.sleep(pause)
+            await asyncio.sleep(pause)  # the scenario: a client idle past the engine's keep-alive (1 s)
             assert (await client.get(f"{base}/who")).text == "a"
     pool = balancer._backends[0].pool
     assert len(pool._idle) == 1

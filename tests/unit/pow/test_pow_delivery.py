@@ -59,7 +59,7 @@ class Receiver:
                 with owner.lock:
                     owner.requests.append((self.path, body))
                     action = owner.plan.pop(0) if owner.plan else owner.default
-                if owner.delay_s:
+                if owner.delay_s:  # the scenario: a receiver slow to answer
                     time.sleep(owner.delay_s)
                 if isinstance(action, tuple):  # ("stall", seconds): say nothing for a while
                     time.sleep(action[1])
