@@ -358,7 +358,7 @@ while True:
                         "dist": [0.5], "node_id": 1})
     print(i, flush=True)
     i += 1
-    time.sleep(0.001)
+    time.sleep(0.001)  # the scenario: a producer that keeps going until it is killed
 """
 
 
