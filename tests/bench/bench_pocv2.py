@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import torch
 from services.inference.poc import rng
 from tests.bench.report import print_table
 from tests.support.pocv2 import SERVED_NAME, TINY_QWEN3, golden
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 256
@@ -36,28 +37,22 @@ VLLM_PYTHON = os.environ.get("MLNODE_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bi
 WORKER_EXTENSION = "services.inference.vllm_plugin.worker.MLNodeWorkerExtension"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _engine(cmd: list[str], env: dict[str, str], port: int, timeout: float) -> Iterator[str]:
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"engine did not start: {cmd[:4]}")
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"engine exited {proc.returncode}: {cmd[:4]}")
             try:
-                if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                    break
+                return httpx.get(url + "/health", timeout=2.0).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+                return False
+
+        wait_until(healthy, timeout, 0.5, message=f"engine did not start: {cmd[:4]}")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -69,14 +64,14 @@ def _engine(cmd: list[str], env: dict[str, str], port: int, timeout: float) -> I
 
 
 def cpu_engine() -> tuple[list[str], dict[str, str], int]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "services.inference.cpu_engine", "--model", str(TINY_QWEN3),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
     return cmd, {}, port
 
 
 def vllm_engine() -> tuple[list[str], dict[str, str], int]:
-    port = _free_port()
+    port = free_port()
     cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TINY_QWEN3),
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",

@@ -30,8 +30,8 @@ from services.pow.v2.rounds import PocRounds
 from services.pow.v2.stats import binom_upper_tail
 from services.pow.v2.verdict import StatParams, judge
 from tests.bench.report import print_table
-from tests.support.node import free_port
 from tests.support.pocv2 import SERVED_NAME, TINY_QWEN3, golden
+from tests.support.ports import free_port
 
 BATCH = 32
 BATCHES = 6

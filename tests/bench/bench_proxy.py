@@ -29,6 +29,8 @@ from typing import Any
 
 from services.gateway.upstream import Pool
 from tests.bench.report import print_table
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -80,20 +82,12 @@ def _serve(kind: str, port: int, upstream_port: int) -> None:
                 log_level="warning", lifespan="off", backlog=2048)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, 30, message=f"nothing listens on {port}")
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -213,7 +207,7 @@ async def _measure(engine_port: int, proxy_port: int) -> dict[str, Any]:
 
 def run() -> None:
     ctx = mp.get_context("spawn")
-    engine_port, proxy_port = _free_port(), _free_port()
+    engine_port, proxy_port = free_port(), free_port()
     procs = [ctx.Process(target=_serve, args=("engine", engine_port, 0), daemon=True),
              ctx.Process(target=_serve, args=("proxy", proxy_port, engine_port), daemon=True)]
     for p in procs:

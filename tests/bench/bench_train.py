@@ -27,7 +27,6 @@ import hashlib
 import math
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from tests.bench.report import print_table
+from tests.support.ports import free_ports
 
 WORLD = 3
 REPS = int(os.environ.get("BENCH_TRAIN_REPS", "4"))
@@ -53,18 +53,6 @@ PEER = {
     "int8": ("scatter_gather", "int8"),
     "none, all_to_all": ("all_to_all", "none"),
 }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [int(s.getsockname()[1]) for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _shapes() -> list[tuple[int, ...]]:
@@ -237,13 +225,13 @@ def run() -> None:
     for _ in range(ROUNDS):
         for name in names:
             if name in PEER:
-                ports = _free_ports(WORLD)
+                ports = free_ports(WORLD)
                 slowest, sent, digests = _run(_peer_worker, lambda r, p=ports, n=name: (r, p, keys, n))
                 if set(digests) != {references[PEER[name][1]]}:
                     raise AssertionError(f"{name}: ranks or reference disagree on the result: {digests}")
                 sent_by[name] += sent
             else:
-                port = _free_ports(1)[0]
+                port = free_ports(1)[0]
                 slowest, _, _ = _run(_gloo_worker, lambda r, p=port, f=(name == "gloo flat"): (r, p, f))
             samples[name] += slowest
             print(f"   {name}: {', '.join(f'{t * 1e3:.0f}' for t in slowest)} ms", flush=True)

@@ -29,7 +29,7 @@ from tests.bench.bench_vllm import start_engine, wait_healthy
 from tests.bench.report import print_table
 from tests.support import infval
 from tests.support.cpu_engine import Engine
-from tests.support.node import free_port
+from tests.support.ports import free_port
 
 TOKENS = 64
 ROUNDS = 12

@@ -27,8 +27,9 @@ from typing import Any
 
 import httpx
 
-from tests.bench.bench_proxy import Client, _free_port, _wait_listening
+from tests.bench.bench_proxy import Client, _wait_listening
 from tests.bench.report import print_table
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO.parent / "shared" / "golden" / "pocv2-tiny-qwen3"
@@ -135,7 +136,7 @@ def run() -> None:
     if python is None:
         print("\n## vllm: skipped: no vLLM environment (make vllm-env builds .venv-vllm)")
         return
-    engine_port, proxy_port = _free_port(), _free_port()
+    engine_port, proxy_port = free_port(), free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-vllm-{engine_port}.log"
     engine = start_engine(python, engine_port, log)
     proxy = mp.get_context("spawn").Process(target=_serve_proxy, args=(proxy_port, engine_port), daemon=True)

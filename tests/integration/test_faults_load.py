@@ -145,7 +145,8 @@ def test_200_clients_poll_state_while_modes_switch_and_starts_race(node: Node, r
             winner = "POW" if pow_resp.status == 200 else "INFERENCE"
             assert node.api("GET", "/api/v1/state").json()["state"] == winner
             assert node.api("POST", "/api/v1/stop").status == 200
-        time.sleep(1.0)
+            sampled = watch.samples  # the watch sees the node after each stop, not only during the races
+            wait_until(lambda s=sampled: watch.samples >= s + 2, 30, message="no /health sample after a stop")
     assert not crowd.failures, crowd.failures[:5]
     assert set(crowd.statuses) == {200}, crowd.statuses
     assert set(crowd.states) <= STATES and crowd.states["POW"] and crowd.states["INFERENCE"]
@@ -172,20 +173,18 @@ def test_slowloris_connections_do_not_stop_the_gateway_and_are_cut_at_the_head_d
                 sock.sendall(b"POST /api/v1/pow/init/generate HT")
             stalled.append(sock)
         opened = time.monotonic()
+        # Served while every stalled socket is still held (how fast: `make bench`, bench_edge).
         for _ in range(20):
-            started = time.monotonic()
             assert node.api("GET", "/api/v1/state", timeout=10).status == 200
-            assert time.monotonic() - started < 2.0
         for sock in stalled[::3]:
             sock.sendall(b"a")  # a trickle does not extend the deadline
-        for sock in stalled:
+        for sock in stalled:  # one not cut by the head deadline (plus slack) times out here: a failure
             sock.settimeout(max(1.0, HEAD_TIMEOUT_S + 10 - (time.monotonic() - opened)))
             answer = b""
             with contextlib.suppress(ConnectionResetError):
                 while chunk := sock.recv(4096):
                     answer += chunk
             assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-        assert time.monotonic() - opened < HEAD_TIMEOUT_S + 10
     finally:
         for sock in stalled:
             sock.close()

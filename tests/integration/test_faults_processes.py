@@ -105,7 +105,7 @@ def test_gateway_killed_under_load_and_mid_claim_stays_consistent(node: Node, re
             try:
                 statuses.append(request(node.api_port, "GET", "/api/v1/state", timeout=10).status)
             except (OSError, http.client.HTTPException):
-                time.sleep(0.05)
+                time.sleep(0.05)  # the gateway is down: a client retries at its own pace
 
     pollers = [threading.Thread(target=poll, daemon=True) for _ in range(20)]
     for t in pollers:
@@ -113,7 +113,7 @@ def test_gateway_killed_under_load_and_mid_claim_stays_consistent(node: Node, re
     claim = threading.Thread(target=lambda: _quietly(node, "POST", "/api/v1/pow/init/generate",
                                                      init_body(receiver.url)), daemon=True)
     claim.start()
-    time.sleep(0.05)
+    time.sleep(0.05)  # the scenario: the kill lands while the claim is (most likely) under way
     master = node.pid("gateway")
     workers = children(master)
     assert len(workers) >= 1
@@ -122,11 +122,13 @@ def test_gateway_killed_under_load_and_mid_claim_stays_consistent(node: Node, re
         kill_and_wait(node, "gateway")
         # The killed master's workers must go too: they hold the ports the new master has to bind.
         wait_until(lambda: not any(alive(w) for w in workers), 20, 0.1, message=f"orphaned workers {workers}")
-        wait_until(lambda: node.api("GET", "/api/v1/state", timeout=5).status == 200, 30, 0.2)
-        outage = time.monotonic() - killed
+        # The outage's bar (15 s from the kill) is this wait's deadline.
+        wait_until(lambda: node.api("GET", "/api/v1/state", timeout=5).status == 200,
+                   max(0.1, killed + 15 - time.monotonic()), 0.2, message="the gateway came back too late")
         new_master = node.pid("gateway")
         assert children(new_master), "the new gateway master has no workers"
-        time.sleep(1.0)
+        answered = len(statuses)  # the pollers go on against the new gateway before they are stopped
+        wait_until(lambda: len(statuses) >= answered + 20, 30, message="the pollers got no answers after")
     finally:
         stop.set()
         for t in pollers:
@@ -139,7 +141,6 @@ def test_gateway_killed_under_load_and_mid_claim_stays_consistent(node: Node, re
     assert truthful_state(node) == "INFERENCE"
     assert node.api("POST", "/api/v1/stop", timeout=60).status == 200
     assert truthful_state(node) == "STOPPED"
-    assert outage < 15, f"the gateway answered again only after {outage:.1f} s"
     assert node.pid("gateway") == new_master, "the new gateway master did not stay up"
     wait_until(lambda: restarts(node, "gateway") == baseline + 1, 10)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,9 @@ def chat(extra: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_clients_inference_round(node: Node) -> None:
     assert node.api("POST", "/api/v1/stop").json() == {"status": "OK"}
-    began = time.monotonic()
-    resp = node.api("POST", "/api/v1/inference/up", UP, timeout=180)  # JSON, no Content-Type header
+    # JSON, no Content-Type header; answered within the request's 60 s deadline.
+    resp = node.api("POST", "/api/v1/inference/up", UP, timeout=60)
     assert (resp.status, resp.json()) == (200, {"status": "OK"}), node.logs("inference")
-    assert time.monotonic() - began < 60
     assert node.inference("GET", "/health").status == 200
     models = node.inference("GET", "/v1/models").json()
     assert models["data"][0]["id"] == MODEL  # what the client asked for, though it is a stand-in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,8 +142,10 @@ def test_nothing_is_lost_across_an_outage_and_a_kill_9(node: Node) -> None:
         wait_until(lambda: node.api("GET", "/api/v1/pow/status").json().get("valid_found", 0) >= 10, 60)
         wait_until(lambda: fresh.refused >= 1, 30, message="delivery never tried")
         before = node.api("GET", "/api/v1/pow/status").json()
-        os.kill(node.pid("pow"), signal.SIGKILL)
-        time.sleep(1.0)
+        old = node.pid("pow")
+        os.kill(old, signal.SIGKILL)
+        # The receiver comes back only once the killed process is gone and supervisord has run a new one.
+        wait_until(lambda: node.pid("pow") not in (0, old), 30, message="pow was not restarted")
         fresh.up()
         # The restarted process resumes the round (the node is still in POW mode) and delivers.
         wait_until(lambda: node.api("GET", "/api/v1/pow/status").json().get("status") == "GENERATING", 60)

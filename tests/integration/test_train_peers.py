@@ -21,7 +21,8 @@ import torch
 from services.train.config import TrainPlan
 from services.train.runner import weights_digest
 from services.train.simulate import simulate
-from tests.support.node import Node, free_ports, request
+from tests.support.node import Node, request
+from tests.support.ports import free_ports
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

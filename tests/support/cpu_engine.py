@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.node import REPO, free_port
+from tests.support.node import REPO
+from tests.support.ports import free_port
 from tests.support.waiting import wait_until
 
 

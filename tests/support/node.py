@@ -6,12 +6,9 @@ unless a test adds one — like the Network Node, which never sends it.
 
 from __future__ import annotations
 
-import collections
 import http.client
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import xmlrpc.client
@@ -21,88 +18,23 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from tests.support.ports import free_ports
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MLNODE = [sys.executable, "-m", "services.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_ports(n: int, *, spacing: int = 1) -> list[int]:
-    """``n`` free ports, each with ``spacing - 1`` free ports after it (engines use INFERENCE_PORT+1…)."""
-    found: list[int] = []
-    while len(found) < n:
-        base = free_port()
-        try:
-            socks = []
-            for offset in range(spacing):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + offset))
-                socks.append(s)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        found.append(base)
-    return found
-
-
-def _ephemeral_floor() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 #: Ports a node claims after INFERENCE_PORT (its engines'; the callback policy refuses all of them).
 ENGINE_PORT_SPAN = 65
-
-
-#: The last spans this process handed out (more than a module keeps alive at once): a node's engine ports
-#: are bound only once its engines start, so a free-looking span may still be another live node's.
-_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=32)
-
-
-def _worker_slice(low: int, high: int) -> range:
-    """This pytest-xdist worker's own part of ``[low, high)`` (all of it without xdist): nodes of two
-    workers never draw the same ports."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    width = (high - low) // max(count, 1)
-    start = low + width * (int(worker) if worker.isdigit() else 0)
-    return range(start, start + width)
 
 
 def node_ports() -> tuple[int, int]:
     """The API and inference ports of a test node, below the kernel's ephemeral range with the engine span
     after the inference port free: a receiver or peer bound to port 0 can never land among a node's own
-    ports (which the callback policy refuses), and two nodes never overlap, whichever worker runs them."""
-    rng = random.Random()
-    span = ENGINE_PORT_SPAN + 2
-    ours = _worker_slice(10000, _ephemeral_floor() - span)
-    while True:
-        api = rng.randrange(ours.start, ours.stop)
-        if any(abs(api - other) < span for other in _HANDED_OUT):
-            continue
-        held: list[socket.socket] = []
-        try:
-            for port in (api, *range(api + 1, api + 2 + ENGINE_PORT_SPAN)):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        _HANDED_OUT.append(api)
-        return api, api + 1
+    ports (which the callback policy refuses), and two nodes never overlap (the ports stay claimed)."""
+    api = free_ports(1, span=2 + ENGINE_PORT_SPAN)[0]
+    return api, api + 1
 
 
 @dataclass

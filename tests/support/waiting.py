@@ -7,8 +7,9 @@ condition the whole deadline and fail with what was last seen.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 # A condition that reads a file or a socket another process is still writing may fail half-way.
@@ -33,10 +34,18 @@ def wait_until(
         time.sleep(interval)
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> float:
-    """Seconds it took ``predicate`` to hold, polled on the running loop; AssertionError past ``timeout``."""
+async def until(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, what: str = ""
+) -> float:
+    """Seconds it took ``predicate`` (plain or async) to hold, polled on the running loop; AssertionError
+    past ``timeout``."""
     began = time.monotonic()
-    while not predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            break
         if time.monotonic() - began > timeout:
             raise AssertionError(f"not reached within {timeout} s: {what or 'condition'}")
         await asyncio.sleep(0.05)

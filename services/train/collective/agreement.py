@@ -191,6 +191,12 @@ class StepAgreement:
         return self.excluded_reason is None and self.decision is not None
 
     @property
+    def applied(self) -> Decision | None:
+        """The decision this rank applies, or None when it left the step: what it then answers a late
+        message with (:func:`answer_after` of it, else :func:`answer_left`)."""
+        return self.decision if self.included else None
+
+    @property
     def waiting_for_quorum(self) -> bool:
         """True while this rank reaches too few ranks to propose and follows nobody."""
         return self.no_quorum_since is not None and self.proposal is None and self.coordinator == self.me

@@ -522,8 +522,8 @@ class PeerGroup:
                 # The models differ: the peers must fail as well, even if our "refuse" got lost.
                 self._remember_left(step, refused=facts if rnd.mismatched else None)
                 raise rnd.error
-            decision = rnd.agreement.decision
-            if decision is None or not rnd.agreement.included:
+            decision = rnd.agreement.applied
+            if decision is None:
                 self._last_ranks = None
                 self._remember_left(step)
                 raise Excluded(

@@ -259,8 +259,9 @@ async def test_an_ack_the_link_could_not_send_is_owed_and_paid_once_it_can(nodes
     link.ack(PeerMessage(peer_key, msgspec.Raw(msgpack.packb({"t": "chunk"})), None, credit=4))
     link.ack(PeerMessage(peer_key, msgspec.Raw(msgpack.packb({"t": "hb"}))))  # not credited: no ack
     await until(lambda: bool(sent), what="the owed ack sent")
-    await asyncio.sleep(0.2)
-    assert sent == [(peer_key, 4)] and refuse == [0]
+    assert link._paying is not None
+    await asyncio.wait_for(link._paying, 10)  # the payer is done: nothing is owed, nothing more will go
+    assert sent == [(peer_key, 4)] and refuse == [0] and link._owed == []
 
 
 async def test_a_registered_peer_sending_broken_frames_is_reported_to_the_links_owner(

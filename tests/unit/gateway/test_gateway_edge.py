@@ -14,6 +14,7 @@ import pytest
 
 from node import config
 from services.gateway.edge import Edge
+from tests.support.waiting import until
 
 API, INFERENCE = 18080, 15000
 
@@ -113,15 +114,14 @@ def test_concurrent_requests_beyond_the_limit_get_503_but_stops_never_do(tmp_pat
         held = [asyncio.create_task(call(edge)) for _ in range(3)]
         held += [asyncio.create_task(call(edge, port=INFERENCE, path="/v1/models", method="GET"))
                  for _ in range(2)]
-        while app.entered < 5:
-            await asyncio.sleep(0)
+        await until(lambda: app.entered >= 5, what="the five held requests reached the app")
         status, body = await call(edge, path="/api/v1/state", method="GET")
         assert status == 503 and "at most 3" in body["detail"]
         assert (await call(edge, port=INFERENCE, path="/v1/models", method="GET"))[0] == 503
         stops = [asyncio.create_task(call(edge, path=p)) for p in
                  ("/api/v1/stop", "/api/v1/pow/stop", "/api/v1/inference/down", "/api/v1/train/stop")]
-        while app.entered < 9:
-            await asyncio.sleep(0)  # every stop reached the app although the port is full
+        # Every stop reached the app although the port is full.
+        await until(lambda: app.entered >= 9, what="the four stops reached the app")
         app.hold.set()
         assert [s for s, _ in await asyncio.gather(*held, *stops)] == [200] * 9
         assert await call(edge) == (200, {})  # the slots are free again

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from services.gateway.server import EdgeProtocol
-from tests.support.node import free_port
+from tests.support.ports import bound_socket
 from tests.support.waiting import wait_until
 
 
@@ -54,11 +54,11 @@ class Fast(EdgeProtocol):
 @pytest.fixture
 def server() -> Iterator[tuple[int, Streamer]]:
     app = Streamer()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=Fast, loop="asyncio", lifespan="off",
+    sock, port = bound_socket()
+    config = uvicorn.Config(app, http=Fast, loop="asyncio", lifespan="off",
                             log_level="critical", access_log=False)
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 10, 0.02)
     yield port, app

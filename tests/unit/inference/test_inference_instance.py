@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from services.inference.instance import Instance
 from services.inference.liveness import Timing
 from services.inference.manager import EngineManager
 from services.inference.probe import Prober
-from tests.support.node import free_port
+from tests.support.ports import free_port
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,7 +49,7 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(data)
     def do_GET(self):
         m = mode()
-        if m == "hang":
+        if m == "hang":  # the scenario: an engine that stops answering
             time.sleep(3600)
         if m == "crash":
             os._exit(7)
@@ -126,9 +127,9 @@ async def test_a_hung_engine_is_restarted_within_the_window(harness: Harness) ->
     try:
         first = await serving(inst)
         harness.set_mode(first, "hang")
-        took = await until(lambda: inst.restarts == 1, 10)
-        # window + one poll + one probe timeout, plus scheduling slack
-        assert took < TIMING.hang_s + TIMING.poll_s + TIMING.probe_timeout_s + 1.5, took
+        # Restarted by the hang detector (the reason says so); the window's arithmetic is
+        # test_inference_liveness's, on a fake clock.
+        await until(lambda: inst.restarts == 1, 10)
         assert inst.last_exit is not None and inst.last_exit["reason"].startswith("hung: no answer")
         await until(lambda: inst.healthy() and inst.process is not None and inst.process.pid != first, 20)
     finally:
@@ -150,8 +151,13 @@ async def test_a_busy_engine_that_makes_progress_is_left_alone(harness: Harness)
     inst = harness.instance()
     try:
         first = await serving(inst)
+        busy_from = time.monotonic()
         harness.set_mode(first, "busy")  # /health never answers, counters keep moving
-        await asyncio.sleep(2 * TIMING.hang_s)
+        # Judged alive by its progress alone for two whole hang windows (observations, not a sleep).
+        def alive_through_two_windows() -> bool:
+            return inst.liveness is not None and inst.liveness.last_alive - busy_from >= 2 * TIMING.hang_s
+
+        await until(alive_through_two_windows, 20, what="two hang windows of observed progress")
         assert inst.restarts == 0 and inst.state == "serving" and inst.healthy()
         assert inst.process is not None and inst.process.pid == first
     finally:

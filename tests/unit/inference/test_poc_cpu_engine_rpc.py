@@ -2,58 +2,28 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.cpu_engine import Engine
 from tests.support.pocv2 import SERVED_NAME, TINY_QWEN3, case, check_artifacts, golden, rpc_kwargs
+from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[3]
 METHOD = "mlnode_poc_artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("logs") / "engine.log"
-    cmd = [sys.executable, "-m", "services.inference.cpu_engine", "--model", str(TINY_QWEN3),
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
+    server = Engine(TINY_QWEN3, tmp_path_factory.mktemp("logs") / "engine.log", served_name=SERVED_NAME)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"engine exited {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield url
+        server.wait_healthy()
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        server.stop()
 
 
 def _rpc(url: str, kwargs: Any, method: str = METHOD) -> httpx.Response:
@@ -118,9 +88,12 @@ def test_chat_and_health_answer_while_a_poc_batch_runs(engine: str) -> None:
     before = _poc_nonces(engine)
     with ThreadPoolExecutor(1) as pool:
         poc = pool.submit(_rpc, engine, kwargs)
-        while _poc_nonces(engine) < before + 8:  # the first batch is done: PoC is mid-run
+
+        def mid_run() -> bool:  # the first batch is done: PoC is mid-run
             assert not poc.done(), poc.result().text
-            time.sleep(0.05)
+            return _poc_nonces(engine) >= before + 8
+
+        wait_until(mid_run, 300, message="the PoC call's first batch never finished")
         assert httpx.get(engine + "/health", timeout=60.0).status_code == 200
         body = {"model": SERVED_NAME, "prompt": "hello", "max_tokens": 3, "temperature": 0}
         chat = httpx.post(engine + "/v1/completions", json=body, timeout=120.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -168,13 +167,14 @@ async def test_generate_jobs_round_robin_wait_for_the_loop_and_validate(
     assert (await rounds.job_status(job(first["request_id"])))["status"] == "queued"
     for e in engines:  # end the loops without a stop (a stop would drop the jobs)
         await rounds.workers[e.port]._end_loop(rounds.workers[e.port].loop, "test")  # type: ignore[arg-type]
-    async def done() -> dict[str, Any]:
-        while True:
-            view = await rounds.job_status(job(first["request_id"]))
-            if view["status"] != "queued" and view["status"] != "running":
-                return view
-            await asyncio.sleep(0.02)
-    view = await asyncio.wait_for(done(), 30)
+    last: dict[str, Any] = {}
+
+    async def done() -> bool:
+        last.update(await rounds.job_status(job(first["request_id"])))
+        return last["status"] not in ("queued", "running")
+
+    await until(done, 30, what="the job left queued/running")
+    view = dict(last)
     expected = case["results"][0]["expected"]
     assert view == {"status": "completed", "request_id": first["request_id"], **expected} | {
         "p_value": pytest.approx(expected["p_value"], abs=1e-9)}

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import services.pow.outbox as outbox_module
 from node.errors import ConfigError, InvalidRequest, Unavailable
 from services.pow.outbox import Outbox
 
@@ -166,11 +168,16 @@ def test_dead_letter_and_counters_survive_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_oldest_age_reflects_the_oldest_pending_batch(outbox: Outbox) -> None:
+def test_oldest_age_reflects_the_oldest_pending_batch(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1_000_000.0]  # the outbox's wall clock, moved by the test
+    monkeypatch.setattr(outbox_module, "time", types.SimpleNamespace(time=lambda: now[0]))
     assert outbox.stats()["oldest_age_s"] == 0.0
     outbox.put("generated", URL, gen([1]))
-    time.sleep(0.05)
-    assert outbox.stats()["oldest_age_s"] >= 0.05
+    now[0] += 5.0
+    outbox.put("generated", URL + "/other", gen([2]))
+    assert outbox.stats()["oldest_age_s"] == pytest.approx(5.0)
 
 
 @pytest.mark.timeout(30)

@@ -25,7 +25,7 @@ class Net:
     A rank hears a peer when a message or heartbeat of it arrives; a ``cut`` link loses everything and
     a ``paused`` rank (a blocked event loop) neither ticks nor beats, its inbox waiting for ``resume``.
     The data of a ballot completes once every member of its view has started it, while ``data_ok``.
-    A finished rank answers as PeerGroup does: a commit if it applied the decision, else "leave".
+    A finished rank answers as PeerGroup does, from the agreement's own ``applied`` decision.
     """
 
     def __init__(self, world: int, *, data_ok: bool = True) -> None:
@@ -73,11 +73,8 @@ class Net:
             message = _decoder.decode(wire)
             assert isinstance(message, StepMessage) and message.r == sender
             if target.finished:  # what PeerGroup answers for a step it is done with
-                if target.included:
-                    assert target.decision is not None
-                    reply = answer_after(target.decision, dest, message)
-                else:
-                    reply = answer_left(dest, message)
+                done = target.applied
+                reply = answer_left(dest, message) if done is None else answer_after(done, dest, message)
                 if reply is not None:
                     self.queue.append((dest, sender, msgspec.msgpack.encode(reply)))
             else:
