@@ -37,6 +37,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from node.errors import ConfigError, InvalidRequest, Unavailable
+from node.files import fsync_dir
 from node.logging import get_logger
 
 log = get_logger(__name__)
@@ -236,8 +237,9 @@ class Outbox:
             if conn is not None:
                 conn.close()
             raise
-        if created:
-            _fsync_dir(path.parent)
+        if created:  # the new file's directory entry survives a crash right after creation
+            with contextlib.suppress(OSError):
+                fsync_dir(path.parent)
         return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
@@ -478,17 +480,3 @@ class Outbox:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a newly created file's directory entry durable (a crash right after creation keeps it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
