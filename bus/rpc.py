@@ -25,6 +25,7 @@ import zmq
 from bus import codec
 from bus.auth import Authenticator
 from bus.sockets import make_client, make_server, user_id
+from node.backoff import backoff_delay
 from node.errors import DeadlineExceeded, MLNodeError, NotFound, ProtocolError, TooLarge, Unavailable
 from node.identity import KeyPair
 from node.logging import get_logger
@@ -296,7 +297,7 @@ class RpcClient:
     async def _send(self, data: bytes, wait: float) -> None:
         """Send now; while there is no connection yet (``IMMEDIATE``), retry for up to ``wait`` s."""
         give_up = time.monotonic() + wait
-        pause = 0.002
+        tries = 0
         while True:
             try:
                 self._sock.send(data, _NOBLOCK)
@@ -306,8 +307,8 @@ class RpcClient:
                 if left <= 0:
                     raise Unavailable(
                         f"{self.name} is not reachable (no connection within {wait:g} s)") from None
-                await asyncio.sleep(min(pause, left))
-                pause = min(2 * pause, 0.05)
+                tries += 1
+                await asyncio.sleep(min(backoff_delay(tries, 0.002, 0.05), left))
 
     def _on_reply(self, frames: list[bytes]) -> None:
         if len(frames) != 1:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.backoff import backoff_delay
 from node.errors import Conflict, Unavailable
 from node.files import lock_file
 from node.logging import get_logger
@@ -33,16 +34,6 @@ from services.pow.outbox import Outbox, Unit
 log = get_logger(__name__)
 #: Urls delivered at the same time, one sender thread each.
 MAX_SENDERS = 16
-
-
-def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Delay before retry number ``failures`` (1-based): base*2^(n-1) capped, jittered into [d/2, d].
-
-    The lower half stays so a recovering receiver is not hammered; the jitter spreads the nodes of a
-    network that all lost the same receiver at the same moment.
-    """
-    ceiling = min(cap_s, base_s * 2.0 ** min(max(failures - 1, 0), 62))
-    return rng.uniform(ceiling / 2.0, ceiling)
 
 
 class Delivery:

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from node.backoff import backoff_delay
 from node.errors import InvalidRequest, Overloaded, Unavailable
 from node.logging import get_logger
 from services.pow.cancel import Cancelled
@@ -305,7 +306,7 @@ class Runner:
         The results are worth money: holding the compute thread until the disk accepts them is better
         than dropping them, and the status shows why the round stalls.
         """
-        delay = 0.5
+        failures = 0
         while True:
             try:
                 self.outbox.put(kind, self.spec.url, batch)  # type: ignore[arg-type]
@@ -313,10 +314,11 @@ class Runner:
                 return
             except Unavailable as exc:
                 self.storage_error = exc.message[:500]
+                failures += 1
+                delay = backoff_delay(failures, 0.5, 10.0)
                 log.error("pow_outbox_refused", kind=kind, reason=exc.message, retry_in_s=delay)
                 if self._stop.wait(delay):
                     raise Cancelled from None
-                delay = min(delay * 2, 10.0)
 
 
 class _Either:
