@@ -6,7 +6,8 @@ out in the description, so the published document still tells the client every r
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any
 
 import msgspec
 
@@ -99,7 +100,16 @@ class ProofBatch(msgspec.Struct, kw_only=True):
 
 # --- answers ----------------------------------------------------------------------------------------
 
-PowState = Literal["IDLE", "NOT_LOADED", "LOADING", "GENERATING", "VALIDATING", "STOPPED", "MIXED"]
+class PowState(StrEnum):
+    """The PoC v1 round's status (a str enum: it compares and encodes as its wire string)."""
+
+    IDLE = "IDLE"
+    NOT_LOADED = "NOT_LOADED"
+    LOADING = "LOADING"
+    GENERATING = "GENERATING"
+    VALIDATING = "VALIDATING"
+    STOPPED = "STOPPED"
+    MIXED = "MIXED"
 
 
 class PowStatus(msgspec.Struct, kw_only=True):

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from contracts.pow import PowState
 from node.backoff import backoff_delay
 from node.errors import InvalidRequest, Overloaded, Unavailable
 from node.logging import get_logger
@@ -35,7 +36,7 @@ from services.pow.validation import validated_batch
 
 log = get_logger(__name__)
 
-IDLE, GENERATING, VALIDATING = "IDLE", "GENERATING", "VALIDATING"
+IDLE, GENERATING, VALIDATING = PowState.IDLE, PowState.GENERATING, PowState.VALIDATING
 PHASES = (IDLE, GENERATING, VALIDATING)
 #: How long :meth:`Runner.cancel` waits for a commit in progress (an fsync, normally milliseconds).
 COMMIT_WAIT_S = 1.0
@@ -175,13 +176,13 @@ class Runner:
 
     def status(self) -> str:
         if self.error:
-            return "STOPPED"
+            return PowState.STOPPED
         if not self.loaded:
-            return "LOADING"
+            return PowState.LOADING
         with self._cond:
             busy_validating = bool(self._queue)
         if self._phase == GENERATING and busy_validating:
-            return "MIXED"
+            return PowState.MIXED
         return self._phase
 
     def set_phase(self, phase: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
-from contracts.pow import InitDto, ProofBatch
+from contracts.pow import InitDto, PowState, ProofBatch
 from contracts.pow_v2 import Generate, InitGenerate, JobQuery
 from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
@@ -127,7 +127,8 @@ class PowService(Service):
     def pow_status(self) -> dict[str, Any]:
         runner = self.runner
         if runner is None:
-            return {"status": "NOT_LOADED", "is_model_initialized": False, "outbox": self._outbox_stats()}
+            return {"status": PowState.NOT_LOADED, "is_model_initialized": False,
+                    "outbox": self._outbox_stats()}
         c = runner.counters
         body: dict[str, Any] = {
             "status": runner.status(),

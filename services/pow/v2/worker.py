@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from contracts.pow_v2 import Generate, InitGenerate
+from contracts.pow_v2 import Generate, InitGenerate, PocStatus
 from node.backoff import backoff_delay
 from node.errors import Conflict, MLNodeError, Overloaded, Unavailable
 from node.logging import get_logger
@@ -32,7 +32,7 @@ from services.pow.v2.verdict import StatParams, judge
 
 log = get_logger(__name__)
 
-GENERATING, IDLE = "GENERATING", "IDLE"
+GENERATING, IDLE = PocStatus.GENERATING, PocStatus.IDLE
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
 #: §2.3: more queued nonces than this on one engine is a 429.
 MAX_QUEUED_NONCES = 100_000
