@@ -28,8 +28,9 @@ from node.backoff import backoff_delay
 from node.errors import InvalidRequest, Overloaded, Unavailable
 from node.logging import get_logger
 from services.pow.cancel import Cancelled
-from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
+from services.pow.compute import ComputeGroup, discover_groups
 from services.pow.journal import Journal
+from services.pow.nonces import NonceSequence, nonce_sequence
 from services.pow.outbox import Outbox
 from services.pow.round import ProofBatch, RoundSpec, batch_for
 from services.pow.validation import validated_batch
@@ -271,12 +272,10 @@ class Runner:
                  fraud_detected=result["fraud_detected"], block_height=self.spec.block_height)
 
     def _generate(self, gid: int, group: ComputeGroup) -> None:
-        n_groups = len(self.groups)
         spec = self.spec
-        stride = n_groups * spec.node_count
-        base = spec.node_id + gid * spec.node_count
-        start_k = self._progress.get(str(gid), 0)
-        nonces = nonce_sequence(spec.node_id, spec.node_count, gid, n_groups, start_k)
+        sequence = NonceSequence(spec.node_id, spec.node_count, gid, len(self.groups))
+        nonces = nonce_sequence(spec.node_id, spec.node_count, gid, len(self.groups),
+                                self._progress.get(str(gid), 0))
         stop = _Either(self._stop, self._interrupt)
         batches = group.generate(spec.public_key, _until(nonces, stop), stop, cancel=self._stop)
         for batch_nonces, dists in batches:
@@ -294,7 +293,7 @@ class Runner:
                         "dist": [float(d) for d, ok in zip(dists, mask, strict=True) if ok],
                         "node_id": spec.node_id,
                     })
-                self._progress[str(gid)] = (max(batch_nonces) - base) // stride + 1
+                self._progress[str(gid)] = sequence.index(max(batch_nonces)) + 1
                 self._save()
             self.counters.add(len(batch_nonces), len(valid))
             if stop.is_set():

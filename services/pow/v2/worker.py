@@ -24,10 +24,10 @@ from contracts.pow_v2 import Generate, InitGenerate, PocStatus
 from node.backoff import backoff_delay
 from node.errors import Conflict, MLNodeError, Overloaded, Unavailable
 from node.logging import get_logger
+from services.pow.nonces import NonceSequence
 from services.pow.outbox import Kind, Outbox
 from services.pow.v2.engine import Computed, EngineClient, EngineRefused, Seed
 from services.pow.v2.journal import V2Journal
-from services.pow.v2.nonces import NonceSequence
 from services.pow.v2.verdict import StatParams, judge
 
 log = get_logger(__name__)
