@@ -21,6 +21,7 @@ from bus.rpc import Caller, Handler
 from node.config import Settings
 from node.identity import NodeKeys
 from node.logging import get_logger
+from node.mode import ModeStore
 from node.registry import BY_NAME, samples
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ class Service:
         self.settings = settings
         self.keys = keys
         self.started_at = time.time()
+        self.modes = ModeStore(settings.state_dir)
         self.bus = LocalBus(settings, keys, role=self.name)
         self.server = self.bus.server(bind=False)  # bound once startup() has resumed persisted work
         self.events = self.bus.publisher()
@@ -53,6 +55,11 @@ class Service:
     def route(self, kind: str, handler: Handler, body: Any = Any) -> None:
         """Serve ``kind``; ``body`` is the contract the handler receives its payload as."""
         self.server.route(kind, handler, body)
+
+    def claim_names_me(self) -> bool:
+        """True when the node's mode claim still names this service: the one test before a restarted
+        service resumes persisted work (the node may have moved on while it was down)."""
+        return self.modes.read() == self.mode
 
     # -- what subclasses provide ----------------------------------------------------------------
     def is_active(self) -> bool:

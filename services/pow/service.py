@@ -25,7 +25,6 @@ from contracts.pow import InitDto, PowState, ProofBatch
 from contracts.pow_v2 import Generate, InitGenerate, JobQuery
 from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
-from node.mode import ModeStore
 from node.process import bootstrap
 from services.pow.callback_policy import CallbackPolicy, CallbackRefused
 from services.pow.delivery import Delivery
@@ -96,11 +95,11 @@ class PowService(Service):
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.delivery.start()
-        await self.v2.resume(ModeStore(self.settings.state_dir).read() == "INFERENCE")
+        await self.v2.resume(self.modes.read() == "INFERENCE")
         doc = self.journal.load_round()
         if doc is None:
             return
-        if ModeStore(self.settings.state_dir).read() != self.mode:
+        if not self.claim_names_me():
             log.info("pow_round_discarded", reason="the node is no longer in POW mode")
             self.journal.clear_round()
             return

@@ -36,7 +36,6 @@ from contracts.checked import convert
 from contracts.train import RANK_0_REGISTERED, TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
-from node.mode import ModeStore
 from node.process import bootstrap
 from services.train.collective.group import PeerGroup
 from services.train.config import TrainPlan
@@ -134,7 +133,7 @@ class TrainService(Service):
         body = self.journal.load()
         if body is None:
             return
-        if ModeStore(self.settings.state_dir).read() != self.mode:
+        if not self.claim_names_me():
             log.info("train_run_discarded", reason="the node is no longer in TRAIN mode")
             self.journal.clear()
             return
