@@ -16,6 +16,7 @@ import time
 from dataclasses import astuple
 from typing import Any
 
+from bus.codec import plain_reason
 from bus.local import LocalBus
 from bus.rpc import Caller, Handler
 from node.config import Settings
@@ -33,6 +34,8 @@ class Service:
     name: str = ""
     #: The node state this service stands for while active ("POW", "INFERENCE", "TRAIN").
     mode: str = ""
+    #: How a refused request body is worded; services pass the contracts' (the gateway's) wording.
+    explain = staticmethod(plain_reason)
 
     def __init__(self, settings: Settings, keys: NodeKeys) -> None:
         program = BY_NAME.get(self.name)
@@ -44,7 +47,8 @@ class Service:
         self.started_at = time.time()
         self.modes = ModeStore(settings.state_dir)
         self.bus = LocalBus(settings, keys, role=self.name)
-        self.server = self.bus.server(bind=False)  # bound once startup() has resumed persisted work
+        # bound once startup() has resumed persisted work
+        self.server = self.bus.server(bind=False, explain=self.explain)
         self.events = self.bus.publisher()
         self.route("ping", self._ping)
         self.route("status", self._status)

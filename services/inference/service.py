@@ -34,6 +34,7 @@ import msgspec
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.checked import explain as explain_refusal
 from contracts.inference import InferenceUp
 from node.config import METRICS_MODES, Settings
 from node.errors import ConfigError, MLNodeError
@@ -55,6 +56,7 @@ log = get_logger(__name__)
 class InferenceService(Service):
     name = "inference"
     mode = "INFERENCE"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, settings: Settings, keys: NodeKeys, manager: EngineManager | None = None) -> None:
         super().__init__(settings, keys)

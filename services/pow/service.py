@@ -21,6 +21,7 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.checked import explain as explain_refusal
 from contracts.pow import InitDto, PowState, ProofBatch
 from contracts.pow_v2 import Generate, InitGenerate, JobQuery
 from node.errors import Conflict, InvalidRequest, Unavailable
@@ -44,6 +45,7 @@ RESOLVE_AT_ROUTE_S = 3.0
 class PowService(Service):
     name = "pow"
     mode = "POW"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -33,6 +33,7 @@ from typing import Any
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.checked import convert
+from contracts.checked import explain as explain_refusal
 from contracts.train import RANK_0_REGISTERED, TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
@@ -81,6 +82,7 @@ def _seconds(value: float, field: str) -> float:
 class TrainService(Service):
     name = "train"
     mode = "TRAIN"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
