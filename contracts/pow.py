@@ -132,6 +132,32 @@ class PowAnswer(msgspec.Struct, kw_only=True):
     pow_status: PowStatus | msgspec.UnsetType = msgspec.UNSET
 
 
+#: ``GET /api/v1/pow/outbox/dead?limit=``: the most dead letters one answer lists.
+MAX_DEAD_LETTERS = 1000
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A batch its receiver refused for good (4xx): kept in the outbox for an operator to inspect."""
+
+    id: int
+    kind: Annotated[str, msgspec.Meta(description="generated or validated: the callback path.")]
+    url: Annotated[str, msgspec.Meta(description="The callback URL, without user:password.")]
+    members: Annotated[int, msgspec.Meta(description="Batches merged into this delivery.")]
+    attempts: int
+    status: Annotated[int | None, msgspec.Meta(description="The receiver's final HTTP status.")]
+    reason: str | None
+    created: Annotated[float, msgspec.Meta(description="UNIX time it was queued.")]
+    dead_at: Annotated[float, msgspec.Meta(description="UNIX time it was given up.")]
+    body_bytes: Annotated[int, msgspec.Meta(description="Size of the stored request body.")]
+
+
+class DeadLetters(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/pow/outbox/dead``: every dead letter counted, the newest ``limit`` listed."""
+
+    total: int
+    dead_letters: list[DeadLetter]
+
+
 class PowQueued(msgspec.Struct, kw_only=True):
     """``POST /api/v1/pow/validate``: the batch is queued; the verdict goes to ``{url}/validated``."""
 

@@ -455,12 +455,17 @@ class Outbox:
         names = ("id", "kind", "url", "body", "members", "attempts", "status", "reason", "created", "dead_at")
         return [dict(zip(names, row, strict=True)) for row in rows]
 
+    def dead_count(self) -> int:
+        """How many dead letters the outbox holds (deliveries, not batches)."""
+        return int(self._read("SELECT count(*) FROM dead")[0][0])
+
     def stats(self) -> dict[str, Any]:
         """Counters for metrics; counts are batches as put, and survive restarts."""
         with self._lock:
             pending, oldest, units = self._read(
                 "SELECT coalesce(sum(members), 0), min(created), count(*) FROM queue"
             )[0]
+            dead_letters = self.dead_count()
             counters = dict(self._read("SELECT name, value FROM counters"))
         last_success = counters.get("last_success_ts")
         return {
@@ -470,6 +475,7 @@ class Outbox:
             "sends": int(counters.get("sends", 0)),
             "failures": int(counters.get("failures", 0)),
             "dead": int(counters.get("dead", 0)),
+            "dead_letters": dead_letters,
             "oldest_age_s": max(0.0, time.time() - oldest) if oldest is not None else 0.0,
             "last_success_ts": float(last_success) if last_success is not None else None,
         }
