@@ -14,11 +14,11 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from contracts.checked import explain
 from node.errors import InvalidRequest, MLNodeError, ProtocolError, from_wire
 
 VERSION = 1
@@ -35,6 +35,16 @@ _ID_COUNTER = itertools.count()
 def _new_id() -> str:
     """Unique per process run and cheap (a uuid4 per request cost more than the codec itself)."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
+#: Words msgspec's refusal of a payload (error, the payload, its expected type) for the caller. The bus
+#: knows no contract's wording: a service passes the contracts' own (``contracts.checked.explain``).
+Explain = Callable[[msgspec.ValidationError, Any, Any], str]
+
+
+def plain_reason(error: msgspec.ValidationError, document: Any, kind: Any) -> str:
+    """msgspec's own reason, for receivers that were given no wording."""
+    return str(error)
 
 
 class Envelope(msgspec.Struct):
@@ -56,12 +66,12 @@ class Envelope(msgspec.Struct):
     def fail(self, error: MLNodeError) -> Envelope:
         return Envelope(type="error", id=self.id, error=error.to_wire())
 
-    def body(self, kind: Any = Any) -> Any:
+    def body(self, kind: Any = Any, explain: Explain = plain_reason) -> Any:
         """The payload as ``kind`` (a contract Struct, or Any); a payload that does not fit is refused
-        with :class:`InvalidRequest` worded like the gateway's 400."""
+        with :class:`InvalidRequest` worded by ``explain`` (services pass the gateway's wording)."""
         payload = self.payload
         if not isinstance(payload, msgspec.Raw):
-            return payload if kind is Any else _convert(payload, kind)
+            return payload if kind is Any else _convert(payload, kind, explain)
         try:
             return msgspec.msgpack.decode(payload, type=kind)
         except msgspec.ValidationError as exc:
@@ -113,7 +123,7 @@ def decode(frame: bytes | memoryview, *, max_bytes: int = MAX_MESSAGE_BYTES) -> 
                     error=wire.error, v=wire.v)
 
 
-def _convert(value: Any, kind: Any) -> Any:
+def _convert(value: Any, kind: Any, explain: Explain) -> Any:
     try:
         return msgspec.convert(value, kind, strict=True)
     except msgspec.ValidationError as exc:

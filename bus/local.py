@@ -12,6 +12,7 @@ from __future__ import annotations
 import zmq.asyncio
 
 from bus.auth import Authenticator
+from bus.codec import Explain, plain_reason
 from bus.events import Publisher, Subscriber
 from bus.rpc import RpcClient, RpcServer
 from node.config import Settings
@@ -45,10 +46,11 @@ class LocalBus:
         self.auth.set_allowed("local", keys.local_publics())
         self.auth.start()
 
-    def server(self, service: str | None = None, *, bind: bool = True) -> RpcServer:
+    def server(self, service: str | None = None, *, bind: bool = True,
+               explain: Explain = plain_reason) -> RpcServer:
         name = service or self.role
         return RpcServer(self.context, self.auth, self.keys.local[name], rpc_endpoint(self.settings, name),
-                         bind=bind)
+                         bind=bind, explain=explain)
 
     def publisher(self, service: str | None = None) -> Publisher:
         name = service or self.role

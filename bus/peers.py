@@ -39,6 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus.auth import Authenticator
 from bus.sockets import make_client, make_server, user_id
+from node.backoff import backoff_delay
 from node.errors import DeadlineExceeded, ProtocolError, Unavailable
 from node.identity import KeyPair
 from node.logging import get_logger
@@ -224,20 +225,21 @@ class PeerLink:
     async def _follow(self, peer: _Peer) -> None:
         # libzmq gives up for good on a connection whose CURVE handshake the server refused (say, it
         # had not registered our key yet); we open a fresh socket instead, with backoff.
-        backoff = _RETRY_MIN
+        failures = 0
         while not peer.closed:
             try:
                 event = parse_monitor_message(await peer.monitor.recv_multipart())["event"]
             except zmq.ZMQError:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                backoff = _RETRY_MIN
+                failures = 0
                 peer.shook = True
                 peer.unsure.clear()
                 continue
+            failures += 1
+            backoff = backoff_delay(failures, _RETRY_MIN, _RETRY_MAX)
             log.warning("peer_handshake_failed", peer=peer.key[:8], endpoint=peer.endpoint, retry_s=backoff)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RETRY_MAX)
             if peer.closed:
                 return
             self._close_sockets(peer)

@@ -25,7 +25,16 @@ import zmq
 from bus import codec
 from bus.auth import Authenticator
 from bus.sockets import make_client, make_server, user_id
-from node.errors import DeadlineExceeded, MLNodeError, NotFound, ProtocolError, TooLarge, Unavailable
+from node.backoff import backoff_delay
+from node.errors import (
+    DeadlineExceeded,
+    MLNodeError,
+    NotFound,
+    ProtocolError,
+    TooLarge,
+    Unavailable,
+    Unreachable,
+)
 from node.identity import KeyPair
 from node.logging import get_logger
 
@@ -114,8 +123,10 @@ class RpcServer:
         max_bytes: int = codec.MAX_MESSAGE_BYTES,
         max_inflight: int = 512,
         bind: bool = True,
+        explain: codec.Explain = codec.plain_reason,
     ) -> None:
         self._auth = auth
+        self._explain = explain
         self._domain = domain
         self._max_bytes = max_bytes
         self._max_inflight = max_inflight
@@ -192,7 +203,7 @@ class RpcServer:
             if route is None:
                 raise NotFound(f"unknown request type {env.type!r}")
             handler, body = route
-            reply = env.reply(await handler(env.body(body), caller))
+            reply = env.reply(await handler(env.body(body, self._explain), caller))
         except MLNodeError as exc:
             reply = env.fail(exc)
         except Exception as exc:
@@ -296,7 +307,7 @@ class RpcClient:
     async def _send(self, data: bytes, wait: float) -> None:
         """Send now; while there is no connection yet (``IMMEDIATE``), retry for up to ``wait`` s."""
         give_up = time.monotonic() + wait
-        pause = 0.002
+        tries = 0
         while True:
             try:
                 self._sock.send(data, _NOBLOCK)
@@ -304,10 +315,10 @@ class RpcClient:
             except zmq.Again:
                 left = give_up - time.monotonic()
                 if left <= 0:
-                    raise Unavailable(
+                    raise Unreachable(
                         f"{self.name} is not reachable (no connection within {wait:g} s)") from None
-                await asyncio.sleep(min(pause, left))
-                pause = min(2 * pause, 0.05)
+                tries += 1
+                await asyncio.sleep(min(backoff_delay(tries, 0.002, 0.05), left))
 
     def _on_reply(self, frames: list[bytes]) -> None:
         if len(frames) != 1:

@@ -16,11 +16,13 @@ import time
 from dataclasses import astuple
 from typing import Any
 
+from bus.codec import plain_reason
 from bus.local import LocalBus
 from bus.rpc import Caller, Handler
 from node.config import Settings
 from node.identity import NodeKeys
 from node.logging import get_logger
+from node.mode import ModeStore
 from node.registry import BY_NAME, samples
 
 log = get_logger(__name__)
@@ -32,6 +34,8 @@ class Service:
     name: str = ""
     #: The node state this service stands for while active ("POW", "INFERENCE", "TRAIN").
     mode: str = ""
+    #: How a refused request body is worded; services pass the contracts' (the gateway's) wording.
+    explain = staticmethod(plain_reason)
 
     def __init__(self, settings: Settings, keys: NodeKeys) -> None:
         program = BY_NAME.get(self.name)
@@ -41,8 +45,10 @@ class Service:
         self.settings = settings
         self.keys = keys
         self.started_at = time.time()
+        self.modes = ModeStore(settings.state_dir)
         self.bus = LocalBus(settings, keys, role=self.name)
-        self.server = self.bus.server(bind=False)  # bound once startup() has resumed persisted work
+        # bound once startup() has resumed persisted work
+        self.server = self.bus.server(bind=False, explain=self.explain)
         self.events = self.bus.publisher()
         self.route("ping", self._ping)
         self.route("status", self._status)
@@ -53,6 +59,11 @@ class Service:
     def route(self, kind: str, handler: Handler, body: Any = Any) -> None:
         """Serve ``kind``; ``body`` is the contract the handler receives its payload as."""
         self.server.route(kind, handler, body)
+
+    def claim_names_me(self) -> bool:
+        """True when the node's mode claim still names this service: the one test before a restarted
+        service resumes persisted work (the node may have moved on while it was down)."""
+        return self.modes.read() == self.mode
 
     # -- what subclasses provide ----------------------------------------------------------------
     def is_active(self) -> bool:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from bus.auth import Authenticator
 from node.identity import KeyPair
+
+#: The socket context services hand to the bus's peer links: they name its type, never zmq itself.
+AsyncContext = zmq.asyncio.Context
 
 
 def make_server(

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from contracts.pow_v2 import PocStatus
+
 NodeMode = Literal["POW", "INFERENCE", "TRAIN", "STOPPED"]
-PocStatus = Literal["GENERATING", "MIXED", "IDLE", "NO_BACKENDS"]
 
 
 class Error(Struct):

@@ -6,7 +6,8 @@ out in the description, so the published document still tells the client every r
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any
 
 import msgspec
 
@@ -99,7 +100,16 @@ class ProofBatch(msgspec.Struct, kw_only=True):
 
 # --- answers ----------------------------------------------------------------------------------------
 
-PowState = Literal["IDLE", "NOT_LOADED", "LOADING", "GENERATING", "VALIDATING", "STOPPED", "MIXED"]
+class PowState(StrEnum):
+    """The PoC v1 round's status (a str enum: it compares and encodes as its wire string)."""
+
+    IDLE = "IDLE"
+    NOT_LOADED = "NOT_LOADED"
+    LOADING = "LOADING"
+    GENERATING = "GENERATING"
+    VALIDATING = "VALIDATING"
+    STOPPED = "STOPPED"
+    MIXED = "MIXED"
 
 
 class PowStatus(msgspec.Struct, kw_only=True):
@@ -120,6 +130,32 @@ class PowAnswer(msgspec.Struct, kw_only=True):
 
     status: str
     pow_status: PowStatus | msgspec.UnsetType = msgspec.UNSET
+
+
+#: ``GET /api/v1/pow/outbox/dead?limit=``: the most dead letters one answer lists.
+MAX_DEAD_LETTERS = 1000
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A batch its receiver refused for good (4xx): kept in the outbox for an operator to inspect."""
+
+    id: int
+    kind: Annotated[str, msgspec.Meta(description="generated or validated: the callback path.")]
+    url: Annotated[str, msgspec.Meta(description="The callback URL, without user:password.")]
+    members: Annotated[int, msgspec.Meta(description="Batches merged into this delivery.")]
+    attempts: int
+    status: Annotated[int | None, msgspec.Meta(description="The receiver's final HTTP status.")]
+    reason: str | None
+    created: Annotated[float, msgspec.Meta(description="UNIX time it was queued.")]
+    dead_at: Annotated[float, msgspec.Meta(description="UNIX time it was given up.")]
+    body_bytes: Annotated[int, msgspec.Meta(description="Size of the stored request body.")]
+
+
+class DeadLetters(msgspec.Struct, kw_only=True):
+    """``GET /api/v1/pow/outbox/dead``: every dead letter counted, the newest ``limit`` listed."""
+
+    total: int
+    dead_letters: list[DeadLetter]
 
 
 class PowQueued(msgspec.Struct, kw_only=True):

@@ -13,6 +13,7 @@ pow parses it with these Structs, the engines produce it.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -46,7 +47,17 @@ DEFAULT_FRAUD_THRESHOLD = 0.01
 NONCES_MISMATCH = "validation.artifacts nonces must match nonces field"
 
 
-GENERATING, IDLE, MIXED, NO_BACKENDS = "GENERATING", "IDLE", "MIXED", "NO_BACKENDS"
+class PocStatus(StrEnum):
+    """PoC v2 status of the engines (§2.5, §2.7; a str enum: it encodes as its wire string)."""
+
+    GENERATING = "GENERATING"
+    MIXED = "MIXED"
+    IDLE = "IDLE"
+    NO_BACKENDS = "NO_BACKENDS"
+
+
+GENERATING, IDLE = PocStatus.GENERATING, PocStatus.IDLE
+MIXED, NO_BACKENDS = PocStatus.MIXED, PocStatus.NO_BACKENDS
 
 
 def aggregate(statuses: list[str]) -> str:
@@ -197,7 +208,7 @@ class JobAnswer(Struct):
 class StatusAnswer(Struct):
     """Per engine IDLE or GENERATING with config and stats, aggregated."""
 
-    status: Literal["GENERATING", "MIXED", "IDLE", "NO_BACKENDS"]
+    status: PocStatus
     backends: list[Any]
 
 

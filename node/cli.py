@@ -9,7 +9,6 @@ always talks to the supervisord of the node those settings name.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from typing import Any
 
 from node import __version__, config, envfile
 from node.config import Settings
-from node.errors import ConfigError, MLNodeError
+from node.errors import ConfigError
 from node.identity import ensure_node_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +70,7 @@ def _supervisord_running(settings: Settings) -> bool:
     return True
 
 
-def _http_json(url: str, timeout: float = 3.0, token: str = "") -> tuple[int, Any]:
+def http_json(url: str, timeout: float = 3.0, token: str = "") -> tuple[int, Any]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -80,7 +79,7 @@ def _http_json(url: str, timeout: float = 3.0, token: str = "") -> tuple[int, An
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _local_url(settings: Settings, port: int) -> str:
+def local_url(settings: Settings, port: int) -> str:
     host = settings.api_host if settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"
     return f"http://{host}:{port}"
 
@@ -98,15 +97,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.foreground:
         os.execve(command[0], [*command, "-n"], _env(settings))
     subprocess.run(command, env=_env(settings), check=True)
-    api = _local_url(settings, settings.api_port)
+    api = local_url(settings, settings.api_port)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         try:
-            status, body = _http_json(f"{api}/api/v1/state", timeout=2, token=settings.api_token)
+            status, body = http_json(f"{api}/api/v1/state", timeout=2, token=settings.api_token)
             if status == 200:
                 print(f"MLNode {__version__} is up (state: {body.get('state')})")
                 print(f"  management API  {api}   (GET /api/v1/state, /health)")
-                print(f"  inference port  {_local_url(settings, settings.inference_port)}")
+                print(f"  inference port  {local_url(settings, settings.inference_port)}")
                 print(f"  state dir       {settings.state_dir}   logs: {settings.logs_dir}")
                 print("  stop with `make stop`; operate with `mlnode ctl status|restart pow|tail -f gateway`")
                 return 0
@@ -153,45 +152,6 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _statuses(settings: Settings) -> dict[str, Any]:
-    from bus.local import LocalBus
-    from node.registry import NAMES
-
-    bus = LocalBus(settings, ensure_node_keys(settings.keys_dir), role="cli")
-    try:
-        async def one(service: str) -> tuple[str, Any]:
-            client = bus.client(service)
-            try:
-                return service, await client.request("status", timeout=3, connect_timeout=2)
-            except MLNodeError as exc:
-                return service, {"error": exc.message}
-            finally:
-                client.close()
-
-        return dict(await asyncio.gather(*(one(s) for s in NAMES)))
-    finally:
-        bus.close()
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    services = asyncio.run(_statuses(settings))
-    try:
-        code, state = _http_json(f"{_local_url(settings, settings.api_port)}/api/v1/state",
-                                 token=settings.api_token)
-        node_state: Any = state if code == 200 else {"error": f"HTTP {code}"}
-    except OSError as exc:
-        node_state = {"error": f"gateway unreachable: {exc}"}
-    doc = {"node": node_state, "services": services, "state_dir": str(settings.state_dir)}
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(f"node:      {json.dumps(node_state)}")
-        for name, status in services.items():
-            print(f"{name + ':':10} {json.dumps(status)}")
-    return 0 if all("error" not in s for s in services.values()) else 1
-
-
 def cmd_env_template(_args: argparse.Namespace) -> int:
     print(config.env_template(), end="")
     return 0
@@ -214,9 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     ident = sub.add_parser("identity", help="this node's CURVE public key")
     ident.add_argument("--json", action="store_true")
     ident.set_defaults(fn=cmd_identity)
-    status = sub.add_parser("status", help="node state and each service's status")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(fn=cmd_status)
     env = sub.add_parser("env-template", help="print a commented .env with every variable and default")
     env.set_defaults(fn=cmd_env_template)
     return parser

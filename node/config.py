@@ -318,7 +318,6 @@ class Settings:
     pow_max_queued_batches: int = 10_000
     pow_max_queued_nonces: int = 2_000_000
     pocv2_max_queued_jobs: int = 10_000
-    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def run_dir(self) -> Path:

@@ -91,6 +91,12 @@ class UpstreamFailed(MLNodeError):
     kind = "upstream"
 
 
+class Unreachable(Unavailable):
+    """The service or peer could not be reached at all (no connection): nothing was asked of it."""
+
+    kind = "unreachable"
+
+
 class DeadlineExceeded(Unavailable):
     """A bus request got no answer before its deadline."""
 
@@ -129,6 +135,7 @@ _BY_KIND: dict[str, type[MLNodeError]] = {
         Conflict,
         Unavailable,
         Overloaded,
+        Unreachable,
         UpstreamFailed,
         DeadlineExceeded,
         ConfigError,

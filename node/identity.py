@@ -20,14 +20,12 @@ starts) is the one place that creates keys.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import stat
 import struct
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from nacl.public import PrivateKey
 from zmq.utils import z85  # the encoding ZeroMQ's CURVE options take; no socket is opened here
 
 from node.errors import KeyFileError
+from node.files import atomic_file, locked
 
 LOCAL_ROLES = ("gateway", "pow", "inference", "train", "cli")
 _FORMAT = "mlnode-curve-key/1"
@@ -92,16 +91,8 @@ def z85_decode(text: str) -> bytes:
         raise ValueError(f"not Z85 text ({type(exc).__name__})") from None
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def _locked(directory: Path) -> AbstractContextManager[None]:
+    return locked(directory / ".lock")
 
 
 def _read(path: Path) -> KeyPair:
@@ -132,20 +123,8 @@ def _read(path: Path) -> KeyPair:
 
 def _write_new(path: Path, pair: KeyPair) -> None:
     doc = {"format": _FORMAT, "public": pair.public, "secret": pair.secret, "created": time.time()}
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(doc).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.link(tmp, path)  # fails if someone else created it meanwhile: never replace a key
-    os.unlink(tmp)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with atomic_file(path, exclusive=True) as fh:  # fails if someone else created it: never replace a key
+        fh.write(json.dumps(doc).encode())
 
 
 def load_or_create(path: Path) -> KeyPair:
@@ -200,15 +179,8 @@ def _write_publics(keys_dir: Path, keys: NodeKeys) -> None:
             return
     except (OSError, ValueError):
         pass
-    with _locked(keys_dir):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(doc).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+    with _locked(keys_dir), atomic_file(path) as fh:
+        fh.write(json.dumps(doc).encode())
 
 
 def _read_publics(keys_dir: Path) -> tuple[str, dict[str, str]]:

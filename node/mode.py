@@ -9,14 +9,12 @@ only if the claim still names it, and ``stop`` resets the claim to STOPPED.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from pathlib import Path
 
 from node.errors import Unavailable
-from node.files import atomic_write_json
+from node.files import atomic_write_json, lock_file, unlock_file
 from node.registry import MODES, STOPPED
 
 __all__ = ["MODES", "STOPPED", "ModeStore"]
@@ -29,38 +27,18 @@ class ModeStore:
 
     def acquire(self) -> int:
         """Block until this process holds the node-wide mode lock; returns the handle to release."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = lock_file(self.lock_path)
+        assert fd is not None  # blocking
         return fd
 
     def try_acquire(self, timeout: float) -> int | None:
         """The mode lock if it can be had within ``timeout`` seconds, else None (stops must not wait
         behind a start that is slow to answer)."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.02)
-            except BaseException:
-                os.close(fd)
-                raise
+        return lock_file(self.lock_path, timeout)
 
     @staticmethod
     def release(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock_file(fd)
 
     def read(self) -> str:
         try:

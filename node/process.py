@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from typing import NoReturn
@@ -12,7 +13,25 @@ from node.errors import ConfigError
 from node.identity import NodeKeys, role_keys
 from node.logging import configure
 
+_PR_SET_PDEATHSIG = 1
+# Loaded at import: a child between fork and exec (a ``preexec_fn``) must only make the call.
+_libc = ctypes.CDLL(None, use_errno=True)
+
 EX_CONFIG = 78  # sysexits.h: supervisord shows it; our one-line reason is on stderr
+
+
+def die_with_parent(sig: int) -> int:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Returns 0 when the kernel took it, else the errno (-1 where the C library has no ``prctl``), so a
+    caller may log it; safe between fork and exec (no allocation, no lock).
+    """
+    try:
+        if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+            return 0
+    except AttributeError:
+        return -1
+    return ctypes.get_errno()
 
 
 def fail(process: str, message: str) -> NoReturn:

@@ -106,6 +106,8 @@ POW = Program("pow", "services.pow", "POW", (
              "status", "outbox", "failures"),
     _counter("mlnode_pow_outbox_dead_total", "Batches the receiver refused for good (4xx).",
              "status", "outbox", "dead"),
+    _gauge("mlnode_pow_outbox_dead_letters", "Dead letters held (GET /api/v1/pow/outbox/dead lists them).",
+           "status", "outbox", "dead_letters"),
     _gauge("mlnode_pow_outbox_oldest_age_seconds", "Age of the oldest undelivered batch.",
            "status", "outbox", "oldest_age_s"),
     _gauge("mlnode_pow_outbox_last_success_timestamp_seconds", "When a delivery last succeeded.",

@@ -1,20 +1,27 @@
 """``mlnode``, the console script: the node's commands plus the ones that need a service.
 
-This is the composition root above ``node`` and ``services``: ``node.cli`` knows supervisord, keys and
-settings but no service, so the model command (a tiny CPU checkpoint, written by the inference
-service's CPU engine) and ``validate`` (one inference the way the network runs and checks it) are added
-here, and ``up --tiny-model-if-missing`` makes that model before the node starts.
+This is the composition root above ``node``, ``bus`` and ``services``: ``node.cli`` knows supervisord,
+keys and settings but no service and no bus, so ``status`` (each service asked over the bus), the model
+command (a tiny CPU checkpoint, written by the inference service's CPU engine) and ``validate`` (one
+inference the way the network runs and checks it) are added here, and ``up --tiny-model-if-missing``
+makes that model before the node starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from bus.local import LocalBus
 from node import cli
+from node.config import Settings
+from node.errors import MLNodeError
+from node.identity import ensure_node_keys
+from node.registry import NAMES
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -86,6 +93,43 @@ def _add_validate(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(fn=cmd_validate)
 
 
+async def _statuses(settings: Settings) -> dict[str, Any]:
+    bus = LocalBus(settings, ensure_node_keys(settings.keys_dir), role="cli")
+    try:
+        async def one(service: str) -> tuple[str, Any]:
+            client = bus.client(service)
+            try:
+                return service, await client.request("status", timeout=3, connect_timeout=2)
+            except MLNodeError as exc:
+                return service, {"error": exc.message}
+            finally:
+                client.close()
+
+        return dict(await asyncio.gather(*(one(s) for s in NAMES)))
+    finally:
+        bus.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = cli.load_settings()
+    services = asyncio.run(_statuses(settings))
+    try:
+        code, state = cli.http_json(f"{cli.local_url(settings, settings.api_port)}/api/v1/state",
+                                     token=settings.api_token)
+        node_state: Any = state if code == 200 else {"error": f"HTTP {code}"}
+    except OSError as exc:
+        node_state = {"error": f"gateway unreachable: {exc}"}
+    doc = {"node": node_state, "services": services, "state_dir": str(settings.state_dir)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"node:      {json.dumps(node_state)}")
+        for name, status in services.items():
+            print(f"{name + ':':10} {json.dumps(status)}")
+    return 0 if all("error" not in s for s in services.values()) else 1
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -102,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     tiny.set_defaults(fn=cmd_create_tiny)
+    status = commands.add_parser("status", help="node state and each service's status")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(fn=cmd_status)
     _add_validate(commands)
     return parser
 

@@ -29,6 +29,7 @@ STATUS_BY_KIND: dict[str, int] = {
     "not_found": 404,
     "conflict": 409,
     "unavailable": 503,
+    "unreachable": 503,
     "timeout": 504,
     "config": 500,
     "key_file": 500,

@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from node.errors import DeadlineExceeded, Unavailable
+from node.errors import DeadlineExceeded, Unreachable
 from node.logging import get_logger
 from node.registry import MODES, STOPPED
 from services.gateway.services import Services
@@ -137,8 +137,8 @@ class MeasuredServices(Services):
         except DeadlineExceeded:
             failure = "timeout"
             raise
-        except Unavailable as exc:
-            failure = "unreachable" if "not reachable" in exc.message else None
+        except Unreachable:
+            failure = "unreachable"
             raise
         except asyncio.CancelledError:
             failure = "cancelled"

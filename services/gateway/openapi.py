@@ -98,6 +98,9 @@ SERVICE_DOCS: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/pow/status"): ("The round's status and counters.", pow.PowStatus),
     ("POST", "/api/v1/pow/stop"): ("Stop the round (results already found are still delivered).",
                                    pow.PowAnswer),
+    ("GET", "/api/v1/pow/outbox/dead"): (
+        "Batches the receivers refused for good (4xx), newest first (`?limit=` 1-1000, default 100).",
+        pow.DeadLetters),
     ("POST", "/api/v1/inference/up"): ("Start the engine(s); answers when serving or failed (503 with the "
                                        "engine's last log lines).", inference.UpAnswer),
     ("POST", "/api/v1/inference/up/async"): ("Start the engine(s) and answer at once.", inference.UpAnswer),

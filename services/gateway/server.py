@@ -8,7 +8,6 @@ every core and survive one another's crashes, and the gunicorn master restarts a
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -21,7 +20,7 @@ from uvicorn_worker import UvicornWorker
 
 from node.config import Settings
 from node.logging import get_logger
-from node.process import bootstrap
+from node.process import bootstrap, die_with_parent
 from services.gateway.app import create_app
 from services.gateway.metrics import reset_multiprocess_dir
 
@@ -125,13 +124,10 @@ class GatewayWorker(UvicornWorker):
 
 
 def _signal_me_when_parent_dies(sig: signal.Signals) -> None:
-    """Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing (gunicorn's own checks remain)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-            log.warning("gateway_pdeathsig_unavailable", errno=ctypes.get_errno())
-    except (OSError, AttributeError):
-        pass
+    """Die with the master where the kernel can arrange it; elsewhere gunicorn's own checks remain."""
+    errno = die_with_parent(sig)
+    if errno > 0:
+        log.warning("gateway_pdeathsig_unavailable", errno=errno)
 
 
 class JsonLogger(Logger):

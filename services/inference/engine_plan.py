@@ -77,8 +77,8 @@ ENGINE_ENV_NAMES = frozenset({
     "TOKENIZERS_PARALLELISM", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
-    # The engines' own MLNode switches (PoC attention on vLLM, the CPU engine's fault injection).
-    "MLNODE_POC_ATTENTION", "MLNODE_ENGINE_FAULT",
+    # The engines' own MLNode switch (PoC attention on vLLM).
+    "MLNODE_POC_ATTENTION",
 })
 ENGINE_ENV_PREFIXES = re.compile(
     r"(LC_|CUDA_|NVIDIA_|NCCL_|NVSHMEM_|CUBLAS|CUDNN_|VLLM_|HF_|HUGGING_FACE_|TRANSFORMERS_|TORCH_|"

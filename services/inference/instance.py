@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.backoff import backoff_delay
 from node.errors import Unavailable
 from node.logging import get_logger
 from services.inference.engine_plan import EngineKind, InstancePlan
@@ -163,7 +164,7 @@ class Instance:
             self._set_state("restarting")
             log.warning("engine_restarting", index=self.plan.index, attempt=self.restarts,
                         of=self.max_restarts, reason=reason)
-            await asyncio.sleep(min(2.0 ** (self.restarts - 1), 30.0))
+            await asyncio.sleep(backoff_delay(self.restarts, 1.0, 30.0))
 
     async def _launch(self) -> str | None:
         """Spawn and wait for ``/health`` 200: None when serving, else why not (with the log tail)."""

@@ -9,22 +9,16 @@ with the previous poll:
 * **stalled**: requests are running but no counter moved for the hang window.
 
 Either one means hung, and the instance is restarted. A busy engine whose counters move is never hung,
-however slowly it answers. The window is ``MLNODE_ENGINE_HANG_SECONDS`` (default 60 s); the poll
-interval and probe timeout scale with it (a tenth and a quarter of it, within sane bounds) so that
-tests can use a short window and still see a hang detected within it.
+however slowly it answers. The window is the setting ``engine_hang_s`` (``MLNODE_ENGINE_HANG_SECONDS``,
+default 60 s); the poll interval and probe timeout scale with it (a tenth and a quarter of it, within
+sane bounds) so that tests can use a short window and still see a hang detected within it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from node.config import at_least_one_second
-
-HANG_ENV = "MLNODE_ENGINE_HANG_SECONDS"
-DEFAULT_HANG_S = 60.0
 
 #: Counters that move whenever an engine makes progress (CPU engine and vLLM names).
 PROGRESS_COUNTERS = (
@@ -48,12 +42,6 @@ class Timing:
     @classmethod
     def for_window(cls, hang_s: float) -> Timing:
         return cls(hang_s, min(5.0, max(0.25, hang_s / 10)), min(10.0, max(0.5, hang_s / 4)))
-
-
-def hang_window(environ: Mapping[str, str] | None = None) -> float:
-    """``MLNODE_ENGINE_HANG_SECONDS`` as a positive number of seconds (ConfigError naming it if bad)."""
-    env = os.environ if environ is None else environ
-    return float(at_least_one_second(HANG_ENV, env.get(HANG_ENV, str(DEFAULT_HANG_S))))
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -31,7 +31,7 @@ from node.logging import get_logger
 from services.inference.engine_args import EnginePolicy
 from services.inference.engine_plan import VLLM, EngineKind, InstancePlan, choose_engine, plan_cpu, plan_vllm
 from services.inference.instance import Instance
-from services.inference.liveness import Timing, hang_window
+from services.inference.liveness import Timing
 from services.inference.probe import Prober
 from services.inference.process_group import PidFile
 from services.inference.tiny_models import requested_positions, tiny_model
@@ -60,7 +60,7 @@ class EngineManager:
         #: (hub repo, revision) -> the snapshot of a complete cached download, else None.
         self.cached = cached or (lambda _repo, _revision: None)
         self.environ = dict(os.environ if environ is None else environ)
-        self.timing = timing or Timing.for_window(hang_window(self.environ))
+        self.timing = timing or Timing.for_window(settings.engine_hang_s)
         #: Judges every request before it is saved, planned or started (ConfigError for bad settings).
         self.policy = EnginePolicy.from_settings(settings)
         self.max_restarts = max_restarts

@@ -17,7 +17,6 @@ nodes on one machine never kill each other's engines.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -27,20 +26,18 @@ from pathlib import Path
 
 from node.files import atomic_write_json
 from node.logging import get_logger
+from node.process import die_with_parent
 
 log = get_logger(__name__)
 
 MARKER_VAR = "MLNODE_ENGINE_OF"
-_PR_SET_PDEATHSIG = 1
-# Loaded in the parent: the child, between fork and exec, must only make the call.
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def child_setup(parent_pid: int) -> Callable[[], None]:
     """A ``preexec_fn``: die with the parent (and at once if it already died during the fork)."""
 
     def setup() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent(signal.SIGKILL)
         if os.getppid() != parent_pid:
             os._exit(1)
 

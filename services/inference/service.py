@@ -34,12 +34,13 @@ import msgspec
 
 from bus.rpc import Caller
 from bus.service import Service
+from contracts.checked import explain as explain_refusal
 from contracts.inference import InferenceUp
 from node.config import METRICS_MODES, Settings
 from node.errors import ConfigError, MLNodeError
 from node.identity import NodeKeys
 from node.logging import get_logger
-from node.mode import STOPPED, ModeStore
+from node.mode import STOPPED
 from node.process import bootstrap, fail
 from services.inference.engine_plan import VLLM, choose_engine, vllm_version
 from services.inference.instance import Instance
@@ -55,6 +56,7 @@ log = get_logger(__name__)
 class InferenceService(Service):
     name = "inference"
     mode = "INFERENCE"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, settings: Settings, keys: NodeKeys, manager: EngineManager | None = None) -> None:
         super().__init__(settings, keys)
@@ -64,7 +66,6 @@ class InferenceService(Service):
         self.collector = Collector(hub_cache_dir(), self._serving)
         #: Checked before anything is served: MLNODE_ENGINE=vllm without vLLM stops the process (exit 78).
         self.vllm_version = engine_version(settings, self.manager.environ)
-        self.modes = ModeStore(settings.state_dir)
         self.route("up_start", self._up_start, InferenceUp)
         self.route("up_replace", self._up_replace, InferenceUp)
         self.route("up_wait", self._up_wait)
@@ -154,9 +155,8 @@ class InferenceService(Service):
         try:
             if self.manager.is_active():
                 return  # an up arrived while we were starting: it wins
-            claim = self.modes.read()
             remembered = self.manager.remembered()
-            if claim == self.mode and remembered is not None:
+            if self.claim_names_me() and remembered is not None:
                 if not self._serve(remembered, "resume"):
                     # Refused (the policy judges a replayed request again) or unreadable: not retried
                     # at every restart, and the node does not claim a mode nothing serves.
@@ -165,7 +165,7 @@ class InferenceService(Service):
                 return
             self.manager.forget_request()  # the node moved on while we were down
             autostart = self.settings.inference_autostart
-            if autostart is not None and claim == STOPPED:
+            if autostart is not None and self.modes.read() == STOPPED:
                 self.modes.write(self.mode)
                 if not self._serve({"model": str(autostart), "dtype": "auto", "additional_args": []},
                                    "autostart"):

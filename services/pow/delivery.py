@@ -16,14 +16,16 @@ refused by an exclusive lock on ``<outbox>.sender.lock``; the kernel releases it
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from node.backoff import backoff_delay
 from node.errors import Conflict, Unavailable
+from node.files import lock_file
 from node.logging import get_logger
 from services.pow.callback_http import CallbackSender, Outcome, safe_url
 from services.pow.callback_policy import CallbackPolicy
@@ -32,16 +34,6 @@ from services.pow.outbox import Outbox, Unit
 log = get_logger(__name__)
 #: Urls delivered at the same time, one sender thread each.
 MAX_SENDERS = 16
-
-
-def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Delay before retry number ``failures`` (1-based): base*2^(n-1) capped, jittered into [d/2, d].
-
-    The lower half stays so a recovering receiver is not hammered; the jitter spreads the nodes of a
-    network that all lost the same receiver at the same moment.
-    """
-    ceiling = min(cap_s, base_s * 2.0 ** min(max(failures - 1, 0), 62))
-    return rng.uniform(ceiling / 2.0, ceiling)
 
 
 class Delivery:
@@ -119,16 +111,13 @@ class Delivery:
         return True
 
     def _take_sender_lock(self) -> int:
-        lock_path = f"{self.outbox.path}.sender.lock"
+        lock_path = Path(f"{self.outbox.path}.sender.lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = lock_file(lock_path, timeout=0)
         except OSError as exc:
             raise Unavailable(f"outbox sender lock {lock_path} cannot be opened: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise Conflict(f"another sender already delivers outbox {self.outbox.path}") from exc
+        if fd is None:
+            raise Conflict(f"another sender already delivers outbox {self.outbox.path}")
         return fd
 
     def _release_sender_lock(self) -> None:

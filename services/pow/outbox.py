@@ -37,6 +37,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from node.errors import ConfigError, InvalidRequest, Unavailable
+from node.files import fsync_dir
 from node.logging import get_logger
 
 log = get_logger(__name__)
@@ -236,8 +237,9 @@ class Outbox:
             if conn is not None:
                 conn.close()
             raise
-        if created:
-            _fsync_dir(path.parent)
+        if created:  # the new file's directory entry survives a crash right after creation
+            with contextlib.suppress(OSError):
+                fsync_dir(path.parent)
         return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
@@ -453,12 +455,17 @@ class Outbox:
         names = ("id", "kind", "url", "body", "members", "attempts", "status", "reason", "created", "dead_at")
         return [dict(zip(names, row, strict=True)) for row in rows]
 
+    def dead_count(self) -> int:
+        """How many dead letters the outbox holds (deliveries, not batches)."""
+        return int(self._read("SELECT count(*) FROM dead")[0][0])
+
     def stats(self) -> dict[str, Any]:
         """Counters for metrics; counts are batches as put, and survive restarts."""
         with self._lock:
             pending, oldest, units = self._read(
                 "SELECT coalesce(sum(members), 0), min(created), count(*) FROM queue"
             )[0]
+            dead_letters = self.dead_count()
             counters = dict(self._read("SELECT name, value FROM counters"))
         last_success = counters.get("last_success_ts")
         return {
@@ -468,6 +475,7 @@ class Outbox:
             "sends": int(counters.get("sends", 0)),
             "failures": int(counters.get("failures", 0)),
             "dead": int(counters.get("dead", 0)),
+            "dead_letters": dead_letters,
             "oldest_age_s": max(0.0, time.time() - oldest) if oldest is not None else 0.0,
             "last_success_ts": float(last_success) if last_success is not None else None,
         }
@@ -478,17 +486,3 @@ class Outbox:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a newly created file's directory entry durable (a crash right after creation keeps it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

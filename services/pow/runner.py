@@ -23,18 +23,21 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from contracts.pow import PowState
+from node.backoff import backoff_delay
 from node.errors import InvalidRequest, Overloaded, Unavailable
 from node.logging import get_logger
 from services.pow.cancel import Cancelled
-from services.pow.compute import ComputeGroup, discover_groups, nonce_sequence
+from services.pow.compute import ComputeGroup, discover_groups
 from services.pow.journal import Journal
+from services.pow.nonces import NonceSequence, nonce_sequence
 from services.pow.outbox import Outbox
 from services.pow.round import ProofBatch, RoundSpec, batch_for
 from services.pow.validation import validated_batch
 
 log = get_logger(__name__)
 
-IDLE, GENERATING, VALIDATING = "IDLE", "GENERATING", "VALIDATING"
+IDLE, GENERATING, VALIDATING = PowState.IDLE, PowState.GENERATING, PowState.VALIDATING
 PHASES = (IDLE, GENERATING, VALIDATING)
 #: How long :meth:`Runner.cancel` waits for a commit in progress (an fsync, normally milliseconds).
 COMMIT_WAIT_S = 1.0
@@ -174,13 +177,13 @@ class Runner:
 
     def status(self) -> str:
         if self.error:
-            return "STOPPED"
+            return PowState.STOPPED
         if not self.loaded:
-            return "LOADING"
+            return PowState.LOADING
         with self._cond:
             busy_validating = bool(self._queue)
         if self._phase == GENERATING and busy_validating:
-            return "MIXED"
+            return PowState.MIXED
         return self._phase
 
     def set_phase(self, phase: str) -> None:
@@ -269,12 +272,10 @@ class Runner:
                  fraud_detected=result["fraud_detected"], block_height=self.spec.block_height)
 
     def _generate(self, gid: int, group: ComputeGroup) -> None:
-        n_groups = len(self.groups)
         spec = self.spec
-        stride = n_groups * spec.node_count
-        base = spec.node_id + gid * spec.node_count
-        start_k = self._progress.get(str(gid), 0)
-        nonces = nonce_sequence(spec.node_id, spec.node_count, gid, n_groups, start_k)
+        sequence = NonceSequence(spec.node_id, spec.node_count, gid, len(self.groups))
+        nonces = nonce_sequence(spec.node_id, spec.node_count, gid, len(self.groups),
+                                self._progress.get(str(gid), 0))
         stop = _Either(self._stop, self._interrupt)
         batches = group.generate(spec.public_key, _until(nonces, stop), stop, cancel=self._stop)
         for batch_nonces, dists in batches:
@@ -292,7 +293,7 @@ class Runner:
                         "dist": [float(d) for d, ok in zip(dists, mask, strict=True) if ok],
                         "node_id": spec.node_id,
                     })
-                self._progress[str(gid)] = (max(batch_nonces) - base) // stride + 1
+                self._progress[str(gid)] = sequence.index(max(batch_nonces)) + 1
                 self._save()
             self.counters.add(len(batch_nonces), len(valid))
             if stop.is_set():
@@ -305,7 +306,7 @@ class Runner:
         The results are worth money: holding the compute thread until the disk accepts them is better
         than dropping them, and the status shows why the round stalls.
         """
-        delay = 0.5
+        failures = 0
         while True:
             try:
                 self.outbox.put(kind, self.spec.url, batch)  # type: ignore[arg-type]
@@ -313,10 +314,11 @@ class Runner:
                 return
             except Unavailable as exc:
                 self.storage_error = exc.message[:500]
+                failures += 1
+                delay = backoff_delay(failures, 0.5, 10.0)
                 log.error("pow_outbox_refused", kind=kind, reason=exc.message, retry_in_s=delay)
                 if self._stop.wait(delay):
                     raise Cancelled from None
-                delay = min(delay * 2, 10.0)
 
 
 class _Either:

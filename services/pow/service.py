@@ -21,12 +21,13 @@ from typing import Any
 
 from bus.rpc import Caller
 from bus.service import Service
-from contracts.pow import InitDto, ProofBatch
+from contracts.checked import explain as explain_refusal
+from contracts.pow import MAX_DEAD_LETTERS, InitDto, PowState, ProofBatch
 from contracts.pow_v2 import Generate, InitGenerate, JobQuery
 from node.errors import Conflict, InvalidRequest, Unavailable
 from node.logging import get_logger
-from node.mode import ModeStore
 from node.process import bootstrap
+from services.pow.callback_http import safe_url
 from services.pow.callback_policy import CallbackPolicy, CallbackRefused
 from services.pow.delivery import Delivery
 from services.pow.journal import Journal
@@ -36,6 +37,9 @@ from services.pow.runner import GENERATING, IDLE, VALIDATING, Runner
 from services.pow.v2.rounds import PocRounds
 
 log = get_logger(__name__)
+
+#: What an operator sees of a dead letter besides its (credential-free) URL and body size.
+_DEAD_FIELDS = ("id", "kind", "members", "attempts", "status", "reason", "created", "dead_at")
 NOT_RUNNING = "PoW is not running"
 FLUSH_BEFORE_FLIP_S = 10.0
 #: How long the route's check of a callback URL may wait for the resolver (the sender checks again).
@@ -45,6 +49,7 @@ RESOLVE_AT_ROUTE_S = 3.0
 class PowService(Service):
     name = "pow"
     mode = "POW"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,6 +73,7 @@ class PowService(Service):
         self.route("validate", self._validate, ProofBatch)
         self.route("pow_status", self._pow_status)
         self.route("pow_stop", self._pow_stop)
+        self.route("outbox.dead", self._dead_letters)
         v2 = self.v2
         self.route("v2.init_generate", self._v2_init_generate, InitGenerate)
         self.route("v2.generate", self._v2_generate, Generate)
@@ -96,11 +102,11 @@ class PowService(Service):
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.delivery.start()
-        await self.v2.resume(ModeStore(self.settings.state_dir).read() == "INFERENCE")
+        await self.v2.resume(self.modes.read() == "INFERENCE")
         doc = self.journal.load_round()
         if doc is None:
             return
-        if ModeStore(self.settings.state_dir).read() != self.mode:
+        if not self.claim_names_me():
             log.info("pow_round_discarded", reason="the node is no longer in POW mode")
             self.journal.clear_round()
             return
@@ -127,7 +133,8 @@ class PowService(Service):
     def pow_status(self) -> dict[str, Any]:
         runner = self.runner
         if runner is None:
-            return {"status": "NOT_LOADED", "is_model_initialized": False, "outbox": self._outbox_stats()}
+            return {"status": PowState.NOT_LOADED, "is_model_initialized": False,
+                    "outbox": self._outbox_stats()}
         c = runner.counters
         body: dict[str, Any] = {
             "status": runner.status(),
@@ -286,6 +293,16 @@ class PowService(Service):
     async def _pow_stop(self, _body: Any, _caller: Caller) -> dict[str, Any]:
         await self.stop()
         return self._answer()
+
+    async def _dead_letters(self, body: Any, _caller: Caller) -> dict[str, Any]:
+        raw = (body or {}).get("limit", "100")
+        limit = int(raw) if str(raw).strip().isdigit() else 0
+        if not 1 <= limit <= MAX_DEAD_LETTERS:
+            raise InvalidRequest(f"limit must be an integer from 1 to {MAX_DEAD_LETTERS}, got {raw!r}")
+        rows = self.outbox.dead_letters(limit)
+        letters = [{**{k: row[k] for k in _DEAD_FIELDS}, "url": safe_url(row["url"]),
+                    "body_bytes": len(row["body"])} for row in rows]
+        return {"total": self.outbox.dead_count(), "dead_letters": letters}
 
     _loop: asyncio.AbstractEventLoop | None = None
 

@@ -96,19 +96,3 @@ def validated_batch(*, public_key: str, block_hash: str, block_height: int, nonc
         "probability_honest": p_value,
         "fraud_detected": p_value < fraud_threshold,
     }
-
-
-def validate_batch(batch: dict[str, Any], recomputed_dist: Sequence[float], *, r_target: float,
-                   fraud_threshold: float) -> dict[str, Any]:
-    """Judge a received ProofBatch dict against our recomputed distances (same order as its nonces)."""
-    return validated_batch(
-        public_key=batch["public_key"],
-        block_hash=batch["block_hash"],
-        block_height=batch["block_height"],
-        nonces=batch["nonces"],
-        received_dist=batch["dist"],
-        recomputed_dist=recomputed_dist,
-        node_id=batch.get("node_id", 0),
-        r_target=r_target,
-        fraud_threshold=fraud_threshold,
-    )

@@ -7,7 +7,6 @@ so a power cut leaves either the old set or the new file, never a torn one. Load
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from node.errors import InvalidRequest, Unavailable
+from node.files import atomic_file
 from node.logging import get_logger
 from services.train.diloco import DiLoCoWorker
 
@@ -51,16 +51,10 @@ def save_checkpoint(
         raise InvalidRequest(f"topk must be >= 1, got {keep}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(worker.inner_steps_done)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_file(final) as fh:
             torch.save(worker.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(root)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise Unavailable(f"cannot write checkpoint {final}: {exc}") from exc
     for old in list_checkpoints(root)[:-keep]:
         old.unlink(missing_ok=True)
@@ -93,11 +87,3 @@ def checkpoint_due(worker: DiLoCoWorker) -> bool:
     """True right after an inner step that lands on the plan's checkpoint interval."""
     interval = worker.plan.ckpt.interval
     return interval is not None and worker.inner_steps_done > 0 and worker.inner_steps_done % interval == 0
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

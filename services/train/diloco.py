@@ -28,9 +28,9 @@ from node.errors import InvalidRequest, ProtocolError
 from node.logging import get_logger
 from services.train.compression import Codec, compressed_mean
 from services.train.compression import fixed_order_mean as fixed_order_mean  # its old home
-from services.train.config import ModelConfig, TrainPlan
+from services.train.config import TrainPlan
 from services.train.data import ShardedSamples, load_tokens
-from services.train.model import build_model, parameter_shapes
+from services.train.model import build_model
 from services.train.optim import build_inner_optimizer, build_outer_optimizer, inner_lr, set_lr
 
 log = get_logger(__name__)
@@ -72,12 +72,6 @@ def solo_reduce(
     (so a one-node run equals its one-rank simulation)."""
     contributors.ranks = [contributors.rank]
     return compressed_mean({contributors.rank: pseudo_grads}, Codec(compression))
-
-
-def example_pseudo_gradients(cfg: ModelConfig, *, seed: int = 0, scale: float = 1e-3) -> list[Tensor]:
-    """Random float32 tensors shaped like a model's pseudo-gradients, for exchange benchmarks."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) * scale for _, shape in parameter_shapes(cfg)]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import zmq.asyncio
-
 from bus.auth import Authenticator
+from bus.sockets import AsyncContext
 from contracts.checked import convert
 from contracts.train import PRINTABLE, TrainPeer, TrainPeerRemove, TrainPeers
 from node.errors import InvalidRequest, NotFound
@@ -190,7 +189,7 @@ def bind_endpoint(host: str, port: int, env: EnvConfig, peers: Iterable[PeerInfo
 
 
 def open_group(
-    context: zmq.asyncio.Context,
+    context: AsyncContext,
     auth: Authenticator,
     identity: KeyPair,
     bind: str,

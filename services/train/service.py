@@ -33,10 +33,10 @@ from typing import Any
 from bus.rpc import Caller
 from bus.service import Service
 from contracts.checked import convert
+from contracts.checked import explain as explain_refusal
 from contracts.train import RANK_0_REGISTERED, TrainPeerRemove, TrainPeers, TrainStart
 from node.errors import InvalidRequest, MLNodeError, Unavailable
 from node.logging import get_logger
-from node.mode import ModeStore
 from node.process import bootstrap
 from services.train.collective.group import PeerGroup
 from services.train.config import TrainPlan
@@ -82,6 +82,7 @@ def _seconds(value: float, field: str) -> float:
 class TrainService(Service):
     name = "train"
     mode = "TRAIN"
+    explain = staticmethod(explain_refusal)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +135,7 @@ class TrainService(Service):
         body = self.journal.load()
         if body is None:
             return
-        if ModeStore(self.settings.state_dir).read() != self.mode:
+        if not self.claim_names_me():
             log.info("train_run_discarded", reason="the node is no longer in TRAIN mode")
             self.journal.clear()
             return

@@ -28,7 +28,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     subprocess.run([*MLNODE, "model", "create-tiny", str(root / MODEL)], check=True, cwd=REPO,
                    capture_output=True, timeout=120)
     # MLNODE_INFERENCE_AUTOSTART (what `make run` uses): the node comes up serving this directory.
-    n = Node(root, MLNODE_ENGINE_FAULT=f"hang_after:{HANG_AFTER}", MLNODE_ENGINE_HANG_SECONDS=str(HANG_S),
+    n = Node(root, MLNODE_ENGINE_HANG_SECONDS=str(HANG_S),
              MLNODE_INFERENCE_AUTOSTART=str(root / MODEL)).start()
     wait_until(lambda: serving_through_proxy(n), 60, 0.3, message=n.logs("inference"))
     state = n.api("GET", "/api/v1/state").json()
@@ -71,6 +71,7 @@ def test_a_hung_engine_is_detected_within_the_window_and_replaced(node: Node) ->
     body = {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for _ in range(HANG_AFTER):
         assert node.inference("POST", "/v1/chat/completions", body).status == 200
+    os.kill(engine, signal.SIGSTOP)  # a stopped process neither answers nor dies: a hang
     hung_since = time.time()  # the engine stops answering anything from here on
     wait_until(lambda: events(node, "engine_hung"), 3 * HANG_S, 0.2, message="hang not detected")
     detected = datetime.fromisoformat(events(node, "engine_hung")[-1]["timestamp"]).timestamp()

@@ -18,9 +18,10 @@ from contracts.collective import Chunk
 from services.train.collective.group import Reduced
 from services.train.compression import Codec, compressed_mean
 from services.train.config import DiLoCoConfig, ModelConfig, OptimConfig, TrainPlan
-from services.train.diloco import DiLoCoWorker, example_pseudo_gradients
+from services.train.diloco import DiLoCoWorker
 from services.train.runner import FINISHED, Runner, weights_digest
 from tests.support.peer_ranks import Rank, bits, dropped_keys, make_ranks, poisoned, rewrite_sends
+from tests.support.tensors import example_pseudo_gradients
 
 pytestmark = pytest.mark.timeout(60)
 SHAPES = [(37, 129), (5000,), (3, 3, 3)]

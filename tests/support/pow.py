@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from services.pow.validation import validated_batch
 
 GOLDEN: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[1] / "data" / "pow_v1_golden.json").read_text()
 )
 CASE: dict[str, Any] = next(c for c in GOLDEN["cases"] if c["name"] == "tiny_unit")
 R_TARGET = 1.4
+
+
+def validate_batch(batch: dict[str, Any], recomputed_dist: Sequence[float], *, r_target: float,
+                   fraud_threshold: float) -> dict[str, Any]:
+    """Judge a ProofBatch dict against recomputed distances through the product's validated_batch."""
+    return validated_batch(
+        public_key=batch["public_key"], block_hash=batch["block_hash"], block_height=batch["block_height"],
+        nonces=batch["nonces"], received_dist=batch["dist"], recomputed_dist=recomputed_dist,
+        node_id=batch.get("node_id", 0), r_target=r_target, fraud_threshold=fraud_threshold,
+    )
 
 
 def init_body(url: str, *, node_id: int = 1, node_count: int = 2, block_height: int = 12345,

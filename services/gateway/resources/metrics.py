@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import os
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -27,7 +25,7 @@ import falcon.asgi
 
 from node import __version__
 from node.errors import MLNodeError, Unavailable
-from node.files import atomic_write_json
+from node.files import atomic_write_json, locked
 from node.logging import get_logger
 from node.registry import NAMES
 from services.gateway.metrics import (
@@ -175,9 +173,7 @@ def count_restarts(directory: Path, supervisor_pid: int, starts: dict[str, float
     """Restarts per program, updated from the start times seen now; shared by workers under a lock."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / "restarts.json"
-    fd = os.open(directory / "restarts.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked(directory / "restarts.lock"):
         try:
             doc = json.loads(path.read_bytes())
         except (OSError, ValueError):
@@ -201,6 +197,3 @@ def count_restarts(directory: Path, supervisor_pid: int, starts: dict[str, float
             except Unavailable as exc:  # a full disk: the counts are still right, the next scrape
                 log.warning("metrics_restarts_not_saved", error=exc.message)  # counts the change again
         return {name: int(entry.get("restarts", 0)) for name, entry in programs.items()}
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)

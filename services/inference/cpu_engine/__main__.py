@@ -10,7 +10,6 @@ A ``--model`` that is not a local model directory is served by a tiny model made
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -18,12 +17,10 @@ import time
 import torch
 import uvicorn
 
-from node.errors import ConfigError
 from node.logging import configure, get_logger
 from services.inference.validation.request import DEFAULT_MODE, MODES
 
 from .checkpoint import load_or_synthesize
-from .fault import ENV_VAR, hang_after
 from .server import EngineApp, EngineSettings
 
 log = get_logger(__name__)
@@ -81,14 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     configure("cpu_engine", args.log_level)
     if unknown:
         log.warning("ignored_engine_args", args=unknown, reason="not used by the CPU engine")
-    try:
-        hang = hang_after(os.environ.get(ENV_VAR))
-    except ConfigError as exc:
-        log.error("bad_environment", error=exc.message)
-        return 2
     torch.set_num_threads(args.cpu_threads)
     names = tuple(args.served_model_name or [args.model])
-    app = EngineApp(EngineSettings(args.model, names, args.max_num_seqs, args.seed, hang, args.logprobs_mode))
+    app = EngineApp(EngineSettings(args.model, names, args.max_num_seqs, args.seed, args.logprobs_mode))
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -41,7 +41,6 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._live: dict[int, Sequence] = {}
         self._stopped = False
-        self._frozen = False
         self.iterations = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -63,12 +62,6 @@ class Scheduler:
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
-            self._cond.notify_all()
-
-    def freeze(self) -> None:
-        """Test-only fault: stop stepping for good (the iteration counter stops moving)."""
-        with self._cond:
-            self._frozen = True
             self._cond.notify_all()
 
     def submit(
@@ -98,7 +91,7 @@ class Scheduler:
     def _admit(self) -> bool:
         """Wait for work and move waiting sequences into free slots; False when stopping."""
         with self._cond:
-            while not (self._stopped or self._frozen or self._running or self._waiting):
+            while not (self._stopped or self._running or self._waiting):
                 self._cond.wait()
             if self._stopped:
                 return False
@@ -110,9 +103,6 @@ class Scheduler:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while self._admit():
-            if self._frozen:
-                log.warning("engine_frozen", reason="MLNODE_ENGINE_FAULT")
-                threading.Event().wait()
             batch: list[tuple[int, Emission]] = []
             for seq in self._running:
                 if seq.cancelled:

@@ -4,9 +4,6 @@ A bare ASGI app rather than a framework because the hot path is SSE: each token 
 client disconnect must be seen at once (a watcher task on ``receive``) to cancel the sequence and free
 its batch slot. Handlers only parse, submit and forward; the model runs on the scheduler's thread and
 its emissions come back to the event loop through ``call_soon_threadsafe``.
-
-Test-only switch: ``MLNODE_ENGINE_FAULT=hang_after:N`` (see :mod:`.fault`) makes every handler block
-forever after N completed generation requests.
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ class EngineSettings:
     served_names: tuple[str, ...]
     max_num_seqs: int = 64
     seed: int = 0
-    hang_after: int | None = None
     #: The logprobs a request that names no ``logprobs_mode`` gets (vLLM's ``--logprobs-mode``).
     logprobs_mode: str = DEFAULT_MODE
 
@@ -85,8 +81,6 @@ class EngineApp:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[int, asyncio.Queue[Emission | None]] = {}
         self._ids = itertools.count(1)
-        self.completed = 0
-        self.hung = settings.hang_after == 0
         self.started = time.time()
 
     @property
@@ -99,8 +93,6 @@ class EngineApp:
             loaded, self._deliver, max_num_seqs=self.settings.max_num_seqs, seed=self.settings.seed
         )
         scheduler.start()
-        if self.hung:
-            scheduler.freeze()
         self.scheduler = scheduler
         self.poc = PocWorker(loaded.model, loaded.max_model_len)
         self.context = EngineContext(loaded.tokenizer, loaded.max_model_len, loaded.config.vocab_size,
@@ -139,8 +131,6 @@ class EngineApp:
         if scope["type"] != "http":
             return
         self.loop = asyncio.get_running_loop()
-        if self.hung:
-            await asyncio.Event().wait()
         try:
             await self._route(scope["method"], scope["path"], receive, send)
         except InvalidRequest as exc:  # vLLM's shape: {"error": {message, type, param, code}}
@@ -302,8 +292,6 @@ class EngineApp:
             if not done:
                 scheduler.cancel(seq_id)
                 log.info("request_cancelled", seq_id=seq_id, reason="client disconnected")
-        if done:
-            self._count_completed()
 
     async def _watch_disconnect(self, receive: Receive, queue: asyncio.Queue[Emission | None]) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -355,11 +343,3 @@ class EngineApp:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return True
 
-    def _count_completed(self) -> None:
-        self.completed += 1
-        limit = self.settings.hang_after
-        if limit is not None and self.completed >= limit and not self.hung:
-            log.warning("engine_fault_hang", completed=self.completed, switch="MLNODE_ENGINE_FAULT")
-            self.hung = True
-            if self.scheduler is not None:
-                self.scheduler.freeze()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.models import MAX_DOWNLOADS, ModelRef, Progress
+from node.backoff import backoff_delay
 from node.errors import Conflict, Overloaded
 from node.files import atomic_write_json
 from node.logging import get_logger
@@ -37,6 +38,7 @@ ATTEMPTS = 3
 POLL_S = 1.0
 #: Seconds between attempts: the first retry waits this long, then twice as long.
 RETRY_BASE_S = 2.0
+RETRY_CAP_S = 60.0  # far above the last of ATTEMPTS retries at the default base: a bound, not a change
 LOG_EVERY_S = 30.0
 _REPO = Path(__file__).resolve().parents[3]
 
@@ -162,7 +164,7 @@ class Downloads:
                 if final or task.attempt >= ATTEMPTS:
                     self._finish(task, "failed", error)
                     return
-                delay = self.retry_base_s * 2 ** (task.attempt - 1)
+                delay = backoff_delay(task.attempt, self.retry_base_s, RETRY_CAP_S)
                 log.warning("model_download_retry", task_id=task.key, attempt=task.attempt, error=error,
                             retry_in_s=delay)
                 await asyncio.sleep(delay)

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 
 from contracts.pow_v2 import EngineAnswer
-from node.errors import InvalidRequest, MLNodeError, Unavailable
+from node.errors import InvalidRequest, Unavailable
 
 METHOD = "mlnode_poc_artifacts"
 #: §2.3: a chunk of engine work that takes longer than this fails the job (503 when waited for).
@@ -99,7 +99,3 @@ def parse_answer(raw: bytes, port: int, nonces: list[int]) -> Computed:
 
 def _short(text: str, limit: int = 300) -> str:
     return " ".join(text.split())[:limit]
-
-
-def is_permanent(error: MLNodeError) -> bool:
-    return isinstance(error, EngineRefused)

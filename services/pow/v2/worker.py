@@ -20,18 +20,19 @@ from typing import Any
 
 import msgspec
 
-from contracts.pow_v2 import Generate, InitGenerate
+from contracts.pow_v2 import Generate, InitGenerate, PocStatus
+from node.backoff import backoff_delay
 from node.errors import Conflict, MLNodeError, Overloaded, Unavailable
 from node.logging import get_logger
+from services.pow.nonces import NonceSequence
 from services.pow.outbox import Kind, Outbox
 from services.pow.v2.engine import Computed, EngineClient, EngineRefused, Seed
 from services.pow.v2.journal import V2Journal
-from services.pow.v2.nonces import NonceSequence
 from services.pow.v2.verdict import StatParams, judge
 
 log = get_logger(__name__)
 
-GENERATING, IDLE = "GENERATING", "IDLE"
+GENERATING, IDLE = PocStatus.GENERATING, PocStatus.IDLE
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
 #: §2.3: more queued nonces than this on one engine is a 429.
 MAX_QUEUED_NONCES = 100_000
@@ -282,7 +283,7 @@ class EngineWorker:
                 gone = f"engine {self.port} is gone or serves another model"
                 await self._end_loop(loop, f"{gone}: {exc.message}")
                 return False
-            await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 6)))
+            await asyncio.sleep(backoff_delay(failures + 1, 0.5, BACKOFF_CAP_S))
             return False
         self._ahead = (start + len(nonces), self._call(loop, start + len(nonces)))
         artifacts = [{"nonce": n, "vector_b64": computed.vectors[n]} for n in nonces if n in computed.vectors]
@@ -296,7 +297,7 @@ class EngineWorker:
                 loop.error = exc.message
                 self._log.error("pocv2_outbox_refused", error=exc.message)
                 self._drop_ahead()
-                await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** min(failures, 6)))
+                await asyncio.sleep(backoff_delay(failures + 1, 0.5, BACKOFF_CAP_S))
                 return False
         loop.next_x += len(nonces)
         loop.processed += len(nonces)
@@ -363,7 +364,7 @@ class EngineWorker:
                         raise Unavailable(exc.message) from None
                     self._log.warning("pocv2_job_retry", request_id=job.id, error=exc.message,
                                       attempt=failures)
-                    await asyncio.sleep(min(BACKOFF_CAP_S, 0.5 * 2 ** failures))
+                    await asyncio.sleep(backoff_delay(failures + 1, 0.5, BACKOFF_CAP_S))
             vectors.update(computed.vectors)
         return vectors
 

@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import msgspec
-import zmq.asyncio
 from torch import Tensor
 
 from bus.auth import Authenticator
 from bus.peers import PeerLink, PeerMessage
+from bus.sockets import AsyncContext
 from contracts.collective import (
     AgreementMessage,
     AnyMessage,
@@ -344,7 +344,7 @@ class PeerGroup:
 
     def __init__(
         self,
-        context: zmq.asyncio.Context,
+        context: AsyncContext,
         auth: Authenticator,
         identity: KeyPair,
         bind: str,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import pytest
 
 from bus import codec
-from node.errors import Conflict, ProtocolError
+from contracts.checked import explain
+from node.errors import Conflict, InvalidRequest, ProtocolError, Unavailable, Unreachable, from_wire
 
 
 def test_round_trip_and_error_kinds() -> None:
@@ -46,3 +48,22 @@ def test_oversized_frame_is_refused_before_parsing() -> None:
 def test_expiry() -> None:
     assert codec.Envelope(type="x", deadline=1.0).expired()
     assert not codec.Envelope(type="x").expired()
+
+
+class _Body(msgspec.Struct):
+    count: int
+
+
+def test_a_refused_body_is_worded_by_the_receiver_not_by_the_bus() -> None:
+    env = codec.decode(codec.encode(codec.Envelope(type="x", payload={"count": "three"})))
+    with pytest.raises(InvalidRequest) as plain:
+        env.body(_Body)
+    assert plain.value.message == "Expected `int`, got `str` - at `$.count`"  # msgspec's own text
+    with pytest.raises(InvalidRequest) as worded:
+        env.body(_Body, explain)
+    assert worded.value.message == "count must be an integer, got string"
+
+
+def test_unreachable_is_an_unavailable_kind_of_its_own_across_the_wire() -> None:
+    assert issubclass(Unreachable, Unavailable) and Unreachable("x").kind == "unreachable"
+    assert type(from_wire(Unreachable("pow service is not reachable").to_wire())) is Unreachable

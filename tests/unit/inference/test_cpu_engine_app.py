@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from node.errors import ConfigError
 from services.inference.cpu_engine.checkpoint import create_tiny, load
-from services.inference.cpu_engine.fault import hang_after
 from services.inference.cpu_engine.server import EngineApp, EngineSettings
 
 
@@ -55,20 +53,3 @@ def test_503_until_the_model_is_attached(tmp_path: Path) -> None:
         app.shutdown()
 
 
-@pytest.mark.timeout(30)
-def test_hang_after_zero_hangs_from_the_start() -> None:
-    app = EngineApp(EngineSettings("m", ("m",), hang_after=0))
-
-    async def scenario() -> None:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(_call(app, "GET", "/health"), 0.3)
-
-    asyncio.run(scenario())
-
-
-def test_fault_switch_parsing() -> None:
-    assert hang_after(None) is None and hang_after("") is None
-    assert hang_after("hang_after:3") == 3
-    for bad in ("hang", "hang_after:", "hang_after:-1", "crash:2"):
-        with pytest.raises(ConfigError, match="MLNODE_ENGINE_FAULT"):
-            hang_after(bad)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,16 +330,20 @@ def test_disconnecting_client_frees_its_slot(engine: Engine, client: httpx.Clien
 
 
 @pytest.mark.timeout(60)
-def test_fault_switch_hangs_everything(model_dir: Path, tmp_path: Path) -> None:
-    eng = Engine(model_dir, tmp_path / "hang.log", env={"MLNODE_ENGINE_FAULT": "hang_after:1"})
+def test_a_stopped_engine_is_a_hung_one(model_dir: Path, tmp_path: Path) -> None:
+    """The seam the hang tests use: SIGSTOP leaves the process alive and answering nothing."""
+    eng = Engine(model_dir, tmp_path / "hang.log")
     try:
         eng.wait_healthy()
         with httpx.Client(base_url=eng.url, timeout=2.0) as c:
-            assert c.get("/health").status_code == 200  # probes do not count as requests
             assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+            os.kill(eng.proc.pid, signal.SIGSTOP)
             for path in ("/health", "/metrics"):
                 with pytest.raises(httpx.ReadTimeout):
                     c.get(path, timeout=1.0)
+            assert eng.proc.poll() is None
+            os.kill(eng.proc.pid, signal.SIGCONT)
+            assert c.get("/health", timeout=10.0).status_code == 200
     finally:
         eng.stop(kill=True)
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from node import config
 from node.errors import ConfigError
-from services.inference.liveness import (
-    HANG_ENV,
-    Liveness,
-    Observation,
-    Timing,
-    hang_window,
-    parse_metrics,
-)
+from services.inference.liveness import Liveness, Observation, Timing, parse_metrics
+
+HANG_ENV = "MLNODE_ENGINE_HANG_SECONDS"
 
 METRICS = """\
 # HELP vllm:num_requests_running Requests in the running batch.
@@ -46,7 +44,10 @@ def test_timing_scales_with_the_window() -> None:
     assert short.poll_s == pytest.approx(0.4) and short.probe_timeout_s == pytest.approx(1.0)
 
 
-def test_hang_window_from_the_environment() -> None:
+def test_hang_window_from_the_environment(tmp_path: Path) -> None:
+    def hang_window(env: dict[str, str]) -> float:
+        return config.load({"MLNODE_STATE_DIR": str(tmp_path), **env}).engine_hang_s
+
     assert hang_window({}) == 60.0
     assert hang_window({HANG_ENV: " 7.5 "}) == 7.5
     for bad in ("abc", "0", "-3", "inf", "nan"):

@@ -14,9 +14,9 @@ from services.pow.validation import (
     NON_FINITE_DIST,
     binomtest_greater,
     count_invalid,
-    validate_batch,
     validated_batch,
 )
+from tests.support.pow import validate_batch
 
 GOLDEN = json.loads((Path(__file__).parents[2] / "data" / "pow_v1_golden.json").read_text())
 R = 1.4013564660458173

@@ -17,11 +17,11 @@ from services.train.diloco import (
     Contributors,
     DiLoCoWorker,
     SyncState,
-    example_pseudo_gradients,
     fixed_order_mean,
     solo_reduce,
 )
 from services.train.model import parameter_shapes
+from tests.support.tensors import example_pseudo_gradients
 
 TOKENS = encode_documents(builtin_documents())
 PLAN = TrainPlan(
