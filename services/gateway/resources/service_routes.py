@@ -71,8 +71,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/pow/validate", "pow", "validate", body=ProofBatch),
     Route("GET", "/api/v1/pow/status", "pow", "pow_status"),
     Route("POST", "/api/v1/pow/stop", "pow", "pow_stop", stops=True),
-    # What the receivers refused for good; under the 409 rule like the round's status.
-    Route("GET", "/api/v1/pow/outbox/dead", "pow", "outbox.dead", query=("limit",)),
+    # What the receivers refused for good: an operator reads it in any mode (it starts nothing).
+    Route("GET", "/api/v1/pow/outbox/dead", "pow", "outbox.dead", query=("limit",), guarded=False),
     # The blocking start answers before the client's 15-minute timeout, success or not.
     # The blocking start replaces what serves (stop, then start); up/async keeps the 409.
     Route("POST", "/api/v1/inference/up", "inference", "up_replace", claims=True, body=InferenceUp,

@@ -83,5 +83,9 @@ def test_peer_routes_are_exempt_from_the_409_rule_and_claim_nothing() -> None:
                          ("POST", "/api/v1/train/peers/remove")}
     assert all(not r.guarded and not r.claims for r in rows.values())
     assert rows[("GET", "/api/v1/train/peers")].query == ("task_id",)
-    # The only others exempt: the model cache (it runs nothing and answers in every mode).
-    assert all(r.guarded for r in ROUTES if not r.path.startswith(("/api/v1/train/peers", "/api/v1/models")))
+    # The only others exempt: the model cache and the outbox's dead letters (they run nothing and answer
+    # in every mode).
+    exempt = ("/api/v1/train/peers", "/api/v1/models", "/api/v1/pow/outbox/dead")
+    assert all(r.guarded for r in ROUTES if not r.path.startswith(exempt))
+    (dead,) = (r for r in ROUTES if r.path == "/api/v1/pow/outbox/dead")
+    assert not dead.guarded and not dead.claims
