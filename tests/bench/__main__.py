@@ -7,7 +7,7 @@ import sys
 import time
 
 SECTIONS = ("bench_bus", "bench_pow", "bench_pocv2", "bench_pocv2_rounds", "bench_proxy", "bench_edge",
-            "bench_train", "bench_vllm", "bench_validation")
+            "bench_metrics", "bench_train", "bench_vllm", "bench_validation")
 
 
 def main(argv: list[str]) -> int:
