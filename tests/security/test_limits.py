@@ -10,10 +10,8 @@ start held the mode lock. How long the stop took is printed here and measured in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import json
-import os
 import socket
 import threading
 import time
@@ -23,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from node.files import locked
 from tests.security.conftest import strict
 from tests.support.node import Node
 from tests.support.waiting import wait_until
@@ -120,13 +119,8 @@ class Stream(threading.Thread):
 @contextlib.contextmanager
 def mode_lock_held(node: Node) -> Iterator[None]:
     """This test process holds the node's mode lock, as a start that never finishes would."""
-    fd = os.open(node.state_dir / "run" / "mode.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
+    with locked(node.state_dir / "run" / "mode.lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def test_a_flood_while_stops_answer_and_a_stream_flows(node: Node) -> None:

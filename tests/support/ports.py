@@ -12,12 +12,12 @@ number. So:
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 import socket
 import tempfile
 from pathlib import Path
+
+from node.files import lock_file, unlock_file
 
 #: Lowest port handed out: clear of the well-known and registered ports daemons tend to use.
 LOW = 10000
@@ -38,22 +38,18 @@ def ephemeral_floor() -> int:
 def _claim(port: int) -> bool:
     if port in _held:
         return False
-    _CLAIMS.mkdir(exist_ok=True)
     try:
-        fd = os.open(_CLAIMS / str(port), os.O_CREAT | os.O_RDONLY, 0o644)
+        fd = lock_file(_CLAIMS / str(port), timeout=0)
     except PermissionError:  # another user's claim file (anything else, e.g. out of descriptors, is raised)
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    if fd is None:  # another process holds it
         return False
     _held[port] = fd
     return True
 
 
 def _release(port: int) -> None:
-    os.close(_held.pop(port))
+    unlock_file(_held.pop(port))
 
 
 def _bindable(port: int) -> bool:
